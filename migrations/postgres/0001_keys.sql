@@ -1,0 +1,41 @@
+-- keyward key database, PostgreSQL. Timestamps are Unix epoch milliseconds (UTC).
+-- The SQLite schema (../sqlite) has the same tables, columns and meaning.
+CREATE TABLE api_keys (
+    key_id        TEXT    PRIMARY KEY,
+    key_hash      TEXT    NOT NULL UNIQUE,
+    key_hint      TEXT    NOT NULL,
+    apikey_uid    TEXT    NOT NULL,
+    namespace     TEXT    NOT NULL,
+    name          TEXT    NOT NULL,
+    owner         TEXT    NOT NULL,
+    team          TEXT    NOT NULL,
+    scopes        TEXT    NOT NULL,
+    state         TEXT    NOT NULL CHECK (state IN ('pending', 'active', 'retiring', 'revoked')),
+    created_at    BIGINT  NOT NULL,
+    activated_at  BIGINT,
+    expires_at    BIGINT,
+    revoked_at    BIGINT,
+    revoke_reason TEXT,
+    CHECK ((state = 'revoked') = (revoked_at IS NOT NULL))
+);
+
+CREATE INDEX api_keys_by_apikey ON api_keys (apikey_uid, state);
+
+CREATE TABLE key_audit (
+    id      BIGSERIAL PRIMARY KEY,
+    key_id  TEXT      NOT NULL REFERENCES api_keys (key_id),
+    at      BIGINT    NOT NULL,
+    action  TEXT      NOT NULL CHECK (action IN ('issued', 'activated', 'metadata_changed', 'revoked')),
+    detail  TEXT      NOT NULL
+);
+
+CREATE INDEX key_audit_by_key ON key_audit (key_id, id);
+
+-- The audit trail is append-only.
+CREATE FUNCTION key_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'key_audit is append-only';
+END;
+$$;
+CREATE TRIGGER key_audit_append_only BEFORE UPDATE OR DELETE ON key_audit
+    FOR EACH ROW EXECUTE FUNCTION key_audit_append_only();

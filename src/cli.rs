@@ -1,0 +1,151 @@
+//! The `keyward` command line: `run`, `crd`, `verify`, `migrate`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::io::AsyncReadExt;
+use zeroize::Zeroizing;
+
+use crate::{
+    Result,
+    controller::{self, RunConfig},
+    crd::crd_yaml,
+    store::{DEFAULT_DATABASE_URL, SqlStore},
+};
+
+/// keyward: API keys as Kubernetes resources.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The key database location, shared by the subcommands that need it.
+#[derive(Debug, clap::Args)]
+pub struct DatabaseArgs {
+    /// Key database URL: sqlite://PATH (created if missing) or postgres://…
+    #[arg(long, env = "KEYWARD_DATABASE_URL", default_value = DEFAULT_DATABASE_URL, hide_env_values = true)]
+    pub database_url: String,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the operator against the current kube context.
+    Run {
+        /// The key database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Prefix of every issued key, before the `_`.
+        #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw")]
+        key_prefix: String,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Do not install or update the ApiKey CRD at start.
+        #[arg(long)]
+        skip_crd_install: bool,
+    },
+    /// Print the ApiKey CRD as YAML (the bytes of crds/apikey.yaml).
+    Crd,
+    /// Read one key from stdin and check it against the key database.
+    /// Exit 0 and JSON when valid; exit 1 and the reason when not; exit 2 on errors.
+    Verify {
+        /// The key database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Apply the key database migrations and exit.
+    Migrate {
+        /// The key database.
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+/// Sets up logging to stderr. `RUST_LOG` overrides the default `info` level.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn execute(cli: Cli) -> ExitCode {
+    match dispatch(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("keyward: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            database,
+            key_prefix,
+            log_format,
+            skip_crd_install,
+        } => {
+            init_logging(log_format);
+            controller::run(RunConfig {
+                database_url: database.database_url,
+                key_prefix,
+                skip_crd_install,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Crd => {
+            print!("{}", crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify { database } => {
+            let mut input = Zeroizing::new(String::new());
+            tokio::io::stdin()
+                .read_to_string(&mut input)
+                .await
+                .map_err(|e| crate::Error::Config(format!("reading stdin: {e}")))?;
+            let store = SqlStore::connect(&database.database_url).await?;
+            match crate::verify(&store, input.trim(), jiff::Timestamp::now()).await? {
+                Ok(valid) => {
+                    let json = serde_json::to_string(&valid)
+                        .map_err(|e| crate::Error::Serialize(e.to_string()))?;
+                    println!("{json}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(rejection) => {
+                    println!("{}", rejection.as_str());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Migrate { database } => {
+            SqlStore::connect(&database.database_url)
+                .await?
+                .migrate()
+                .await?;
+            eprintln!("keyward: key database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

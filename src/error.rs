@@ -1,0 +1,96 @@
+//! The crate's one error type. `category()` is stable: it labels metrics and
+//! `reason()` becomes the Ready condition's reason and the Event reason.
+//! No variant carries a plaintext key.
+
+/// Everything that can go wrong in keyward.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The key database could not be reached or refused a query.
+    #[error("key database error: {0}")]
+    Database(#[from] sqlx::Error),
+
+    /// Applying the embedded schema migrations failed.
+    #[error("key database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+
+    /// A Kubernetes API call failed.
+    #[error("Kubernetes API error: {0}")]
+    Kube(#[from] kube::Error),
+
+    /// Writing the key's Secret failed. Only the status code and reason are kept,
+    /// because the API server's message could quote the request body.
+    #[error("writing Secret {namespace}/{name} failed: HTTP {code} {reason}")]
+    SecretWrite {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+        /// HTTP status code from the API server, 0 when no response came.
+        code: u16,
+        /// The API server's machine-readable reason, or the transport error kind.
+        reason: String,
+    },
+
+    /// Adding or removing the finalizer, or the wrapped reconcile, failed.
+    #[error("{0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
+    /// A key record was not in the state a step expected (another writer got there first).
+    #[error("key {key_id} is no longer {expected}; will re-read and retry")]
+    StaleKeyState {
+        /// The key record's id.
+        key_id: String,
+        /// The state the step needed.
+        expected: &'static str,
+    },
+
+    /// The object lacks a field the API server always sets (name, namespace, uid).
+    #[error("ApiKey is missing metadata.{0}")]
+    MissingMetadata(&'static str),
+
+    /// The OS random number generator failed.
+    #[error("random number generator failed: {0}")]
+    Entropy(String),
+
+    /// Bad flags or settings.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// Serializing a manifest failed.
+    #[error("serialization failed: {0}")]
+    Serialize(String),
+}
+
+impl Error {
+    /// A stable, low-cardinality label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Database(_) | Error::Migrate(_) => "database",
+            Error::Kube(_) | Error::SecretWrite { .. } => "kubernetes",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
+                _ => "kubernetes",
+            },
+            Error::StaleKeyState { .. } => "conflict",
+            Error::MissingMetadata(_) => "invalid_object",
+            Error::Entropy(_) => "entropy",
+            Error::Config(_) => "config",
+            Error::Serialize(_) => "serialize",
+        }
+    }
+
+    /// The PascalCase reason shown in the Ready condition and in Events.
+    pub fn reason(&self) -> &'static str {
+        match self.category() {
+            "database" => "DatabaseUnavailable",
+            "kubernetes" => "KubernetesApiError",
+            "conflict" => "ConcurrentUpdate",
+            "invalid_object" => "InvalidObject",
+            _ => "InternalError",
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

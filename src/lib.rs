@@ -1,0 +1,23 @@
+//! keyward: a Kubernetes operator that manages API keys as `ApiKey` resources.
+//!
+//! - [`crd`]: the resource types and the generated CRD.
+//! - [`key`]: the key format, hashing and injected entropy.
+//! - [`store`]: the key database (SQLite or PostgreSQL), hashes only.
+//! - [`core`]: the pure decision core.
+//! - [`reconciler`]: the I/O shell that carries decisions out.
+//! - [`controller`]: the kube-runtime controller around it.
+//! - [`verify`](mod@verify): checking a presented key, for services.
+
+pub mod cli;
+pub mod clock;
+pub mod controller;
+pub mod core;
+pub mod crd;
+mod error;
+pub mod key;
+pub mod reconciler;
+pub mod store;
+pub mod verify;
+
+pub use error::{Error, Result};
+pub use verify::verify;

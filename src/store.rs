@@ -1,0 +1,472 @@
+//! The key database: records of issued keys (hash only) and an append-only audit
+//! trail. One implementation over sqlx's `Any` driver serves SQLite and
+//! PostgreSQL with the same queries; see docs/database.md for the contract.
+
+use std::{borrow::Cow, fmt, str::FromStr};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use sqlx::{
+    AnyPool, Row,
+    any::{AnyPoolOptions, AnyRow},
+    migrate::{Migration, MigrationType, Migrator},
+};
+
+use crate::{Error, Result, key::KeyHash};
+
+/// Where a key is in its life. Only `active` and unexpired `retiring` keys verify.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KeyState {
+    /// Recorded, not yet confirmed in its Secret; does not verify.
+    Pending,
+    /// The key in the Secret; verifies.
+    Active,
+    /// A replaced key in its grace period; verifies until `expires_at`.
+    Retiring,
+    /// Never verifies again.
+    Revoked,
+}
+
+impl KeyState {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Pending => "pending",
+            KeyState::Active => "active",
+            KeyState::Retiring => "retiring",
+            KeyState::Revoked => "revoked",
+        }
+    }
+}
+
+impl FromStr for KeyState {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pending" => KeyState::Pending,
+            "active" => KeyState::Active,
+            "retiring" => KeyState::Retiring,
+            "revoked" => KeyState::Revoked,
+            other => return Err(Error::Serialize(format!("unknown key state {other:?}"))),
+        })
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a key was revoked; stored in `api_keys.revoke_reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeReason {
+    /// The ApiKey was deleted.
+    Deleted,
+    /// A newer key took its place in the Secret (lost or edited Secret).
+    Replaced,
+    /// A pending key that never reached its Secret.
+    Abandoned,
+}
+
+impl RevokeReason {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevokeReason::Deleted => "deleted",
+            RevokeReason::Replaced => "replaced",
+            RevokeReason::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// Who the key belongs to and what it may do: the part of a record that follows the spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyMetadata {
+    /// `spec.owner`.
+    pub owner: String,
+    /// `spec.team`.
+    pub team: String,
+    /// `spec.scopes`, in spec order.
+    pub scopes: Vec<String>,
+}
+
+/// One issued key as the database holds it. There is no plaintext here, only the hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Public id, `kid_…`.
+    pub key_id: String,
+    /// SHA-256 of the whole key.
+    pub key_hash: KeyHash,
+    /// The key's first characters, safe to show.
+    pub key_hint: String,
+    /// `metadata.uid` of the ApiKey that owns the key.
+    pub apikey_uid: String,
+    /// The ApiKey's namespace.
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub name: String,
+    /// Owner, team and scopes.
+    pub metadata: KeyMetadata,
+    /// Life-cycle state.
+    pub state: KeyState,
+    /// When the record was inserted (pending).
+    pub created_at: Timestamp,
+    /// When the key became active.
+    pub activated_at: Option<Timestamp>,
+    /// When a retiring key stops verifying.
+    pub expires_at: Option<Timestamp>,
+    /// When the key was revoked.
+    pub revoked_at: Option<Timestamp>,
+    /// Why it was revoked (`deleted`, `replaced`, `abandoned`).
+    pub revoke_reason: Option<String>,
+}
+
+/// The records of one ApiKey that are not revoked, and how many keys it has had.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeySet {
+    /// Records in state pending, active or retiring, oldest first.
+    pub live: Vec<KeyRecord>,
+    /// Keys ever activated for this ApiKey: `status.revision`.
+    pub issued: i64,
+}
+
+/// One row of the append-only audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// The key the entry is about.
+    pub key_id: String,
+    /// When it happened.
+    pub at: Timestamp,
+    /// `issued`, `activated`, `metadata_changed` or `revoked`.
+    pub action: String,
+    /// Human-readable detail (never the key).
+    pub detail: String,
+}
+
+/// The key database as the reconciler and `verify` see it. Every write is
+/// idempotent or guarded by the state it expects, and audited in the same transaction.
+#[async_trait]
+pub trait KeyStore: Send + Sync {
+    /// The live records of one ApiKey and its issued count.
+    async fn load(&self, apikey_uid: &str) -> Result<KeySet>;
+    /// Inserts a new record in state `pending` and audits `issued`.
+    async fn insert_pending(&self, record: &KeyRecord) -> Result<()>;
+    /// Moves a `pending` record to `active`; `StaleKeyState` if it is not pending.
+    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()>;
+    /// Rewrites owner, team and scopes of a live record and audits `metadata_changed`.
+    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()>;
+    /// Revokes a record unless it already is; revoking twice is a no-op.
+    async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()>;
+    /// The record whose hash matches, in any state.
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
+    /// Answers when the database is reachable.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// Which SQL database a URL selects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `sqlite:` URLs, the embedded default.
+    Sqlite,
+    /// `postgres:` / `postgresql:` URLs.
+    Postgres,
+}
+
+impl Backend {
+    fn of(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(Error::Config(
+                "database URL must start with sqlite: or postgres:".into(),
+            ))
+        }
+    }
+
+    fn migrator(self) -> Migrator {
+        let sql = match self {
+            Backend::Sqlite => include_str!("../migrations/sqlite/0001_keys.sql"),
+            Backend::Postgres => include_str!("../migrations/postgres/0001_keys.sql"),
+        };
+        Migrator::with_migrations(vec![Migration::new(
+            1,
+            Cow::Borrowed("keys"),
+            MigrationType::Simple,
+            sqlx::SqlSafeStr::into_sql_str(sql),
+            false,
+        )])
+    }
+}
+
+/// The SQL key store.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The URL used when none is given: `keyward.db` in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
+
+impl SqlStore {
+    /// Connects to `url`. An SQLite file is created if missing.
+    pub async fn connect(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect(&url)
+            .await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// Applies the embedded migrations for this backend.
+    pub async fn migrate(&self) -> Result<()> {
+        self.backend.migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// The audit trail of one key, oldest first.
+    pub async fn audit(&self, key_id: &str) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT key_id, at, action, detail FROM key_audit WHERE key_id = $1 ORDER BY id",
+        )
+        .bind(key_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    key_id: row.try_get("key_id")?,
+                    at: from_millis(row.try_get("at")?)?,
+                    action: row.try_get("action")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every text value in every table, for tests that prove no key is stored.
+    pub async fn dump_text(&self) -> Result<String> {
+        let mut dump = String::new();
+        for row in sqlx::query(
+            "SELECT key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, revoke_reason FROM api_keys",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        {
+            for i in 0..row.len() {
+                let value: Option<String> = row.try_get(i)?;
+                dump.push_str(value.as_deref().unwrap_or(""));
+                dump.push('\n');
+            }
+        }
+        for row in sqlx::query("SELECT key_id, action, detail FROM key_audit")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            for i in 0..row.len() {
+                let value: String = row.try_get(i)?;
+                dump.push_str(&value);
+                dump.push('\n');
+            }
+        }
+        Ok(dump)
+    }
+
+    async fn audit_in(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        key_id: &str,
+        at: Timestamp,
+        action: &str,
+        detail: &str,
+    ) -> Result<()> {
+        sqlx::query("INSERT INTO key_audit (key_id, at, action, detail) VALUES ($1, $2, $3, $4)")
+            .bind(key_id)
+            .bind(at.as_millisecond())
+            .bind(action)
+            .bind(detail)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+}
+
+const RECORD_COLUMNS: &str = "key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, activated_at, expires_at, revoked_at, revoke_reason";
+
+fn from_millis(ms: i64) -> Result<Timestamp> {
+    Timestamp::from_millisecond(ms).map_err(|e| Error::Serialize(e.to_string()))
+}
+
+fn record_from_row(row: &AnyRow) -> Result<KeyRecord> {
+    let optional_time = |column: &str| -> Result<Option<Timestamp>> {
+        row.try_get::<Option<i64>, _>(column)?
+            .map(from_millis)
+            .transpose()
+    };
+    let scopes: String = row.try_get("scopes")?;
+    Ok(KeyRecord {
+        key_id: row.try_get("key_id")?,
+        key_hash: KeyHash::from_hex(row.try_get("key_hash")?),
+        key_hint: row.try_get("key_hint")?,
+        apikey_uid: row.try_get("apikey_uid")?,
+        namespace: row.try_get("namespace")?,
+        name: row.try_get("name")?,
+        metadata: KeyMetadata {
+            owner: row.try_get("owner")?,
+            team: row.try_get("team")?,
+            scopes: scopes.split(' ').filter(|s| !s.is_empty()).map(String::from).collect(),
+        },
+        state: row.try_get::<String, _>("state")?.parse()?,
+        created_at: from_millis(row.try_get("created_at")?)?,
+        activated_at: optional_time("activated_at")?,
+        expires_at: optional_time("expires_at")?,
+        revoked_at: optional_time("revoked_at")?,
+        revoke_reason: row.try_get("revoke_reason")?,
+    })
+}
+
+#[async_trait]
+impl KeyStore for SqlStore {
+    async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
+        let query = format!(
+            "SELECT {RECORD_COLUMNS} FROM api_keys WHERE apikey_uid = $1 AND state <> 'revoked' ORDER BY created_at, key_id"
+        );
+        let live = sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(apikey_uid)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(record_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let issued: i64 = sqlx::query(
+            "SELECT COUNT(*) AS issued FROM api_keys WHERE apikey_uid = $1 AND activated_at IS NOT NULL",
+        )
+        .bind(apikey_uid)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("issued")?;
+        Ok(KeySet { live, issued })
+    }
+
+    async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10)",
+        )
+        .bind(&record.key_id)
+        .bind(record.key_hash.as_str())
+        .bind(&record.key_hint)
+        .bind(&record.apikey_uid)
+        .bind(&record.namespace)
+        .bind(&record.name)
+        .bind(&record.metadata.owner)
+        .bind(&record.metadata.team)
+        .bind(record.metadata.scopes.join(" "))
+        .bind(record.created_at.as_millisecond())
+        .execute(&mut *tx)
+        .await?;
+        let detail = format!("issued for {}/{}", record.namespace, record.name);
+        Self::audit_in(&mut tx, &record.key_id, record.created_at, "issued", &detail).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET state = 'active', activated_at = $2 WHERE key_id = $1 AND state = 'pending'",
+        )
+        .bind(key_id)
+        .bind(at.as_millisecond())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Err(Error::StaleKeyState {
+                key_id: key_id.to_owned(),
+                expected: "pending",
+            });
+        }
+        Self::audit_in(&mut tx, key_id, at, "activated", "key confirmed in its Secret").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let scopes = metadata.scopes.join(" ");
+        let updated = sqlx::query(
+            "UPDATE api_keys SET owner = $2, team = $3, scopes = $4 \
+             WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4)",
+        )
+        .bind(key_id)
+        .bind(&metadata.owner)
+        .bind(&metadata.team)
+        .bind(&scopes)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            let detail = format!(
+                "owner={} team={} scopes={}",
+                metadata.owner, metadata.team, scopes
+            );
+            Self::audit_in(&mut tx, key_id, at, "metadata_changed", &detail).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3 \
+             WHERE key_id = $1 AND state <> 'revoked'",
+        )
+        .bind(key_id)
+        .bind(at.as_millisecond())
+        .bind(reason.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            Self::audit_in(&mut tx, key_id, at, "revoked", reason.as_str()).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        let query = format!("SELECT {RECORD_COLUMNS} FROM api_keys WHERE key_hash = $1");
+        sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(hash.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(record_from_row)
+            .transpose()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
