@@ -1,0 +1,256 @@
+//! The key store contract, run unchanged against SQLite and PostgreSQL.
+
+mod support;
+
+use jiff::{SignedDuration, Timestamp};
+use keyward::{
+    Error,
+    key::{KeyFactory, KeyHash, PlainKey, SeededEntropy},
+    store::{KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    verify::Rejection,
+};
+use std::sync::Arc;
+use support::start_time;
+
+fn metadata() -> KeyMetadata {
+    KeyMetadata {
+        owner: "alice@example.com".into(),
+        team: "ml".into(),
+        scopes: vec!["inference".into(), "models:read".into()],
+    }
+}
+
+fn pending(keys: &KeyFactory, uid: &str, at: Timestamp) -> (PlainKey, KeyRecord) {
+    let plain = keys.new_key().unwrap();
+    let record = KeyRecord {
+        key_id: keys.new_key_id().unwrap(),
+        key_hash: plain.hash(),
+        key_hint: plain.hint(),
+        apikey_uid: uid.into(),
+        namespace: "team-ml".into(),
+        name: "inference".into(),
+        metadata: metadata(),
+        state: KeyState::Pending,
+        created_at: at,
+        activated_at: None,
+        expires_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+    };
+    (plain, record)
+}
+
+fn factory() -> KeyFactory {
+    KeyFactory::new("kw", Arc::new(SeededEntropy::new(42))).unwrap()
+}
+
+async fn pending_then_active(store: SqlStore) {
+    let keys = factory();
+    let t0 = start_time();
+    let (_, record) = pending(&keys, "uid-1", t0);
+    store.insert_pending(&record).await.unwrap();
+
+    let set = store.load("uid-1").await.unwrap();
+    assert_eq!(set.live, vec![record.clone()]);
+    assert_eq!(set.issued, 0);
+
+    let t1 = t0 + SignedDuration::from_secs(1);
+    store.activate(&record.key_id, t1).await.unwrap();
+    let set = store.load("uid-1").await.unwrap();
+    assert_eq!(set.live[0].state, KeyState::Active);
+    assert_eq!(set.live[0].activated_at, Some(t1));
+    assert_eq!(set.issued, 1);
+
+    // Activating twice is refused: the record is no longer pending.
+    let again = store.activate(&record.key_id, t1).await;
+    assert!(matches!(again, Err(Error::StaleKeyState { .. })), "{again:?}");
+    assert!(store.load("other-uid").await.unwrap().live.is_empty());
+}
+
+async fn revoke_is_final_and_idempotent(store: SqlStore) {
+    let keys = factory();
+    let t0 = start_time();
+    let (_, record) = pending(&keys, "uid-1", t0);
+    store.insert_pending(&record).await.unwrap();
+    store.activate(&record.key_id, t0).await.unwrap();
+
+    let t1 = t0 + SignedDuration::from_secs(5);
+    store
+        .revoke(&record.key_id, RevokeReason::Deleted, t1)
+        .await
+        .unwrap();
+    store
+        .revoke(&record.key_id, RevokeReason::Replaced, t1 + SignedDuration::from_secs(9))
+        .await
+        .unwrap();
+
+    let set = store.load("uid-1").await.unwrap();
+    assert!(set.live.is_empty());
+    assert_eq!(set.issued, 1, "revoked keys still count as issued");
+    let found = store.find_by_hash(&record.key_hash).await.unwrap().unwrap();
+    assert_eq!(found.state, KeyState::Revoked);
+    assert_eq!(found.revoked_at, Some(t1));
+    assert_eq!(found.revoke_reason.as_deref(), Some("deleted"));
+    assert!(matches!(
+        store.activate(&record.key_id, t1).await,
+        Err(Error::StaleKeyState { .. })
+    ));
+}
+
+async fn metadata_updates_in_place_and_audit_trail(store: SqlStore) {
+    let keys = factory();
+    let t0 = start_time();
+    let (_, record) = pending(&keys, "uid-1", t0);
+    store.insert_pending(&record).await.unwrap();
+    store.activate(&record.key_id, t0).await.unwrap();
+
+    let changed = KeyMetadata {
+        owner: "bob@example.com".into(),
+        team: "search".into(),
+        scopes: vec!["metrics".into()],
+    };
+    store
+        .update_metadata(&record.key_id, &changed, t0)
+        .await
+        .unwrap();
+    // The same metadata again is not a change and is not audited.
+    store
+        .update_metadata(&record.key_id, &changed, t0)
+        .await
+        .unwrap();
+    let found = store.find_by_hash(&record.key_hash).await.unwrap().unwrap();
+    assert_eq!(found.metadata, changed);
+    assert_eq!(found.key_hash, record.key_hash, "the key itself is kept");
+
+    store
+        .revoke(&record.key_id, RevokeReason::Deleted, t0)
+        .await
+        .unwrap();
+    let actions: Vec<String> = store
+        .audit(&record.key_id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["issued", "activated", "metadata_changed", "revoked"]);
+}
+
+async fn hashes_are_unique(store: SqlStore) {
+    let keys = factory();
+    let (_, record) = pending(&keys, "uid-1", start_time());
+    store.insert_pending(&record).await.unwrap();
+    let mut copy = record.clone();
+    copy.key_id = keys.new_key_id().unwrap();
+    assert!(matches!(
+        store.insert_pending(&copy).await,
+        Err(Error::Database(_))
+    ));
+}
+
+async fn verify_answers_by_state(store: SqlStore) {
+    let keys = factory();
+    let now = start_time();
+    let (plain, record) = pending(&keys, "uid-1", now);
+    store.insert_pending(&record).await.unwrap();
+    let verdict = keyward::verify(&store, plain.expose(), now).await.unwrap();
+    assert_eq!(verdict, Err(Rejection::Unknown), "pending keys do not verify");
+
+    store.activate(&record.key_id, now).await.unwrap();
+    let valid = keyward::verify(&store, plain.expose(), now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(valid.key_id, record.key_id);
+    assert_eq!(valid.owner, "alice@example.com");
+    assert_eq!(valid.team, "ml");
+    assert_eq!(valid.scopes, ["inference", "models:read"]);
+    assert_eq!(valid.state, "active");
+
+    let stranger = keys.new_key().unwrap();
+    assert_eq!(
+        keyward::verify(&store, stranger.expose(), now).await.unwrap(),
+        Err(Rejection::Unknown)
+    );
+
+    store
+        .revoke(&record.key_id, RevokeReason::Deleted, now)
+        .await
+        .unwrap();
+    assert_eq!(
+        keyward::verify(&store, plain.expose(), now).await.unwrap(),
+        Err(Rejection::Revoked)
+    );
+}
+
+async fn migrations_are_idempotent(store: SqlStore) {
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    store.ping().await.unwrap();
+}
+
+async fn database_never_holds_the_key(store: SqlStore) {
+    let keys = factory();
+    let (plain, record) = pending(&keys, "uid-1", start_time());
+    store.insert_pending(&record).await.unwrap();
+    store.activate(&record.key_id, start_time()).await.unwrap();
+    let dump = store.dump_text().await.unwrap();
+    assert!(dump.contains(record.key_hash.as_str()));
+    assert!(!dump.contains(plain.expose()));
+    assert!(!dump.contains(&plain.expose()[3..20]));
+    assert_ne!(record.key_hash, KeyHash::of(b""));
+}
+
+/// Declares each case once per backend.
+macro_rules! both_backends {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let (store, _dir) = crate::support::sqlite_store().await;
+                    super::$case(store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if let Some(store) = crate::support::postgres_store(stringify!($case)).await {
+                        super::$case(store).await;
+                    }
+                }
+            )*
+        }
+    };
+}
+
+both_backends!(
+    pending_then_active,
+    revoke_is_final_and_idempotent,
+    metadata_updates_in_place_and_audit_trail,
+    hashes_are_unique,
+    verify_answers_by_state,
+    migrations_are_idempotent,
+    database_never_holds_the_key,
+);
+
+#[tokio::test]
+async fn malformed_keys_are_rejected_without_the_database() {
+    let (store, _dir) = support::sqlite_store().await;
+    let down = support::FaultyStore::new(store);
+    down.set_down(true);
+    let key = factory().new_key().unwrap();
+    let mut typo = key.expose().to_owned();
+    typo.replace_range(5..6, if &typo[5..6] == "a" { "b" } else { "a" });
+    for presented in [typo.as_str(), "kw_short", "", "not a key at all"] {
+        assert_eq!(
+            keyward::verify(&down, presented, start_time()).await.unwrap(),
+            Err(Rejection::Malformed),
+            "{presented}"
+        );
+    }
+    // A well-formed key does need the database, and the outage is an error, not a verdict.
+    assert!(keyward::verify(&down, key.expose(), start_time()).await.is_err());
+}

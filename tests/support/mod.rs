@@ -1,0 +1,456 @@
+//! Test doubles shared by the integration tests: an in-memory Kubernetes
+//! ([`FakeCluster`]), a key store wrapper that injects faults ([`FaultyStore`]),
+//! and databases for both backends.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use k8s_openapi::{
+    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use keyward::{
+    Error, Result,
+    clock::ManualClock,
+    crd::{ApiKey, ApiKeySpec, ApiKeyStatus},
+    key::{KeyFactory, KeyHash, SeededEntropy},
+    reconciler::{Cluster, Reconciler},
+    store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
+};
+use kube::{
+    Resource, ResourceExt,
+    runtime::events::{Event, EventType},
+};
+
+/// A fixed start time for the manual clock.
+pub fn start_time() -> Timestamp {
+    "2026-11-22T12:00:00Z".parse().unwrap()
+}
+
+/// An ApiKey as the API server would hand it to the controller.
+pub fn api_key(name: &str, uid: &str) -> ApiKey {
+    let mut key = ApiKey::new(
+        name,
+        ApiKeySpec {
+            owner: "alice@example.com".into(),
+            team: "ml".into(),
+            scopes: vec!["inference".into(), "models:read".into()],
+            secret_name: None,
+            description: None,
+        },
+    );
+    key.metadata.namespace = Some("team-ml".into());
+    key.metadata.uid = Some(uid.into());
+    key.metadata.generation = Some(1);
+    key.metadata.finalizers = Some(vec![keyward::crd::FINALIZER.into()]);
+    key
+}
+
+/// Where a fault is injected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    GetSecret,
+    ApplySecret,
+    /// The Secret write lands but the response is lost.
+    ApplySecretThenFail,
+    DeleteSecret,
+    ApplyStatus,
+}
+
+/// An Event as the fake recorded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedEvent {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+#[derive(Default)]
+struct ClusterState {
+    secrets: BTreeMap<(String, String), Secret>,
+    statuses: BTreeMap<String, ApiKeyStatus>,
+    events: Vec<RecordedEvent>,
+    faults: HashMap<Op, usize>,
+    writes: usize,
+    next_version: u64,
+}
+
+/// An in-memory API server for Secrets, ApiKey status and Events.
+#[derive(Default)]
+pub struct FakeCluster(Mutex<ClusterState>);
+
+impl FakeCluster {
+    fn state(&self) -> std::sync::MutexGuard<'_, ClusterState> {
+        self.0.lock().unwrap()
+    }
+
+    /// Makes the next `Op` call fail.
+    pub fn fail_next(&self, op: Op) {
+        *self.state().faults.entry(op).or_default() += 1;
+    }
+
+    fn take_fault(state: &mut ClusterState, op: Op) -> bool {
+        match state.faults.get_mut(&op) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Writes made so far: Secret applies and deletes, status applies. Events are not counted.
+    pub fn writes(&self) -> usize {
+        self.state().writes
+    }
+
+    /// A copy of a stored Secret.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Secret> {
+        self.state()
+            .secrets
+            .get(&(namespace.into(), name.into()))
+            .cloned()
+    }
+
+    /// The plaintext key in a stored Secret.
+    pub fn key_in(&self, namespace: &str, name: &str) -> Option<String> {
+        let secret = self.secret(namespace, name)?;
+        let value = secret.data?.get("api-key")?.0.clone();
+        Some(String::from_utf8(value).unwrap())
+    }
+
+    /// Stores a Secret as another client would (no keyward involvement).
+    pub fn put_secret(&self, secret: Secret) {
+        let mut state = self.state();
+        state.next_version += 1;
+        let mut secret = secret;
+        secret.metadata.resource_version = Some(state.next_version.to_string());
+        secret
+            .metadata
+            .uid
+            .get_or_insert_with(|| format!("secret-uid-{}", state.next_version));
+        let id = (
+            secret.namespace().unwrap(),
+            secret.metadata.name.clone().unwrap(),
+        );
+        state.secrets.insert(id, secret);
+    }
+
+    /// Removes a Secret as another client would.
+    pub fn remove_secret(&self, namespace: &str, name: &str) {
+        self.state()
+            .secrets
+            .remove(&(namespace.into(), name.into()));
+    }
+
+    /// The last status applied for an ApiKey name.
+    pub fn status(&self, name: &str) -> Option<ApiKeyStatus> {
+        self.state().statuses.get(name).cloned()
+    }
+
+    /// Events so far.
+    pub fn events(&self) -> Vec<RecordedEvent> {
+        self.state().events.clone()
+    }
+
+    /// Copies the stored status into the object, as a watch event would.
+    pub fn refresh(&self, key: &mut ApiKey) {
+        key.status = self.status(&key.name_any());
+    }
+}
+
+fn injected(op: Op) -> Error {
+    Error::Config(format!("injected fault at {op:?}"))
+}
+
+#[async_trait]
+impl Cluster for FakeCluster {
+    async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>> {
+        let mut state = self.state();
+        if Self::take_fault(&mut state, Op::GetSecret) {
+            return Err(injected(Op::GetSecret));
+        }
+        Ok(state.secrets.get(&(namespace.into(), name.into())).cloned())
+    }
+
+    async fn apply_secret(&self, secret: &Secret) -> Result<()> {
+        let mut state = self.state();
+        if Self::take_fault(&mut state, Op::ApplySecret) {
+            return Err(injected(Op::ApplySecret));
+        }
+        let id = (
+            secret.namespace().unwrap(),
+            secret.metadata.name.clone().unwrap(),
+        );
+        let existing = state.secrets.get(&id).cloned();
+        if let (Some(expected), Some(current)) = (&secret.metadata.resource_version, &existing) {
+            assert_eq!(
+                current.metadata.resource_version.as_ref(),
+                Some(expected),
+                "keyward applied over a Secret it had not seen"
+            );
+        }
+        if let Some(current) = &existing {
+            let ours = current
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| Some(&o.uid) == secret.metadata.owner_references.as_ref().and_then(|r| r.first()).map(|r| &r.uid));
+            assert!(ours, "keyward wrote to a Secret it does not control");
+        }
+        state.next_version += 1;
+        state.writes += 1;
+        let mut stored = secret.clone();
+        stored.metadata.resource_version = Some(state.next_version.to_string());
+        stored.metadata.uid = existing
+            .and_then(|s| s.metadata.uid)
+            .or_else(|| Some(format!("secret-uid-{}", state.next_version)));
+        state.secrets.insert(id, stored);
+        if Self::take_fault(&mut state, Op::ApplySecretThenFail) {
+            return Err(injected(Op::ApplySecretThenFail));
+        }
+        Ok(())
+    }
+
+    async fn delete_secret(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
+        let mut state = self.state();
+        if Self::take_fault(&mut state, Op::DeleteSecret) {
+            return Err(injected(Op::DeleteSecret));
+        }
+        let id = (namespace.to_owned(), name.to_owned());
+        if state.secrets.get(&id).and_then(|s| s.metadata.uid.as_deref()) == Some(uid) {
+            state.secrets.remove(&id);
+            state.writes += 1;
+        }
+        Ok(())
+    }
+
+    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<()> {
+        let mut state = self.state();
+        if Self::take_fault(&mut state, Op::ApplyStatus) {
+            return Err(injected(Op::ApplyStatus));
+        }
+        state.writes += 1;
+        state.statuses.insert(key.name_any(), status.clone());
+        Ok(())
+    }
+
+    async fn publish(&self, _key: &ApiKey, event: Event) -> Result<()> {
+        self.state().events.push(RecordedEvent {
+            warning: event.type_ == EventType::Warning,
+            reason: event.reason,
+            note: event.note.unwrap_or_default(),
+        });
+        Ok(())
+    }
+}
+
+/// Which store method a fault hits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StoreOp {
+    Load,
+    InsertPending,
+    Activate,
+    UpdateMetadata,
+    Revoke,
+}
+
+/// A [`SqlStore`] that can fail on chosen calls or be entirely down.
+pub struct FaultyStore {
+    pub inner: SqlStore,
+    faults: Mutex<HashMap<StoreOp, usize>>,
+    down: AtomicBool,
+    writes: AtomicUsize,
+}
+
+impl FaultyStore {
+    pub fn new(inner: SqlStore) -> Self {
+        Self {
+            inner,
+            faults: Mutex::default(),
+            down: AtomicBool::new(false),
+            writes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Makes the next call of `op` fail.
+    pub fn fail_next(&self, op: StoreOp) {
+        *self.faults.lock().unwrap().entry(op).or_default() += 1;
+    }
+
+    /// Simulates a database outage (every call fails) or its end.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Successful writes so far.
+    pub fn writes(&self) -> usize {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, op: StoreOp) -> Result<()> {
+        let mut faults = self.faults.lock().unwrap();
+        let injected = match faults.get_mut(&op) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        };
+        if injected || self.down.load(Ordering::SeqCst) {
+            return Err(Error::Database(sqlx::Error::PoolTimedOut));
+        }
+        Ok(())
+    }
+
+    fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl KeyStore for FaultyStore {
+    async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
+        self.check(StoreOp::Load)?;
+        self.inner.load(apikey_uid).await
+    }
+    async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
+        self.check(StoreOp::InsertPending)?;
+        self.inner.insert_pending(record).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()> {
+        self.check(StoreOp::Activate)?;
+        self.inner.activate(key_id, at).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()> {
+        self.check(StoreOp::UpdateMetadata)?;
+        self.inner.update_metadata(key_id, metadata, at).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()> {
+        self.check(StoreOp::Revoke)?;
+        self.inner.revoke(key_id, reason, at).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(Error::Database(sqlx::Error::PoolTimedOut));
+        }
+        self.inner.find_by_hash(hash).await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.inner.ping().await
+    }
+}
+
+/// A migrated SQLite store in a temp dir (kept alive by the returned guard).
+pub async fn sqlite_store() -> (SqlStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    (store, dir)
+}
+
+/// A fresh, migrated database on the PostgreSQL server named by
+/// `KEYWARD_TEST_POSTGRES_URL`. Without it the test is skipped loudly, except
+/// under CI (`CI=true`), where a missing PostgreSQL fails the run.
+pub async fn postgres_store(test: &str) -> Option<SqlStore> {
+    let Ok(admin_url) = std::env::var("KEYWARD_TEST_POSTGRES_URL") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{test}: KEYWARD_TEST_POSTGRES_URL is not set; CI must run the PostgreSQL tests");
+        }
+        eprintln!("SKIP: {test}: KEYWARD_TEST_POSTGRES_URL is not set (scripts/test sets it)");
+        return None;
+    };
+    let database = format!(
+        "keyward_{}_{}",
+        test.replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        std::process::id()
+    );
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect(&admin_url).await.unwrap();
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {database}"),
+        format!("CREATE DATABASE {database}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    admin.close().await;
+    let url = match admin_url.split_once('?') {
+        Some((base, query)) => format!("{}/{database}?{query}", base.rsplit_once('/').unwrap().0),
+        None => format!("{}/{database}", admin_url.rsplit_once('/').unwrap().0),
+    };
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some(store)
+}
+
+/// A reconciler over the fakes with a manual clock and seeded entropy.
+pub struct Harness {
+    pub cluster: Arc<FakeCluster>,
+    pub store: Arc<FaultyStore>,
+    pub clock: Arc<ManualClock>,
+    pub seed: u64,
+}
+
+impl Harness {
+    pub fn new(store: SqlStore) -> Self {
+        Self {
+            cluster: Arc::new(FakeCluster::default()),
+            store: Arc::new(FaultyStore::new(store)),
+            clock: Arc::new(ManualClock::new(start_time())),
+            seed: 1,
+        }
+    }
+
+    /// A fresh reconciler over the same cluster and database: what a restarted
+    /// operator process is. Each gets new entropy so keys never repeat.
+    pub fn reconciler(&mut self) -> Reconciler {
+        self.seed += 1;
+        Reconciler {
+            cluster: self.cluster.clone(),
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+            keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(self.seed))).unwrap(),
+        }
+    }
+}
+
+/// A Secret owned by nobody, as `kubectl create secret` makes it.
+pub fn foreign_secret(namespace: &str, name: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            "api-key".to_owned(),
+            ByteString(b"somebody-elses-value".to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The owner reference uid an ApiKey gives its Secret.
+pub fn owner_uid(key: &ApiKey) -> String {
+    key.controller_owner_ref(&()).unwrap().uid
+}
