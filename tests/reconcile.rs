@@ -1,0 +1,407 @@
+//! The reconciler shell against an in-memory cluster and a real SQLite key
+//! database: every branch of the life cycle, outages, and a fault at each step
+//! followed by a "restart" (a fresh reconciler) that must converge.
+
+mod support;
+
+use jiff::SignedDuration;
+use keyward::{
+    Error,
+    clock::Clock,
+    core::PENDING_TIMEOUT,
+    crd::{ApiKey, KEY_ID_ANNOTATION, MANAGED_BY_LABEL},
+    key::KeyHash,
+    store::{KeyState, KeyStore},
+    verify::Rejection,
+};
+use kube::ResourceExt;
+use support::{Harness, Op, StoreOp, api_key, foreign_secret, owner_uid, sqlite_store};
+
+const NS: &str = "team-ml";
+
+async fn harness() -> (Harness, tempfile::TempDir) {
+    let (store, dir) = sqlite_store().await;
+    (Harness::new(store), dir)
+}
+
+/// Reconciles as the controller would: retry on error, feed status back, until settled.
+async fn converge(h: &mut Harness, key: &mut ApiKey) {
+    for _ in 0..6 {
+        let reconciler = h.reconciler();
+        let result = reconciler.apply(key).await;
+        h.cluster.refresh(key);
+        if result.is_ok() {
+            return;
+        }
+    }
+    panic!("did not converge");
+}
+
+async fn verdict(h: &Harness, key: &str) -> Result<String, Rejection> {
+    keyward::verify(h.store.as_ref(), key, h.clock.now())
+        .await
+        .unwrap()
+        .map(|v| v.key_id)
+}
+
+/// The invariants of a settled ApiKey: the Secret holds the one live key, it
+/// verifies, status points at it, and every other record is revoked.
+async fn assert_settled(h: &Harness, key: &ApiKey) -> String {
+    let plain = h.cluster.key_in(NS, &key.name_any()).expect("Secret holds a key");
+    let set = h.store.inner.load(&key.uid().unwrap()).await.unwrap();
+    assert_eq!(set.live.len(), 1, "exactly one live key: {:?}", set.live);
+    let live = &set.live[0];
+    assert_eq!(live.state, KeyState::Active);
+    assert_eq!(live.key_hash, KeyHash::of(plain.as_bytes()));
+    assert_eq!(verdict(h, &plain).await, Ok(live.key_id.clone()));
+    let status = key.status.as_ref().expect("status written");
+    assert_eq!(status.key_id.as_ref(), Some(&live.key_id));
+    let ready = key.ready_condition().unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "KeyActive"));
+    let secret = h.cluster.secret(NS, &key.name_any()).unwrap();
+    assert_eq!(
+        secret.annotations().get(KEY_ID_ANNOTATION),
+        Some(&live.key_id)
+    );
+    plain
+}
+
+#[tokio::test]
+async fn issues_a_key_into_an_owned_secret() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let plain = assert_settled(&h, &key).await;
+
+    assert!(regex_like_key(&plain), "{plain}");
+    let secret = h.cluster.secret(NS, "inference").unwrap();
+    assert_eq!(secret.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some("keyward"));
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.uid, owner_uid(&key));
+    assert_eq!(owner.controller, Some(true));
+    let status = key.status.as_ref().unwrap();
+    assert_eq!(status.key_hint.as_deref(), Some(&plain[..7]));
+    assert_eq!(status.revision, Some(1));
+    assert_eq!(status.secret_name.as_deref(), Some("inference"));
+    let valid = keyward::verify(h.store.as_ref(), &plain, support::start_time())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (valid.owner.as_str(), valid.team.as_str(), valid.namespace.as_str(), valid.name.as_str()),
+        ("alice@example.com", "ml", NS, "inference")
+    );
+    let events = h.cluster.events();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].reason, "Issued");
+}
+
+fn regex_like_key(key: &str) -> bool {
+    key.len() == 52 && key.starts_with("kw_") && key[3..].bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+#[tokio::test]
+async fn settled_keys_see_no_writes_even_after_a_restart() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let (cluster_writes, store_writes) = (h.cluster.writes(), h.store.writes());
+    h.clock.advance(SignedDuration::from_hours(30));
+    for _ in 0..3 {
+        h.reconciler().apply(&key).await.unwrap();
+    }
+    assert_eq!(h.cluster.writes(), cluster_writes);
+    assert_eq!(h.store.writes(), store_writes);
+    assert_eq!(h.cluster.events().len(), 1);
+}
+
+#[tokio::test]
+async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let before = h.cluster.key_in(NS, "inference").unwrap();
+    let secret_version = h.cluster.secret(NS, "inference").unwrap().metadata.resource_version;
+
+    key.spec.owner = "bob@example.com".into();
+    key.spec.scopes = vec!["metrics".into()];
+    key.metadata.generation = Some(2);
+    converge(&mut h, &mut key).await;
+
+    assert_eq!(h.cluster.key_in(NS, "inference").unwrap(), before);
+    assert_eq!(
+        h.cluster.secret(NS, "inference").unwrap().metadata.resource_version,
+        secret_version,
+        "the Secret was not written"
+    );
+    let valid = keyward::verify(h.store.as_ref(), &before, support::start_time())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(valid.owner, "bob@example.com");
+    assert_eq!(valid.scopes, ["metrics"]);
+    assert_eq!(key.status.as_ref().unwrap().observed_generation, Some(2));
+    assert_eq!(key.status.as_ref().unwrap().revision, Some(1));
+}
+
+#[tokio::test]
+async fn a_deleted_secret_gets_a_new_key_and_the_old_one_is_revoked() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let old = h.cluster.key_in(NS, "inference").unwrap();
+
+    h.cluster.remove_secret(NS, "inference");
+    converge(&mut h, &mut key).await;
+    let new = assert_settled(&h, &key).await;
+    assert_ne!(new, old);
+    assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
+    assert_eq!(key.status.as_ref().unwrap().revision, Some(2));
+    let warning = h
+        .cluster
+        .events()
+        .into_iter()
+        .find(|e| e.reason == "Reissued")
+        .expect("a Reissued event");
+    assert!(warning.warning);
+    assert!(warning.note.contains("was deleted"), "{}", warning.note);
+}
+
+#[tokio::test]
+async fn an_edited_secret_gets_a_new_key_and_a_planted_key_is_never_accepted() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let old = h.cluster.key_in(NS, "inference").unwrap();
+
+    // Someone with write access puts their own (well-formed) key into the Secret.
+    let mut secret = h.cluster.secret(NS, "inference").unwrap();
+    let planted = format!("kw_{}", &old[3..].chars().rev().collect::<String>());
+    secret.data.as_mut().unwrap().insert(
+        "api-key".into(),
+        k8s_openapi::ByteString(planted.clone().into_bytes()),
+    );
+    h.cluster.put_secret(secret);
+    converge(&mut h, &mut key).await;
+
+    let new = assert_settled(&h, &key).await;
+    assert_ne!(new, planted);
+    assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
+    assert!(verdict(&h, &planted).await.is_err());
+    assert!(h.cluster.events().iter().any(|e| e.reason == "Reissued" && e.note.contains("changed")));
+}
+
+#[tokio::test]
+async fn a_foreign_secret_is_never_touched() {
+    let (mut h, _dir) = harness().await;
+    h.cluster.put_secret(foreign_secret(NS, "inference"));
+    let before = h.cluster.secret(NS, "inference").unwrap();
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+
+    assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);
+    let ready = key.ready_condition().unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SecretConflict"));
+    assert!(ready.message.contains("Secret inference already exists"));
+    assert!(h.store.inner.load("uid-1").await.unwrap().live.is_empty(), "no key issued");
+
+    // Repeated reconciles neither write nor repeat the Warning.
+    let writes = h.cluster.writes();
+    converge(&mut h, &mut key).await;
+    assert_eq!(h.cluster.writes(), writes);
+    let warnings: Vec<_> = h.cluster.events().into_iter().filter(|e| e.warning).collect();
+    assert_eq!(warnings.len(), 1);
+    assert_eq!(warnings[0].reason, "SecretConflict");
+
+    // Once the foreign Secret is gone, the key is issued.
+    h.cluster.remove_secret(NS, "inference");
+    converge(&mut h, &mut key).await;
+    assert_settled(&h, &key).await;
+}
+
+#[tokio::test]
+async fn deletion_revokes_every_key_then_deletes_the_secret() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let plain = h.cluster.key_in(NS, "inference").unwrap();
+
+    h.reconciler().cleanup(&key).await.unwrap();
+    assert!(h.cluster.secret(NS, "inference").is_none());
+    assert_eq!(verdict(&h, &plain).await, Err(Rejection::Revoked));
+    let record = h.store.inner.find_by_hash(&KeyHash::of(plain.as_bytes())).await.unwrap().unwrap();
+    assert_eq!(record.revoke_reason.as_deref(), Some("deleted"));
+    assert!(h.cluster.events().iter().any(|e| e.reason == "Revoked"));
+}
+
+#[tokio::test]
+async fn deletion_leaves_a_foreign_secret_alone() {
+    let (mut h, _dir) = harness().await;
+    h.cluster.put_secret(foreign_secret(NS, "inference"));
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    h.reconciler().cleanup(&key).await.unwrap();
+    assert!(h.cluster.secret(NS, "inference").is_some());
+}
+
+#[tokio::test]
+async fn deletion_during_a_database_outage_waits_and_says_why() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    converge(&mut h, &mut key).await;
+    let plain = h.cluster.key_in(NS, "inference").unwrap();
+    key.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        support::start_time(),
+    ));
+
+    h.store.set_down(true);
+    for _ in 0..3 {
+        let reconciler = h.reconciler();
+        let error = reconciler.cleanup(&key).await.unwrap_err();
+        assert_eq!(error.category(), "database");
+        reconciler.report_failure(&key, &error).await;
+        h.cluster.refresh(&mut key);
+    }
+    let ready = key.ready_condition().unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "DatabaseUnavailable"));
+    assert!(ready.message.contains("kept until its keys are revoked"), "{}", ready.message);
+    assert!(h.cluster.secret(NS, "inference").is_some(), "nothing deleted before revocation");
+    let warnings = h.cluster.events().into_iter().filter(|e| e.reason == "DatabaseUnavailable").count();
+    assert_eq!(warnings, 1, "one Warning per transition, not per retry");
+
+    h.store.set_down(false);
+    h.reconciler().cleanup(&key).await.unwrap();
+    assert_eq!(verdict(&h, &plain).await, Err(Rejection::Revoked));
+    assert!(h.cluster.secret(NS, "inference").is_none());
+}
+
+#[tokio::test]
+async fn an_outage_during_apply_shows_in_status_and_recovers() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    h.store.set_down(true);
+    let reconciler = h.reconciler();
+    let error = reconciler.apply(&key).await.unwrap_err();
+    assert!(matches!(error, Error::Database(_)));
+    reconciler.report_failure(&key, &error).await;
+    h.cluster.refresh(&mut key);
+    let ready = key.ready_condition().unwrap();
+    assert_eq!(ready.reason, "DatabaseUnavailable");
+    assert!(h.cluster.secret(NS, "inference").is_none());
+
+    h.store.set_down(false);
+    converge(&mut h, &mut key).await;
+    assert_settled(&h, &key).await;
+}
+
+/// A fault at one step of a first issuance, then restarts until settled.
+async fn issuance_with_fault(inject: impl Fn(&Harness)) {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    inject(&h);
+    let _ = h.reconciler().apply(&key).await;
+    h.cluster.refresh(&mut key);
+    // Nothing that was issued may verify unless it is in the Secret.
+    check_no_stray_valid_key(&h, &key).await;
+    converge(&mut h, &mut key).await;
+    h.clock.advance(PENDING_TIMEOUT);
+    converge(&mut h, &mut key).await;
+    assert_settled(&h, &key).await;
+}
+
+/// Every verifying key of the ApiKey is the one in its Secret, or an active key being replaced.
+async fn check_no_stray_valid_key(h: &Harness, key: &ApiKey) {
+    let held = h.cluster.key_in(NS, &key.name_any()).map(|k| KeyHash::of(k.as_bytes()));
+    let set = h.store.inner.load(&key.uid().unwrap()).await.unwrap();
+    let valid_unheld = set
+        .live
+        .iter()
+        .filter(|r| r.state == KeyState::Active && Some(&r.key_hash) != held.as_ref())
+        .count();
+    assert!(valid_unheld <= 1, "{:?}", set.live);
+}
+
+#[tokio::test]
+async fn issuance_converges_after_a_fault_at_every_step() {
+    let store_faults = [StoreOp::Load, StoreOp::InsertPending, StoreOp::Activate];
+    for op in store_faults {
+        issuance_with_fault(|h| h.store.fail_next(op)).await;
+    }
+    let cluster_faults = [Op::GetSecret, Op::ApplySecret, Op::ApplySecretThenFail, Op::ApplyStatus];
+    for op in cluster_faults {
+        issuance_with_fault(|h| h.cluster.fail_next(op)).await;
+    }
+}
+
+#[tokio::test]
+async fn reissue_converges_after_a_fault_at_every_step() {
+    let faults: [&dyn Fn(&Harness); 6] = [
+        &|h| h.store.fail_next(StoreOp::InsertPending),
+        &|h| h.cluster.fail_next(Op::ApplySecret),
+        &|h| h.cluster.fail_next(Op::ApplySecretThenFail),
+        &|h| h.store.fail_next(StoreOp::Activate),
+        &|h| h.store.fail_next(StoreOp::Revoke),
+        &|h| h.cluster.fail_next(Op::ApplyStatus),
+    ];
+    for inject in faults {
+        let (mut h, _dir) = harness().await;
+        let mut key = api_key("inference", "uid-1");
+        converge(&mut h, &mut key).await;
+        let old = h.cluster.key_in(NS, "inference").unwrap();
+        h.cluster.remove_secret(NS, "inference");
+
+        inject(&h);
+        let _ = h.reconciler().apply(&key).await;
+        h.cluster.refresh(&mut key);
+        check_no_stray_valid_key(&h, &key).await;
+        converge(&mut h, &mut key).await;
+        h.clock.advance(PENDING_TIMEOUT);
+        converge(&mut h, &mut key).await;
+        let new = assert_settled(&h, &key).await;
+        assert_ne!(new, old);
+        assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
+    }
+}
+
+#[tokio::test]
+async fn deletion_converges_after_a_fault_at_every_step() {
+    let faults: [&dyn Fn(&Harness); 4] = [
+        &|h| h.store.fail_next(StoreOp::Load),
+        &|h| h.store.fail_next(StoreOp::Revoke),
+        &|h| h.cluster.fail_next(Op::GetSecret),
+        &|h| h.cluster.fail_next(Op::DeleteSecret),
+    ];
+    for inject in faults {
+        let (mut h, _dir) = harness().await;
+        let mut key = api_key("inference", "uid-1");
+        converge(&mut h, &mut key).await;
+        let plain = h.cluster.key_in(NS, "inference").unwrap();
+
+        inject(&h);
+        let first = h.reconciler().cleanup(&key).await;
+        assert!(first.is_err(), "the fault surfaces, so the finalizer stays");
+        h.reconciler().cleanup(&key).await.unwrap();
+        assert_eq!(verdict(&h, &plain).await, Err(Rejection::Revoked));
+        assert!(h.cluster.secret(NS, "inference").is_none());
+        assert!(h.store.inner.load("uid-1").await.unwrap().live.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn an_abandoned_pending_key_is_revoked_after_the_timeout() {
+    let (mut h, _dir) = harness().await;
+    let mut key = api_key("inference", "uid-1");
+    h.cluster.fail_next(Op::ApplySecret);
+    assert!(h.reconciler().apply(&key).await.is_err());
+    let pending = h.store.inner.load("uid-1").await.unwrap().live;
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].state, KeyState::Pending);
+
+    converge(&mut h, &mut key).await;
+    assert_eq!(h.store.inner.load("uid-1").await.unwrap().live.len(), 2, "kept while young");
+    h.clock.advance(PENDING_TIMEOUT);
+    converge(&mut h, &mut key).await;
+    assert_settled(&h, &key).await;
+    let abandoned = h.store.inner.find_by_hash(&pending[0].key_hash).await.unwrap().unwrap();
+    assert_eq!(abandoned.revoke_reason.as_deref(), Some("abandoned"));
+}
