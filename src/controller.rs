@@ -131,20 +131,23 @@ pub async fn run(config: RunConfig) -> Result<()> {
         keys,
     };
     let context = Arc::new(Context::new(client.clone(), reconciler));
-    let owned_secrets = watcher::Config::default()
-        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let owned_secrets =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
     info!("starting the ApiKey controller");
-    Controller::new(Api::<ApiKey>::all(client.clone()), watcher::Config::default())
-        // `owns` watches metadata only: Secret data is never cached here.
-        .owns(Api::<Secret>::all(client), owned_secrets)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, context)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
-            }
-        })
-        .await;
+    Controller::new(
+        Api::<ApiKey>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    // `owns` watches metadata only: Secret data is never cached here.
+    .owns(Api::<Secret>::all(client), owned_secrets)
+    .shutdown_on_signal()
+    .run(reconcile, error_policy, context)
+    .for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "controller event");
+        }
+    })
+    .await;
     info!("stopped");
     Ok(())
 }

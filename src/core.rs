@@ -478,12 +478,8 @@ mod tests {
         assert_eq!(
             steps(decide_with(&records, &owned("a"), t(1))),
             vec![
-                Step::UpdateMetadata {
-                    key_id: "a".into()
-                },
-                Step::UpdateMetadata {
-                    key_id: "r".into()
-                }
+                Step::UpdateMetadata { key_id: "a".into() },
+                Step::UpdateMetadata { key_id: "r".into() }
             ]
         );
     }
@@ -519,7 +515,10 @@ mod tests {
         assert_eq!(first.revision, Some(1));
         assert_eq!(first.issued_at, Some(Time(t(0))));
         let ready = &first.conditions[0];
-        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "KeyActive"));
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", "KeyActive")
+        );
         assert_eq!(ready.last_transition_time, Time(t(10)));
         // Same facts later: identical status, so no write.
         assert_eq!(ready_status(t(500), Some(&first)), first);

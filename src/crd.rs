@@ -56,7 +56,10 @@ pub struct ApiKeySpec {
     pub owner: String,
 
     /// The team that owns the key, as a DNS label (lower-case letters, digits and '-'), e.g. `ml-platform`.
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub team: String,
 
     /// What the key may do: 1 to 32 unique scopes, each matching `^[a-z][a-z0-9._:-]{0,62}$`, e.g. `inference` or `models:read`.

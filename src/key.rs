@@ -52,7 +52,9 @@ impl SeededEntropy {
     /// Entropy that yields the same bytes for the same seed.
     pub fn new(seed: u64) -> Self {
         use rand::SeedableRng;
-        Self(std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)))
+        Self(std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(
+            seed,
+        )))
     }
 }
 

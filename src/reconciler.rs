@@ -6,9 +6,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -26,8 +24,8 @@ use crate::{
     clock::Clock,
     core::{self, Decision, IssueReason, Observation, Outcome, SecretView, StatusInput, Step},
     crd::{
-        ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL,
-        MANAGED_BY_VALUE, SECRET_DATA_KEY,
+        ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+        SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
     store::{KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason},
@@ -167,7 +165,11 @@ impl<'a> Target<'a> {
         Ok(Self {
             key,
             namespace: key.namespace().ok_or(Error::MissingMetadata("namespace"))?,
-            name: key.metadata.name.clone().ok_or(Error::MissingMetadata("name"))?,
+            name: key
+                .metadata
+                .name
+                .clone()
+                .ok_or(Error::MissingMetadata("name"))?,
             uid: key.uid().ok_or(Error::MissingMetadata("uid"))?,
             secret_name: key
                 .target_secret_name()
@@ -223,7 +225,8 @@ impl Reconciler {
                 let outcome = Outcome::SecretConflict {
                     secret_name: target.secret_name.clone(),
                 };
-                self.finish(&target, None, Some(set.issued), &outcome).await?;
+                self.finish(&target, None, Some(set.issued), &outcome)
+                    .await?;
                 Ok(Action::requeue(RESYNC))
             }
             Decision::Converge {
@@ -251,7 +254,13 @@ impl Reconciler {
                                 r.activated_at = Some(now);
                             }
                             info!(key_id, "activated a key its Secret already held");
-                            self.notify(key, EventType::Normal, "Issued", format!("key {key_id} is active in Secret {}", target.secret_name)).await;
+                            self.notify(
+                                key,
+                                EventType::Normal,
+                                "Issued",
+                                format!("key {key_id} is active in Secret {}", target.secret_name),
+                            )
+                            .await;
                         }
                         Step::UpdateMetadata { key_id } => {
                             self.store.update_metadata(&key_id, &desired, now).await?;
@@ -265,14 +274,21 @@ impl Reconciler {
                             records.retain(|r| r.key_id != key_id);
                             info!(key_id, reason = reason.as_str(), "revoked a key");
                             if reason == RevokeReason::Replaced {
-                                self.notify(key, EventType::Normal, "Revoked", format!("revoked key {key_id}: it is no longer in Secret {}", target.secret_name)).await;
+                                self.notify(
+                                    key,
+                                    EventType::Normal,
+                                    "Revoked",
+                                    format!(
+                                        "revoked key {key_id}: it is no longer in Secret {}",
+                                        target.secret_name
+                                    ),
+                                )
+                                .await;
                             }
                         }
                     }
                 }
-                let current = records
-                    .iter()
-                    .find(|r| Some(&r.key_id) == current.as_ref());
+                let current = records.iter().find(|r| Some(&r.key_id) == current.as_ref());
                 self.finish(&target, current, Some(issued), &Outcome::Ready)
                     .await?;
                 Ok(Action::requeue(
@@ -298,7 +314,16 @@ impl Reconciler {
         }
         if !set.live.is_empty() {
             let ids: Vec<&str> = set.live.iter().map(|r| r.key_id.as_str()).collect();
-            self.notify(key, EventType::Normal, "Revoked", format!("revoked {} because the ApiKey is being deleted", ids.join(", "))).await;
+            self.notify(
+                key,
+                EventType::Normal,
+                "Revoked",
+                format!(
+                    "revoked {} because the ApiKey is being deleted",
+                    ids.join(", ")
+                ),
+            )
+            .await;
         }
         let secret = self.observe_secret(&target).await?;
         if let (SecretView::Owned { .. }, Some(uid)) = (&secret.view, &secret.uid) {
@@ -355,8 +380,13 @@ impl Reconciler {
                 if previous_reason != status.conditions.last().map(|c| c.reason.as_str()) =>
             {
                 let ready = status.conditions.last().expect("status_for sets Ready");
-                self.notify(key, EventType::Warning, &ready.reason, ready.message.clone())
-                    .await;
+                self.notify(
+                    key,
+                    EventType::Warning,
+                    &ready.reason,
+                    ready.message.clone(),
+                )
+                .await;
             }
             _ => {}
         }
@@ -432,9 +462,25 @@ impl Reconciler {
         let secret_name = &target.secret_name;
         info!(key_id, ?reason, "issued a key");
         let (kind, event_reason, note) = match reason {
-            IssueReason::Initial => (EventType::Normal, "Issued", format!("issued key {key_id} into Secret {secret_name}")),
-            IssueReason::SecretDeleted => (EventType::Warning, "Reissued", format!("Secret {secret_name} was deleted; issued key {key_id} and revoked the previous key")),
-            IssueReason::SecretAltered => (EventType::Warning, "Reissued", format!("the key in Secret {secret_name} was changed or removed; issued key {key_id} and revoked the previous key")),
+            IssueReason::Initial => (
+                EventType::Normal,
+                "Issued",
+                format!("issued key {key_id} into Secret {secret_name}"),
+            ),
+            IssueReason::SecretDeleted => (
+                EventType::Warning,
+                "Reissued",
+                format!(
+                    "Secret {secret_name} was deleted; issued key {key_id} and revoked the previous key"
+                ),
+            ),
+            IssueReason::SecretAltered => (
+                EventType::Warning,
+                "Reissued",
+                format!(
+                    "the key in Secret {secret_name} was changed or removed; issued key {key_id} and revoked the previous key"
+                ),
+            ),
         };
         self.notify(target.key, kind, event_reason, note).await;
         Ok(record)

@@ -155,7 +155,12 @@ pub trait KeyStore: Send + Sync {
     /// Moves a `pending` record to `active`; `StaleKeyState` if it is not pending.
     async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()>;
     /// Rewrites owner, team and scopes of a live record and audits `metadata_changed`.
-    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()>;
+    async fn update_metadata(
+        &self,
+        key_id: &str,
+        metadata: &KeyMetadata,
+        at: Timestamp,
+    ) -> Result<()>;
     /// Revokes a record unless it already is; revoking twice is a no-op.
     async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()>;
     /// The record whose hash matches, in any state.
@@ -331,7 +336,11 @@ fn record_from_row(row: &AnyRow) -> Result<KeyRecord> {
         metadata: KeyMetadata {
             owner: row.try_get("owner")?,
             team: row.try_get("team")?,
-            scopes: scopes.split(' ').filter(|s| !s.is_empty()).map(String::from).collect(),
+            scopes: scopes
+                .split(' ')
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
         },
         state: row.try_get::<String, _>("state")?.parse()?,
         created_at: from_millis(row.try_get("created_at")?)?,
@@ -384,7 +393,14 @@ impl KeyStore for SqlStore {
         .execute(&mut *tx)
         .await?;
         let detail = format!("issued for {}/{}", record.namespace, record.name);
-        Self::audit_in(&mut tx, &record.key_id, record.created_at, "issued", &detail).await?;
+        Self::audit_in(
+            &mut tx,
+            &record.key_id,
+            record.created_at,
+            "issued",
+            &detail,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -405,12 +421,24 @@ impl KeyStore for SqlStore {
                 expected: "pending",
             });
         }
-        Self::audit_in(&mut tx, key_id, at, "activated", "key confirmed in its Secret").await?;
+        Self::audit_in(
+            &mut tx,
+            key_id,
+            at,
+            "activated",
+            "key confirmed in its Secret",
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()> {
+    async fn update_metadata(
+        &self,
+        key_id: &str,
+        metadata: &KeyMetadata,
+        at: Timestamp,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let scopes = metadata.scopes.join(" ");
         let updated = sqlx::query(

@@ -66,7 +66,10 @@ pub async fn verify(
     if !is_well_formed(presented) {
         return Ok(Err(Rejection::Malformed));
     }
-    let Some(record) = store.find_by_hash(&KeyHash::of(presented.as_bytes())).await? else {
+    let Some(record) = store
+        .find_by_hash(&KeyHash::of(presented.as_bytes()))
+        .await?
+    else {
         return Ok(Err(Rejection::Unknown));
     };
     let expired = record.expires_at.is_some_and(|at| at <= now);

@@ -47,7 +47,10 @@ async fn verdict(h: &Harness, key: &str) -> Result<String, Rejection> {
 /// The invariants of a settled ApiKey: the Secret holds the one live key, it
 /// verifies, status points at it, and every other record is revoked.
 async fn assert_settled(h: &Harness, key: &ApiKey) -> String {
-    let plain = h.cluster.key_in(NS, &key.name_any()).expect("Secret holds a key");
+    let plain = h
+        .cluster
+        .key_in(NS, &key.name_any())
+        .expect("Secret holds a key");
     let set = h.store.inner.load(&key.uid().unwrap()).await.unwrap();
     assert_eq!(set.live.len(), 1, "exactly one live key: {:?}", set.live);
     let live = &set.live[0];
@@ -57,7 +60,10 @@ async fn assert_settled(h: &Harness, key: &ApiKey) -> String {
     let status = key.status.as_ref().expect("status written");
     assert_eq!(status.key_id.as_ref(), Some(&live.key_id));
     let ready = key.ready_condition().unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "KeyActive"));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "KeyActive")
+    );
     let secret = h.cluster.secret(NS, &key.name_any()).unwrap();
     assert_eq!(
         secret.annotations().get(KEY_ID_ANNOTATION),
@@ -75,7 +81,10 @@ async fn issues_a_key_into_an_owned_secret() {
 
     assert!(regex_like_key(&plain), "{plain}");
     let secret = h.cluster.secret(NS, "inference").unwrap();
-    assert_eq!(secret.labels().get(MANAGED_BY_LABEL).map(String::as_str), Some("keyward"));
+    assert_eq!(
+        secret.labels().get(MANAGED_BY_LABEL).map(String::as_str),
+        Some("keyward")
+    );
     let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
     assert_eq!(owner.uid, owner_uid(&key));
     assert_eq!(owner.controller, Some(true));
@@ -88,7 +97,12 @@ async fn issues_a_key_into_an_owned_secret() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        (valid.owner.as_str(), valid.team.as_str(), valid.namespace.as_str(), valid.name.as_str()),
+        (
+            valid.owner.as_str(),
+            valid.team.as_str(),
+            valid.namespace.as_str(),
+            valid.name.as_str()
+        ),
         ("alice@example.com", "ml", NS, "inference")
     );
     let events = h.cluster.events();
@@ -121,7 +135,12 @@ async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
     let mut key = api_key("inference", "uid-1");
     converge(&mut h, &mut key).await;
     let before = h.cluster.key_in(NS, "inference").unwrap();
-    let secret_version = h.cluster.secret(NS, "inference").unwrap().metadata.resource_version;
+    let secret_version = h
+        .cluster
+        .secret(NS, "inference")
+        .unwrap()
+        .metadata
+        .resource_version;
 
     key.spec.owner = "bob@example.com".into();
     key.spec.scopes = vec!["metrics".into()];
@@ -130,7 +149,11 @@ async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
 
     assert_eq!(h.cluster.key_in(NS, "inference").unwrap(), before);
     assert_eq!(
-        h.cluster.secret(NS, "inference").unwrap().metadata.resource_version,
+        h.cluster
+            .secret(NS, "inference")
+            .unwrap()
+            .metadata
+            .resource_version,
         secret_version,
         "the Secret was not written"
     );
@@ -188,7 +211,12 @@ async fn an_edited_secret_gets_a_new_key_and_a_planted_key_is_never_accepted() {
     assert_ne!(new, planted);
     assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
     assert!(verdict(&h, &planted).await.is_err());
-    assert!(h.cluster.events().iter().any(|e| e.reason == "Reissued" && e.note.contains("changed")));
+    assert!(
+        h.cluster
+            .events()
+            .iter()
+            .any(|e| e.reason == "Reissued" && e.note.contains("changed"))
+    );
 }
 
 #[tokio::test]
@@ -201,15 +229,26 @@ async fn a_foreign_secret_is_never_touched() {
 
     assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);
     let ready = key.ready_condition().unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "SecretConflict"));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SecretConflict")
+    );
     assert!(ready.message.contains("Secret inference already exists"));
-    assert!(h.store.inner.load("uid-1").await.unwrap().live.is_empty(), "no key issued");
+    assert!(
+        h.store.inner.load("uid-1").await.unwrap().live.is_empty(),
+        "no key issued"
+    );
 
     // Repeated reconciles neither write nor repeat the Warning.
     let writes = h.cluster.writes();
     converge(&mut h, &mut key).await;
     assert_eq!(h.cluster.writes(), writes);
-    let warnings: Vec<_> = h.cluster.events().into_iter().filter(|e| e.warning).collect();
+    let warnings: Vec<_> = h
+        .cluster
+        .events()
+        .into_iter()
+        .filter(|e| e.warning)
+        .collect();
     assert_eq!(warnings.len(), 1);
     assert_eq!(warnings[0].reason, "SecretConflict");
 
@@ -229,7 +268,13 @@ async fn deletion_revokes_every_key_then_deletes_the_secret() {
     h.reconciler().cleanup(&key).await.unwrap();
     assert!(h.cluster.secret(NS, "inference").is_none());
     assert_eq!(verdict(&h, &plain).await, Err(Rejection::Revoked));
-    let record = h.store.inner.find_by_hash(&KeyHash::of(plain.as_bytes())).await.unwrap().unwrap();
+    let record = h
+        .store
+        .inner
+        .find_by_hash(&KeyHash::of(plain.as_bytes()))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(record.revoke_reason.as_deref(), Some("deleted"));
     assert!(h.cluster.events().iter().any(|e| e.reason == "Revoked"));
 }
@@ -263,10 +308,25 @@ async fn deletion_during_a_database_outage_waits_and_says_why() {
         h.cluster.refresh(&mut key);
     }
     let ready = key.ready_condition().unwrap();
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "DatabaseUnavailable"));
-    assert!(ready.message.contains("kept until its keys are revoked"), "{}", ready.message);
-    assert!(h.cluster.secret(NS, "inference").is_some(), "nothing deleted before revocation");
-    let warnings = h.cluster.events().into_iter().filter(|e| e.reason == "DatabaseUnavailable").count();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "DatabaseUnavailable")
+    );
+    assert!(
+        ready.message.contains("kept until its keys are revoked"),
+        "{}",
+        ready.message
+    );
+    assert!(
+        h.cluster.secret(NS, "inference").is_some(),
+        "nothing deleted before revocation"
+    );
+    let warnings = h
+        .cluster
+        .events()
+        .into_iter()
+        .filter(|e| e.reason == "DatabaseUnavailable")
+        .count();
     assert_eq!(warnings, 1, "one Warning per transition, not per retry");
 
     h.store.set_down(false);
@@ -311,7 +371,10 @@ async fn issuance_with_fault(inject: impl Fn(&Harness)) {
 
 /// Every verifying key of the ApiKey is the one in its Secret, or an active key being replaced.
 async fn check_no_stray_valid_key(h: &Harness, key: &ApiKey) {
-    let held = h.cluster.key_in(NS, &key.name_any()).map(|k| KeyHash::of(k.as_bytes()));
+    let held = h
+        .cluster
+        .key_in(NS, &key.name_any())
+        .map(|k| KeyHash::of(k.as_bytes()));
     let set = h.store.inner.load(&key.uid().unwrap()).await.unwrap();
     let valid_unheld = set
         .live
@@ -327,7 +390,12 @@ async fn issuance_converges_after_a_fault_at_every_step() {
     for op in store_faults {
         issuance_with_fault(|h| h.store.fail_next(op)).await;
     }
-    let cluster_faults = [Op::GetSecret, Op::ApplySecret, Op::ApplySecretThenFail, Op::ApplyStatus];
+    let cluster_faults = [
+        Op::GetSecret,
+        Op::ApplySecret,
+        Op::ApplySecretThenFail,
+        Op::ApplyStatus,
+    ];
     for op in cluster_faults {
         issuance_with_fault(|h| h.cluster.fail_next(op)).await;
     }
@@ -398,10 +466,20 @@ async fn an_abandoned_pending_key_is_revoked_after_the_timeout() {
     assert_eq!(pending[0].state, KeyState::Pending);
 
     converge(&mut h, &mut key).await;
-    assert_eq!(h.store.inner.load("uid-1").await.unwrap().live.len(), 2, "kept while young");
+    assert_eq!(
+        h.store.inner.load("uid-1").await.unwrap().live.len(),
+        2,
+        "kept while young"
+    );
     h.clock.advance(PENDING_TIMEOUT);
     converge(&mut h, &mut key).await;
     assert_settled(&h, &key).await;
-    let abandoned = h.store.inner.find_by_hash(&pending[0].key_hash).await.unwrap().unwrap();
+    let abandoned = h
+        .store
+        .inner
+        .find_by_hash(&pending[0].key_hash)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(abandoned.revoke_reason.as_deref(), Some("abandoned"));
 }

@@ -63,7 +63,10 @@ async fn pending_then_active(store: SqlStore) {
 
     // Activating twice is refused: the record is no longer pending.
     let again = store.activate(&record.key_id, t1).await;
-    assert!(matches!(again, Err(Error::StaleKeyState { .. })), "{again:?}");
+    assert!(
+        matches!(again, Err(Error::StaleKeyState { .. })),
+        "{again:?}"
+    );
     assert!(store.load("other-uid").await.unwrap().live.is_empty());
 }
 
@@ -80,7 +83,11 @@ async fn revoke_is_final_and_idempotent(store: SqlStore) {
         .await
         .unwrap();
     store
-        .revoke(&record.key_id, RevokeReason::Replaced, t1 + SignedDuration::from_secs(9))
+        .revoke(
+            &record.key_id,
+            RevokeReason::Replaced,
+            t1 + SignedDuration::from_secs(9),
+        )
         .await
         .unwrap();
 
@@ -133,7 +140,10 @@ async fn metadata_updates_in_place_and_audit_trail(store: SqlStore) {
         .into_iter()
         .map(|e| e.action)
         .collect();
-    assert_eq!(actions, ["issued", "activated", "metadata_changed", "revoked"]);
+    assert_eq!(
+        actions,
+        ["issued", "activated", "metadata_changed", "revoked"]
+    );
 }
 
 async fn hashes_are_unique(store: SqlStore) {
@@ -154,7 +164,11 @@ async fn verify_answers_by_state(store: SqlStore) {
     let (plain, record) = pending(&keys, "uid-1", now);
     store.insert_pending(&record).await.unwrap();
     let verdict = keyward::verify(&store, plain.expose(), now).await.unwrap();
-    assert_eq!(verdict, Err(Rejection::Unknown), "pending keys do not verify");
+    assert_eq!(
+        verdict,
+        Err(Rejection::Unknown),
+        "pending keys do not verify"
+    );
 
     store.activate(&record.key_id, now).await.unwrap();
     let valid = keyward::verify(&store, plain.expose(), now)
@@ -169,7 +183,9 @@ async fn verify_answers_by_state(store: SqlStore) {
 
     let stranger = keys.new_key().unwrap();
     assert_eq!(
-        keyward::verify(&store, stranger.expose(), now).await.unwrap(),
+        keyward::verify(&store, stranger.expose(), now)
+            .await
+            .unwrap(),
         Err(Rejection::Unknown)
     );
 
@@ -246,11 +262,17 @@ async fn malformed_keys_are_rejected_without_the_database() {
     typo.replace_range(5..6, if &typo[5..6] == "a" { "b" } else { "a" });
     for presented in [typo.as_str(), "kw_short", "", "not a key at all"] {
         assert_eq!(
-            keyward::verify(&down, presented, start_time()).await.unwrap(),
+            keyward::verify(&down, presented, start_time())
+                .await
+                .unwrap(),
             Err(Rejection::Malformed),
             "{presented}"
         );
     }
     // A well-formed key does need the database, and the outage is an error, not a verdict.
-    assert!(keyward::verify(&down, key.expose(), start_time()).await.is_err());
+    assert!(
+        keyward::verify(&down, key.expose(), start_time())
+            .await
+            .is_err()
+    );
 }

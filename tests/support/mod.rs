@@ -198,12 +198,15 @@ impl Cluster for FakeCluster {
             );
         }
         if let Some(current) = &existing {
-            let ours = current
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| Some(&o.uid) == secret.metadata.owner_references.as_ref().and_then(|r| r.first()).map(|r| &r.uid));
+            let ours = current.metadata.owner_references.iter().flatten().any(|o| {
+                Some(&o.uid)
+                    == secret
+                        .metadata
+                        .owner_references
+                        .as_ref()
+                        .and_then(|r| r.first())
+                        .map(|r| &r.uid)
+            });
             assert!(ours, "keyward wrote to a Secret it does not control");
         }
         state.next_version += 1;
@@ -226,7 +229,12 @@ impl Cluster for FakeCluster {
             return Err(injected(Op::DeleteSecret));
         }
         let id = (namespace.to_owned(), name.to_owned());
-        if state.secrets.get(&id).and_then(|s| s.metadata.uid.as_deref()) == Some(uid) {
+        if state
+            .secrets
+            .get(&id)
+            .and_then(|s| s.metadata.uid.as_deref())
+            == Some(uid)
+        {
             state.secrets.remove(&id);
             state.writes += 1;
         }
@@ -334,7 +342,12 @@ impl KeyStore for FaultyStore {
         self.wrote();
         Ok(())
     }
-    async fn update_metadata(&self, key_id: &str, metadata: &KeyMetadata, at: Timestamp) -> Result<()> {
+    async fn update_metadata(
+        &self,
+        key_id: &str,
+        metadata: &KeyMetadata,
+        at: Timestamp,
+    ) -> Result<()> {
         self.check(StoreOp::UpdateMetadata)?;
         self.inner.update_metadata(key_id, metadata, at).await?;
         self.wrote();
@@ -372,7 +385,9 @@ pub async fn sqlite_store() -> (SqlStore, tempfile::TempDir) {
 pub async fn postgres_store(test: &str) -> Option<SqlStore> {
     let Ok(admin_url) = std::env::var("KEYWARD_TEST_POSTGRES_URL") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{test}: KEYWARD_TEST_POSTGRES_URL is not set; CI must run the PostgreSQL tests");
+            panic!(
+                "{test}: KEYWARD_TEST_POSTGRES_URL is not set; CI must run the PostgreSQL tests"
+            );
         }
         eprintln!("SKIP: {test}: KEYWARD_TEST_POSTGRES_URL is not set (scripts/test sets it)");
         return None;
