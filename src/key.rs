@@ -21,10 +21,8 @@ const BODY_LEN: usize = 43;
 const CHECKSUM_LEN: usize = 6;
 /// Characters of the random body shown in the hint: about 24 of 256 bits.
 const HINT_BODY_LEN: usize = 4;
-/// Random bytes in a key id; ids are public and need only be unique.
-const KEY_ID_BYTES: usize = 12;
-/// 62^17 > 2^96.
-const KEY_ID_LEN: usize = 17;
+/// Base62 characters in a key id: about 95 random bits. Ids are public and need only be unique.
+const KEY_ID_LEN: usize = 16;
 
 /// A source of cryptographically secure random bytes, injected so tests control it.
 pub trait Entropy: Send + Sync {
@@ -171,12 +169,21 @@ impl KeyFactory {
         Ok(PlainKey(key))
     }
 
-    /// A fresh public key id, `kid_` and 17 base62 characters.
+    /// A fresh public key id: `kid_` and 16 uniformly random base62 characters.
     pub fn new_key_id(&self) -> Result<String> {
-        let mut random = [0u8; KEY_ID_BYTES];
-        self.entropy.fill(&mut random)?;
         let mut id = String::from("kid_");
-        base62_fixed(&random, KEY_ID_LEN, &mut id);
+        let mut random = [0u8; KEY_ID_LEN * 2];
+        while id.len() < 4 + KEY_ID_LEN {
+            self.entropy.fill(&mut random)?;
+            // Bytes of 248 and above are skipped so that `% 62` stays uniform.
+            id.extend(
+                random
+                    .iter()
+                    .filter(|&&b| b < 248)
+                    .map(|&b| char::from(ALPHABET[usize::from(b % 62)]))
+                    .take(4 + KEY_ID_LEN - id.len()),
+            );
+        }
         Ok(id)
     }
 }
@@ -322,9 +329,14 @@ mod tests {
     #[test]
     fn key_ids_are_fixed_width() {
         let keys = factory(5);
-        let id = keys.new_key_id().unwrap();
-        assert_eq!(id.len(), 4 + KEY_ID_LEN);
-        assert_ne!(id, keys.new_key_id().unwrap());
+        let ids: Vec<String> = (0..200).map(|_| keys.new_key_id().unwrap()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 4 + KEY_ID_LEN);
+            assert!(id.starts_with("kid_") && id[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        }
+        // Uniform characters: the first one is not stuck on a padding digit.
+        let firsts: std::collections::HashSet<u8> = ids.iter().map(|id| id.as_bytes()[4]).collect();
+        assert!(firsts.len() > 30, "{firsts:?}");
     }
 
     #[test]
