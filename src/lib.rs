@@ -16,6 +16,7 @@ pub mod crd;
 mod error;
 pub mod key;
 pub mod reconciler;
+pub mod schedule;
 pub mod store;
 pub mod verify;
 
