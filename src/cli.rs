@@ -56,6 +56,13 @@ pub enum Command {
         /// Do not install or update the ApiKey CRD at start.
         #[arg(long)]
         skip_crd_install: bool,
+        /// ApiKeys reconciled at the same time.
+        #[arg(long, env = "KEYWARD_MAX_CONCURRENT_RECONCILES", default_value_t = 8)]
+        max_concurrent_reconciles: u16,
+        /// Keys issued (first, rotated or re-issued) per second at most, so that many
+        /// keys due together do not flood the API server and database; 0 is unlimited.
+        #[arg(long, env = "KEYWARD_MAX_ISSUES_PER_SECOND", default_value_t = 20.0)]
+        max_issues_per_second: f64,
     },
     /// Print the ApiKey CRD as YAML (the bytes of crds/apikey.yaml).
     Crd,
@@ -105,12 +112,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             key_prefix,
             log_format,
             skip_crd_install,
+            max_concurrent_reconciles,
+            max_issues_per_second,
         } => {
             init_logging(log_format);
             controller::run(RunConfig {
                 database_url: database.database_url,
                 key_prefix,
                 skip_crd_install,
+                max_concurrent_reconciles,
+                max_issues_per_second,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -12,7 +12,7 @@ use kube::{
     api::{Patch, PatchParams},
     runtime::{
         Controller,
-        controller::Action,
+        controller::{Action, Config as ControllerConfig},
         finalizer::{Event as Finalizer, finalizer},
         wait::{await_condition, conditions},
         watcher,
@@ -25,7 +25,7 @@ use crate::{
     clock::SystemClock,
     crd::{ApiKey, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
     key::{KeyFactory, OsEntropy},
-    reconciler::{KubeCluster, Reconciler},
+    reconciler::{KubeCluster, RateLimiter, Reconciler},
     store::SqlStore,
 };
 
@@ -108,6 +108,10 @@ pub struct RunConfig {
     pub key_prefix: String,
     /// Leave the CRD alone at start.
     pub skip_crd_install: bool,
+    /// ApiKeys reconciled at the same time.
+    pub max_concurrent_reconciles: u16,
+    /// Keys issued (first, rotated or re-issued) per second at most; 0 is unlimited.
+    pub max_issues_per_second: f64,
 }
 
 /// Runs the operator until SIGTERM or SIGINT.
@@ -129,6 +133,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         store: Arc::new(store),
         clock: Arc::new(SystemClock),
         keys,
+        issue_limiter: Arc::new(RateLimiter::per_second(config.max_issues_per_second)),
     };
     let context = Arc::new(Context::new(client.clone(), reconciler));
     let owned_secrets =
@@ -138,6 +143,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         Api::<ApiKey>::all(client.clone()),
         watcher::Config::default(),
     )
+    .with_config(ControllerConfig::default().concurrency(config.max_concurrent_reconciles))
     // `owns` watches metadata only: Secret data is never cached here.
     .owns(Api::<Secret>::all(client), owned_secrets)
     .shutdown_on_signal()

@@ -2,13 +2,19 @@
 //! the Secret's state reduced to a hash, and `now`) it decides the steps to take
 //! and the status to show. It reads no clock, no RNG and does no I/O.
 
+use std::collections::BTreeMap;
+
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
-    crd::{ApiKeyStatus, READY},
+    crd::{
+        ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, READY, REVOKE_PREVIOUS_ANNOTATION,
+        ROTATE_ANNOTATION,
+    },
     key::KeyHash,
-    store::{KeyMetadata, KeyRecord, KeyState, RevokeReason},
+    schedule::{Schedule, parse_duration},
+    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, RevokeReason},
 };
 
 /// How long a pending key that no Secret holds is kept before it is revoked.
@@ -29,26 +35,104 @@ pub enum SecretView {
     },
 }
 
-/// Why a new key is issued; tells the Event apart.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IssueReason {
-    /// The ApiKey has never had an active key.
-    Initial,
-    /// The Secret was deleted while a key was active.
-    SecretDeleted,
-    /// The Secret's key was edited or removed, so it matches no live record.
-    SecretAltered,
+/// The rotation and expiry rules of one ApiKey, parsed from its spec and annotations.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// `spec.rotation.schedule` in its time zone.
+    pub schedule: Option<Schedule>,
+    /// How long a rotated-out key keeps working.
+    pub grace_period: SignedDuration,
+    /// `spec.expiresAfter`.
+    pub expires_after: Option<SignedDuration>,
+    /// The `keyward.dev/rotate` annotation value, if any.
+    pub rotation_request: Option<String>,
+    /// `keyward.dev/revoke-previous` is set: a new request revokes older keys at once.
+    pub revoke_previous: bool,
+}
+
+impl Policy {
+    /// Reads the policy; the error names the field and what to fix (reason `InvalidSpec`).
+    pub fn from_spec(
+        spec: &ApiKeySpec,
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Self, String> {
+        let rotation = spec.rotation.clone().unwrap_or_default();
+        let schedule = rotation
+            .schedule
+            .as_deref()
+            .map(|s| Schedule::parse(s, rotation.time_zone.as_deref()))
+            .transpose()
+            .map_err(|e| format!("spec.rotation.schedule: {e}"))?;
+        let grace_period = parse_duration(
+            rotation
+                .grace_period
+                .as_deref()
+                .unwrap_or(DEFAULT_GRACE_PERIOD),
+        )
+        .map_err(|e| format!("spec.rotation.gracePeriod: {e}"))?;
+        let expires_after = spec
+            .expires_after
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| format!("spec.expiresAfter: {e}"))?;
+        if expires_after.is_some_and(|d| !d.is_positive()) {
+            return Err("spec.expiresAfter must be positive".into());
+        }
+        Ok(Self {
+            schedule,
+            grace_period,
+            expires_after,
+            rotation_request: annotations
+                .get(ROTATE_ANNOTATION)
+                .filter(|v| !v.is_empty())
+                .cloned(),
+            revoke_previous: annotations.contains_key(REVOKE_PREVIOUS_ANNOTATION),
+        })
+    }
+
+    /// When a key activated at `activated_at` expires, if it does.
+    fn expiry_from(&self, activated_at: Timestamp) -> Option<Timestamp> {
+        self.expires_after
+            .and_then(|d| activated_at.checked_add(d).ok())
+    }
+
+    /// When a key activated at `activated_at` is due for rotation, if ever.
+    pub fn next_rotation(&self, activated_at: Timestamp) -> Option<Timestamp> {
+        self.schedule.as_ref()?.next_after(activated_at)
+    }
 }
 
 /// One write the shell must make, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Generate a key, insert it pending, write the Secret, then activate it.
-    Issue(IssueReason),
+    Issue {
+        /// Why.
+        reason: IssueReason,
+        /// Its expiry (spec.expiresAfter from now).
+        expires_at: Option<Timestamp>,
+    },
     /// The Secret already holds this pending key: mark it active.
     Activate {
         /// The pending record.
         key_id: String,
+        /// Its expiry.
+        expires_at: Option<Timestamp>,
+    },
+    /// A rotated-out key keeps working until `expires_at`.
+    Retire {
+        /// The active record being replaced.
+        key_id: String,
+        /// End of its grace period.
+        expires_at: Timestamp,
+    },
+    /// spec.expiresAfter changed: move the active key's expiry.
+    SetExpiry {
+        /// The active record.
+        key_id: String,
+        /// The new expiry, or none.
+        expires_at: Option<Timestamp>,
     },
     /// Owner, team or scopes changed in the spec: update the record in place.
     UpdateMetadata {
@@ -73,7 +157,7 @@ pub enum Decision {
     Converge {
         /// Ordered steps; empty in the steady state.
         steps: Vec<Step>,
-        /// The live record the Secret already holds, if any (an `Issue` step replaces it).
+        /// The live record the Secret holds and keeps holding; `None` when a step issues a new one.
         held: Option<String>,
         /// Earliest time something will need doing without any watch event.
         requeue_after: Option<SignedDuration>,
@@ -85,6 +169,8 @@ pub enum Decision {
 pub struct Observation<'a> {
     /// Owner, team and scopes from the spec.
     pub desired: &'a KeyMetadata,
+    /// Rotation and expiry rules.
+    pub policy: &'a Policy,
     /// The ApiKey's live (not revoked) records.
     pub records: &'a [KeyRecord],
     /// The target Secret.
@@ -93,8 +179,21 @@ pub struct Observation<'a> {
     pub now: Timestamp,
 }
 
+/// Collects the earliest future instant something is due.
+#[derive(Default)]
+struct Wakeup(Option<Timestamp>);
+
+impl Wakeup {
+    fn at(&mut self, when: Option<Timestamp>) {
+        if let Some(when) = when {
+            self.0 = Some(self.0.map_or(when, |w| w.min(when)));
+        }
+    }
+}
+
 /// Decides the steps that bring the database and Secret to the desired state.
 pub fn decide(obs: &Observation<'_>) -> Decision {
+    let (policy, now) = (obs.policy, obs.now);
     let held_hash = match obs.secret {
         SecretView::Foreign => return Decision::SecretConflict,
         SecretView::Absent => None,
@@ -107,19 +206,46 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     });
 
     let mut steps = Vec::new();
-    let current = match held {
+    let mut wakeup = Wakeup::default();
+    // The record that stays in the Secret (None: a new key is issued), why it
+    // was issued, and when it became (or becomes) active.
+    let (current, current_reason, current_since) = match held {
+        Some(record) if record.state == KeyState::Pending => {
+            // A crash after the Secret write: finish the issuance.
+            steps.push(Step::Activate {
+                key_id: record.key_id.clone(),
+                expires_at: policy.expiry_from(now),
+            });
+            (Some(record), record.issue_reason, now)
+        }
         Some(record) => {
-            if record.state == KeyState::Pending {
-                steps.push(Step::Activate {
-                    key_id: record.key_id.clone(),
+            let since = record.activated_at.unwrap_or(record.created_at);
+            let requested = policy.rotation_request.is_some()
+                && policy.rotation_request != record.rotation_request;
+            let next_rotation = policy.next_rotation(since);
+            if requested || next_rotation.is_some_and(|next| next <= now) {
+                let reason = match (requested, policy.revoke_previous) {
+                    (true, true) => IssueReason::Emergency,
+                    (true, false) => IssueReason::Requested,
+                    (false, _) => IssueReason::Scheduled,
+                };
+                steps.push(Step::Issue {
+                    reason,
+                    expires_at: policy.expiry_from(now),
                 });
+                (None, reason, now)
+            } else {
+                let expires_at = policy.expiry_from(since);
+                if record.expires_at != expires_at {
+                    steps.push(Step::SetExpiry {
+                        key_id: record.key_id.clone(),
+                        expires_at,
+                    });
+                }
+                wakeup.at(next_rotation);
+                wakeup.at(expires_at.filter(|t| *t > now));
+                (Some(record), record.issue_reason, since)
             }
-            if record.metadata != *obs.desired {
-                steps.push(Step::UpdateMetadata {
-                    key_id: record.key_id.clone(),
-                });
-            }
-            Some(record.key_id.as_str())
         }
         None => {
             let had_active = obs.records.iter().any(|r| r.state == KeyState::Active);
@@ -128,45 +254,92 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 SecretView::Absent => IssueReason::SecretDeleted,
                 _ => IssueReason::SecretAltered,
             };
-            steps.push(Step::Issue(reason));
-            None
+            steps.push(Step::Issue {
+                reason,
+                expires_at: policy.expiry_from(now),
+            });
+            (None, reason, now)
         }
     };
+    if current.is_none() {
+        wakeup.at(policy.next_rotation(now));
+        wakeup.at(policy.expiry_from(now));
+    }
+    if let Some(record) = current
+        && record.metadata != *obs.desired
+    {
+        steps.push(Step::UpdateMetadata {
+            key_id: record.key_id.clone(),
+        });
+    }
 
-    let mut requeue_after: Option<SignedDuration> = None;
+    // Every other live record: retire, revoke, or wait.
+    let grace_ends = current_since
+        .checked_add(policy.grace_period)
+        .unwrap_or(current_since);
+    let graceful = matches!(
+        current_reason,
+        IssueReason::Scheduled | IssueReason::Requested
+    ) && grace_ends > now;
+    let replaced_reason = match current_reason {
+        IssueReason::Emergency => RevokeReason::Emergency,
+        reason if reason.is_rotation() => RevokeReason::Rotated,
+        _ => RevokeReason::Replaced,
+    };
     for record in obs.records {
-        if Some(record.key_id.as_str()) == current {
+        if current.is_some_and(|c| c.key_id == record.key_id) {
             continue;
         }
+        let key_id = record.key_id.clone();
         match record.state {
+            KeyState::Active if graceful => {
+                steps.push(Step::Retire {
+                    key_id,
+                    expires_at: grace_ends,
+                });
+                wakeup.at(Some(grace_ends));
+            }
             KeyState::Active => steps.push(Step::Revoke {
-                key_id: record.key_id.clone(),
-                reason: RevokeReason::Replaced,
+                key_id,
+                reason: replaced_reason,
             }),
+            KeyState::Retiring => {
+                let expired = record.expires_at.is_none_or(|at| at <= now);
+                if expired || current_reason == IssueReason::Emergency {
+                    let reason = if expired {
+                        RevokeReason::Rotated
+                    } else {
+                        RevokeReason::Emergency
+                    };
+                    steps.push(Step::Revoke { key_id, reason });
+                } else {
+                    wakeup.at(record.expires_at);
+                    if record.metadata != *obs.desired {
+                        steps.push(Step::UpdateMetadata { key_id });
+                    }
+                }
+            }
             KeyState::Pending => {
-                let age = obs.now.duration_since(record.created_at);
-                if age >= PENDING_TIMEOUT {
+                let abandon_at = record
+                    .created_at
+                    .checked_add(PENDING_TIMEOUT)
+                    .unwrap_or(record.created_at);
+                if abandon_at <= now {
                     steps.push(Step::Revoke {
-                        key_id: record.key_id.clone(),
+                        key_id,
                         reason: RevokeReason::Abandoned,
                     });
                 } else {
-                    let wait = PENDING_TIMEOUT - age;
-                    requeue_after = Some(requeue_after.map_or(wait, |w| w.min(wait)));
+                    wakeup.at(Some(abandon_at));
                 }
             }
-            KeyState::Retiring if record.metadata != *obs.desired => {
-                steps.push(Step::UpdateMetadata {
-                    key_id: record.key_id.clone(),
-                });
-            }
-            KeyState::Retiring | KeyState::Revoked => {}
+            KeyState::Revoked => {}
         }
     }
     Decision::Converge {
         steps,
-        held: current.map(str::to_owned),
-        requeue_after,
+        held: current.map(|r| r.key_id.clone()),
+        requeue_after: wakeup.0.map(|at| at.duration_since(now)),
     }
 }
 
@@ -175,6 +348,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
 pub enum Outcome {
     /// The Secret holds an active key.
     Ready,
+    /// The Secret holds a key whose `spec.expiresAfter` has passed.
+    KeyExpired,
+    /// The spec has a value the schema could not reject.
+    InvalidSpec {
+        /// What is wrong and where.
+        message: String,
+    },
     /// The target Secret belongs to someone else.
     SecretConflict {
         /// The Secret's name.
@@ -200,8 +380,12 @@ pub struct StatusInput<'a> {
     pub secret_name: &'a str,
     /// The record now held by the Secret, if known.
     pub current: Option<&'a KeyRecord>,
+    /// The ApiKey's live records after the reconcile, if known.
+    pub records: &'a [KeyRecord],
     /// Keys activated so far, if known.
     pub issued: Option<i64>,
+    /// Rotation rules, if the spec is valid.
+    pub policy: Option<&'a Policy>,
     /// How the reconcile ended.
     pub outcome: &'a Outcome,
     /// The current time, used only when the Ready condition changes status.
@@ -211,15 +395,23 @@ pub struct StatusInput<'a> {
 /// The status to show. Equal to `previous` when nothing changed, so the shell can skip the write.
 pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
     let previous = input.previous.cloned().unwrap_or_default();
+    let key_id = input.current.map(|r| r.key_id.as_str()).unwrap_or("?");
     let (status, reason, message) = match input.outcome {
-        Outcome::Ready => {
-            let key_id = input.current.map(|r| r.key_id.as_str()).unwrap_or("?");
-            (
-                "True",
-                "KeyActive".to_owned(),
-                format!("key {key_id} is active in Secret {}", input.secret_name),
-            )
-        }
+        Outcome::Ready => (
+            "True",
+            "KeyActive".to_owned(),
+            format!("key {key_id} is active in Secret {}", input.secret_name),
+        ),
+        Outcome::KeyExpired => (
+            "False",
+            "KeyExpired".to_owned(),
+            format!(
+                "key {key_id} in Secret {} has expired (spec.expiresAfter); request a new key with \
+                 kubectl annotate apikey <name> {ROTATE_ANNOTATION}=<new value> --overwrite",
+                input.secret_name
+            ),
+        ),
+        Outcome::InvalidSpec { message } => ("False", "InvalidSpec".to_owned(), message.clone()),
         Outcome::SecretConflict { secret_name } => (
             "False",
             "SecretConflict".to_owned(),
@@ -246,40 +438,60 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
     };
     let mut conditions: Vec<Condition> = previous
         .conditions
-        .into_iter()
+        .iter()
         .filter(|c| c.type_ != READY)
+        .cloned()
         .collect();
     conditions.push(ready);
 
-    let (key_id, key_hint, secret_name, issued_at) = match (input.outcome, input.current) {
-        (Outcome::Ready, Some(current)) => (
-            Some(current.key_id.clone()),
-            Some(current.key_hint.clone()),
-            Some(input.secret_name.to_owned()),
-            current.activated_at.map(Time),
-        ),
-        (Outcome::SecretConflict { .. }, _) => (None, None, None, None),
-        _ => (
-            previous.key_id,
-            previous.key_hint,
-            previous.secret_name,
-            previous.issued_at,
-        ),
-    };
-    ApiKeyStatus {
+    let mut status = ApiKeyStatus {
         conditions,
         observed_generation: input.generation,
-        key_id,
-        key_hint,
-        secret_name,
-        issued_at,
         revision: input.issued.or(previous.revision),
+        ..previous.clone()
+    };
+    match (input.outcome, input.current) {
+        (Outcome::Ready | Outcome::KeyExpired, Some(current)) => {
+            let since = current.activated_at.unwrap_or(current.created_at);
+            status.key_id = Some(current.key_id.clone());
+            status.key_hint = Some(current.key_hint.clone());
+            status.secret_name = Some(input.secret_name.to_owned());
+            status.issued_at = current.activated_at.map(Time);
+            status.expires_at = current.expires_at.map(Time);
+            status.next_rotation_at = input.policy.and_then(|p| p.next_rotation(since)).map(Time);
+            status.previous_key_expires_at = input
+                .records
+                .iter()
+                .filter(|r| r.state == KeyState::Retiring)
+                .filter_map(|r| r.expires_at)
+                .max()
+                .map(Time);
+            if current.issue_reason.is_rotation() {
+                status.last_rotated_at = Some(Time(since));
+            }
+            status.last_rotation_request = current
+                .rotation_request
+                .clone()
+                .or(previous.last_rotation_request);
+        }
+        (Outcome::SecretConflict { .. }, _) => {
+            status.key_id = None;
+            status.key_hint = None;
+            status.secret_name = None;
+            status.issued_at = None;
+            status.expires_at = None;
+            status.next_rotation_at = None;
+            status.previous_key_expires_at = None;
+        }
+        _ => {}
     }
+    status
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crd::ApiKeySpec;
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_second(1_800_000_000 + secs).unwrap()
@@ -308,6 +520,25 @@ mod tests {
             expires_at: None,
             revoked_at: None,
             revoke_reason: None,
+            issue_reason: IssueReason::Initial,
+            rotation_request: None,
+        }
+    }
+
+    fn no_rotation() -> Policy {
+        Policy::from_spec(&spec(), &BTreeMap::new()).unwrap()
+    }
+
+    fn spec() -> ApiKeySpec {
+        ApiKeySpec {
+            owner: "alice@example.com".into(),
+            team: "ml".into(),
+            scopes: vec!["inference".into()],
+            secret_name: None,
+            description: None,
+            rotation: None,
+            expires_after: None,
+            rollout: None,
         }
     }
 
@@ -318,12 +549,29 @@ mod tests {
     }
 
     fn decide_with(records: &[KeyRecord], secret: &SecretView, now: Timestamp) -> Decision {
+        decide_under(&no_rotation(), records, secret, now)
+    }
+
+    fn decide_under(
+        policy: &Policy,
+        records: &[KeyRecord],
+        secret: &SecretView,
+        now: Timestamp,
+    ) -> Decision {
         decide(&Observation {
             desired: &meta(),
+            policy,
             records,
             secret,
             now,
         })
+    }
+
+    fn issue(reason: IssueReason) -> Step {
+        Step::Issue {
+            reason,
+            expires_at: None,
+        }
     }
 
     fn steps(decision: Decision) -> Vec<Step> {
@@ -336,7 +584,7 @@ mod tests {
     #[test]
     fn first_reconcile_issues() {
         let decision = decide_with(&[], &SecretView::Absent, t(0));
-        assert_eq!(steps(decision), vec![Step::Issue(IssueReason::Initial)]);
+        assert_eq!(steps(decision), vec![issue(IssueReason::Initial)]);
     }
 
     #[test]
@@ -372,7 +620,7 @@ mod tests {
         assert_eq!(
             steps(decide_with(&records, &SecretView::Absent, t(10))),
             vec![
-                Step::Issue(IssueReason::SecretDeleted),
+                issue(IssueReason::SecretDeleted),
                 Step::Revoke {
                     key_id: "a".into(),
                     reason: RevokeReason::Replaced
@@ -388,7 +636,7 @@ mod tests {
             assert_eq!(
                 steps(decide_with(&records, &secret, t(10))),
                 vec![
-                    Step::Issue(IssueReason::SecretAltered),
+                    issue(IssueReason::SecretAltered),
                     Step::Revoke {
                         key_id: "a".into(),
                         reason: RevokeReason::Replaced
@@ -401,7 +649,7 @@ mod tests {
     #[test]
     fn unknown_key_in_fresh_owned_secret_is_never_adopted() {
         let decision = decide_with(&[], &owned("planted"), t(0));
-        assert_eq!(steps(decision), vec![Step::Issue(IssueReason::Initial)]);
+        assert_eq!(steps(decision), vec![issue(IssueReason::Initial)]);
     }
 
     #[test]
@@ -415,7 +663,8 @@ mod tests {
             steps(decide_with(&records, &owned("new"), t(6))),
             vec![
                 Step::Activate {
-                    key_id: "new".into()
+                    key_id: "new".into(),
+                    expires_at: None
                 },
                 Step::Revoke {
                     key_id: "old".into(),
@@ -433,7 +682,7 @@ mod tests {
         assert_eq!(
             young,
             Decision::Converge {
-                steps: vec![Step::Issue(IssueReason::Initial)],
+                steps: vec![issue(IssueReason::Initial)],
                 held: None,
                 requeue_after: Some(PENDING_TIMEOUT - SignedDuration::from_secs(30)),
             }
@@ -474,6 +723,7 @@ mod tests {
         changed.metadata.scopes.push("metrics".into());
         let mut retiring = record("r", KeyState::Retiring, t(0));
         retiring.metadata.owner = "bob@example.com".into();
+        retiring.expires_at = Some(t(100));
         let records = [changed, retiring];
         assert_eq!(
             steps(decide_with(&records, &owned("a"), t(1))),
@@ -486,10 +736,12 @@ mod tests {
 
     #[test]
     fn secret_holding_retiring_key_gets_a_new_key_but_retiring_stays() {
-        let records = [record("r", KeyState::Retiring, t(0))];
+        let mut retiring = record("r", KeyState::Retiring, t(0));
+        retiring.expires_at = Some(t(100));
+        let records = [retiring];
         assert_eq!(
             steps(decide_with(&records, &owned("r"), t(1))),
-            vec![Step::Issue(IssueReason::Initial)]
+            vec![issue(IssueReason::Initial)]
         );
     }
 
@@ -500,7 +752,9 @@ mod tests {
             generation: Some(1),
             secret_name: "key",
             current: Some(&current),
+            records: std::slice::from_ref(&current),
             issued: Some(1),
+            policy: Some(&no_rotation()),
             outcome: &Outcome::Ready,
             now,
         })
@@ -532,7 +786,9 @@ mod tests {
             generation: Some(1),
             secret_name: "key",
             current: None,
+            records: &[],
             issued: None,
+            policy: None,
             outcome: &Outcome::Failed {
                 reason: "DatabaseUnavailable".into(),
                 message: "key database error: connection refused".into(),
@@ -554,7 +810,9 @@ mod tests {
             generation: Some(2),
             secret_name: "key",
             current: None,
+            records: &[],
             issued: Some(0),
+            policy: None,
             outcome: &Outcome::SecretConflict {
                 secret_name: "key".into(),
             },
@@ -565,5 +823,296 @@ mod tests {
         assert!(condition.message.contains("Secret key already exists"));
         assert_eq!(condition.observed_generation, Some(2));
         assert_eq!(status.key_id, None);
+    }
+
+    fn policy(
+        rotation: crate::crd::RotationSpec,
+        expires_after: Option<&str>,
+        annotations: &[(&str, &str)],
+    ) -> Policy {
+        let mut spec = spec();
+        spec.rotation = Some(rotation);
+        spec.expires_after = expires_after.map(str::to_owned);
+        let annotations = annotations
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Policy::from_spec(&spec, &annotations).unwrap()
+    }
+
+    fn every(schedule: &str, grace: &str) -> crate::crd::RotationSpec {
+        crate::crd::RotationSpec {
+            schedule: Some(schedule.into()),
+            time_zone: None,
+            grace_period: Some(grace.into()),
+        }
+    }
+
+    fn requeue(decision: &Decision) -> Option<SignedDuration> {
+        match decision {
+            Decision::Converge { requeue_after, .. } => *requeue_after,
+            Decision::SecretConflict => None,
+        }
+    }
+
+    #[test]
+    fn scheduled_rotation_issues_then_retires_the_old_key_for_the_grace_period() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let records = [record("a", KeyState::Active, t(0))];
+        let early = decide_under(&p, &records, &owned("a"), t(19));
+        assert_eq!(steps(early.clone()), vec![]);
+        assert_eq!(
+            requeue(&early),
+            Some(SignedDuration::from_secs(1)),
+            "wakes exactly at the rotation"
+        );
+
+        let due = decide_under(&p, &records, &owned("a"), t(20));
+        assert_eq!(
+            steps(due.clone()),
+            vec![
+                issue(IssueReason::Scheduled),
+                Step::Retire {
+                    key_id: "a".into(),
+                    expires_at: t(30)
+                }
+            ]
+        );
+        assert_eq!(
+            requeue(&due),
+            Some(SignedDuration::from_secs(10)),
+            "wakes at the end of the grace period"
+        );
+    }
+
+    #[test]
+    fn missed_slots_rotate_once() {
+        // The operator was down for 100 slots: one rotation, then the next slot counts from now.
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let records = [record("a", KeyState::Active, t(0))];
+        let decision = decide_under(&p, &records, &owned("a"), t(2000));
+        let issued = steps(decision.clone())
+            .iter()
+            .filter(|s| matches!(s, Step::Issue { .. }))
+            .count();
+        assert_eq!(issued, 1);
+        assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(10)));
+    }
+
+    #[test]
+    fn grace_period_end_revokes_the_retiring_key() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let mut new = record("b", KeyState::Active, t(20));
+        new.issue_reason = IssueReason::Scheduled;
+        let mut old = record("a", KeyState::Retiring, t(0));
+        old.expires_at = Some(t(30));
+        let records = [old, new];
+        let during = decide_under(&p, &records, &owned("b"), t(29));
+        assert_eq!(steps(during.clone()), vec![]);
+        assert_eq!(requeue(&during), Some(SignedDuration::from_secs(1)));
+        assert_eq!(
+            steps(decide_under(&p, &records, &owned("b"), t(30))),
+            vec![Step::Revoke {
+                key_id: "a".into(),
+                reason: RevokeReason::Rotated
+            }]
+        );
+    }
+
+    #[test]
+    fn crash_after_rotating_retires_with_grace_counted_from_the_new_key() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let mut new = record("b", KeyState::Active, t(20));
+        new.issue_reason = IssueReason::Scheduled;
+        let records = [record("a", KeyState::Active, t(0)), new];
+        assert_eq!(
+            steps(decide_under(&p, &records, &owned("b"), t(25))),
+            vec![Step::Retire {
+                key_id: "a".into(),
+                expires_at: t(30)
+            }]
+        );
+        // Restarted after the grace period would have ended: revoke at once.
+        assert_eq!(
+            steps(decide_under(&p, &records, &owned("b"), t(31))),
+            vec![Step::Revoke {
+                key_id: "a".into(),
+                reason: RevokeReason::Rotated
+            }]
+        );
+    }
+
+    #[test]
+    fn a_rotate_annotation_is_handled_exactly_once() {
+        let p = policy(
+            crate::crd::RotationSpec::default(),
+            None,
+            &[("keyward.dev/rotate", "r1")],
+        );
+        let records = [record("a", KeyState::Active, t(0))];
+        assert_eq!(
+            steps(decide_under(&p, &records, &owned("a"), t(5))),
+            vec![
+                issue(IssueReason::Requested),
+                Step::Retire {
+                    key_id: "a".into(),
+                    expires_at: t(5) + SignedDuration::from_hours(1)
+                }
+            ]
+        );
+        // The new key carries the request, so the same value does nothing more.
+        let mut new = record("b", KeyState::Active, t(5));
+        new.issue_reason = IssueReason::Requested;
+        new.rotation_request = Some("r1".into());
+        let mut old = record("a", KeyState::Retiring, t(0));
+        old.expires_at = Some(t(3605));
+        let records = [old, new];
+        assert_eq!(steps(decide_under(&p, &records, &owned("b"), t(6))), vec![]);
+        // A new value rotates again.
+        let p2 = policy(
+            crate::crd::RotationSpec::default(),
+            None,
+            &[("keyward.dev/rotate", "r2")],
+        );
+        assert!(matches!(
+            steps(decide_under(&p2, &records, &owned("b"), t(7)))[0],
+            Step::Issue {
+                reason: IssueReason::Requested,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn emergency_rotation_revokes_every_previous_key_at_once() {
+        let p = policy(
+            every("@daily", "1h"),
+            None,
+            &[
+                ("keyward.dev/rotate", "leak-1"),
+                ("keyward.dev/revoke-previous", "now"),
+            ],
+        );
+        let mut retiring = record("r", KeyState::Retiring, t(0));
+        retiring.expires_at = Some(t(3600));
+        let records = [retiring, record("a", KeyState::Active, t(10))];
+        assert_eq!(
+            steps(decide_under(&p, &records, &owned("a"), t(20))),
+            vec![
+                issue(IssueReason::Emergency),
+                Step::Revoke {
+                    key_id: "r".into(),
+                    reason: RevokeReason::Emergency
+                },
+                Step::Revoke {
+                    key_id: "a".into(),
+                    reason: RevokeReason::Emergency
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn expires_after_sets_and_follows_the_key_expiry() {
+        let p = policy(crate::crd::RotationSpec::default(), Some("24h"), &[]);
+        assert_eq!(
+            steps(decide_under(&p, &[], &SecretView::Absent, t(0))),
+            vec![Step::Issue {
+                reason: IssueReason::Initial,
+                expires_at: Some(t(86_400))
+            }]
+        );
+        // A changed expiresAfter moves the existing key's expiry; the key stays.
+        let records = [record("a", KeyState::Active, t(0))];
+        let decision = decide_under(&p, &records, &owned("a"), t(10));
+        assert_eq!(
+            steps(decision.clone()),
+            vec![Step::SetExpiry {
+                key_id: "a".into(),
+                expires_at: Some(t(86_400))
+            }]
+        );
+        let mut settled = record("a", KeyState::Active, t(0));
+        settled.expires_at = Some(t(86_400));
+        let decision = decide_under(&p, &[settled], &owned("a"), t(10));
+        assert_eq!(steps(decision.clone()), vec![]);
+        assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(86_390)));
+    }
+
+    #[test]
+    fn a_schedule_change_recomputes_and_rotates_only_if_already_due() {
+        // Key from t(0); @every 1h is not due at t(1800), @every 20m is.
+        let records = [record("a", KeyState::Active, t(0))];
+        let hourly = policy(every("@every 1h", "1m"), None, &[]);
+        assert_eq!(
+            steps(decide_under(&hourly, &records, &owned("a"), t(1800))),
+            vec![]
+        );
+        let faster = policy(every("@every 20m", "1m"), None, &[]);
+        assert!(matches!(
+            steps(decide_under(&faster, &records, &owned("a"), t(1800)))[0],
+            Step::Issue {
+                reason: IssueReason::Scheduled,
+                ..
+            }
+        ));
+        let slower = policy(every("@every 2h", "1m"), None, &[]);
+        let decision = decide_under(&slower, &records, &owned("a"), t(1800));
+        assert_eq!(steps(decision.clone()), vec![]);
+        assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(5400)));
+    }
+
+    #[test]
+    fn a_reissue_after_rotation_revokes_instead_of_retiring() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let records = [record("a", KeyState::Active, t(0))];
+        assert_eq!(
+            steps(decide_under(&p, &records, &SecretView::Absent, t(5))),
+            vec![
+                issue(IssueReason::SecretDeleted),
+                Step::Revoke {
+                    key_id: "a".into(),
+                    reason: RevokeReason::Replaced
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn status_shows_rotation_times() {
+        let p = policy(every("@every 20s", "10s"), Some("1h"), &[]);
+        let mut current = record("b", KeyState::Active, t(20));
+        current.issue_reason = IssueReason::Scheduled;
+        current.expires_at = Some(t(3620));
+        let mut old = record("a", KeyState::Retiring, t(0));
+        old.expires_at = Some(t(30));
+        let records = [old, current.clone()];
+        let status = status_for(&StatusInput {
+            previous: None,
+            generation: Some(1),
+            secret_name: "key",
+            current: Some(&current),
+            records: &records,
+            issued: Some(2),
+            policy: Some(&p),
+            outcome: &Outcome::Ready,
+            now: t(21),
+        });
+        assert_eq!(status.last_rotated_at, Some(Time(t(20))));
+        assert_eq!(status.next_rotation_at, Some(Time(t(40))));
+        assert_eq!(status.previous_key_expires_at, Some(Time(t(30))));
+        assert_eq!(status.expires_at, Some(Time(t(3620))));
+        assert_eq!(status.revision, Some(2));
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let mut bad = spec();
+        bad.rotation = Some(every("61 * * * *", "1h"));
+        let error = Policy::from_spec(&bad, &BTreeMap::new()).unwrap_err();
+        assert!(error.starts_with("spec.rotation.schedule"), "{error}");
+        bad.rotation = Some(every("@daily", "soon"));
+        let error = Policy::from_spec(&bad, &BTreeMap::new()).unwrap_err();
+        assert!(error.starts_with("spec.rotation.gracePeriod"), "{error}");
     }
 }

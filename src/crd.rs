@@ -20,6 +20,12 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "keyward";
 /// The condition type that says whether the key is usable.
 pub const READY: &str = "Ready";
+/// Annotation on an ApiKey: a new value requests one rotation.
+pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
+/// Annotation on an ApiKey: together with a new rotate request, revoke the previous keys at once.
+pub const REVOKE_PREVIOUS_ANNOTATION: &str = "keyward.dev/revoke-previous";
+/// Grace period of a rotated-out key when `spec.rotation.gracePeriod` is not set.
+pub const DEFAULT_GRACE_PERIOD: &str = "1h";
 
 /// The key to issue: who owns it, what it may do, and which Secret receives it.
 #[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -41,6 +47,7 @@ pub const READY: &str = "Ready";
     printcolumn = r#"{"name":"Key","type":"string","jsonPath":".status.keyHint"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Next-Rotation","type":"date","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -85,6 +92,84 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub description: Option<String>,
+
+    /// Automatic rotation. Without it keys rotate only on request (annotation `keyward.dev/rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationSpec>,
+
+    /// How long each key stays valid after it is issued, e.g. `2160h`. Rotation starts a new period. Unset means no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) > duration('0s')",
+         "message": "expiresAfter must be a positive duration such as 720h, 90m or 1h30m"}
+    ]))]
+    pub expires_after: Option<String>,
+
+    /// Workloads to restart when the key changes after a rotation or re-issue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// When and how keys rotate.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationSpec {
+    /// When to rotate: 5 cron fields (`0 3 * * 1`), a macro (`@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`) or `@every <duration>` (`@every 720h`). Unset means rotation only on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100), extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^(@(hourly|daily|weekly|monthly|yearly|annually)|@every ([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+|[0-9A-Za-z*/,?#-]+( +[0-9A-Za-z*/,?#-]+){4})$')",
+         "message": "schedule must be 5 cron fields (minute hour day-of-month month day-of-week), @hourly, @daily, @weekly, @monthly, @yearly or @every <duration> such as @every 720h"},
+        {"rule": "!self.startsWith('@every ') || duration(self.substring(7)) >= duration('1s')",
+         "message": "the @every interval must be at least 1s"}
+    ]))]
+    pub schedule: Option<String>,
+
+    /// IANA time zone the cron fields are read in, e.g. `Europe/Berlin`. Defaults to UTC. `@every` ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [
+        {"rule": "timestamp('2000-01-01T00:00:00Z').getHours(self) >= 0",
+         "message": "timeZone must be an IANA time zone name such as Europe/Berlin or UTC"}
+    ]))]
+    pub time_zone: Option<String>,
+
+    /// How long the previous key keeps working after a rotation, e.g. `1h` (the default) or `30m`. `0s` revokes it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')",
+         "message": "gracePeriod must be a non-negative duration such as 1h, 30m or 90s"}
+    ]))]
+    pub grace_period: Option<String>,
+}
+
+/// Workloads that read the key and need a restart to pick up a new one.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Deployments, StatefulSets and DaemonSets in this namespace; each gets one rolling restart per new key.
+    #[schemars(length(max = 32), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["kind", "name"]))]
+    pub targets: Vec<RolloutTarget>,
+}
+
+/// One workload to restart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutTarget {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: RolloutKind,
+    /// Name of the workload in the ApiKey's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kinds of workload keyward can restart.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutKind {
+    /// apps/v1 Deployment.
+    Deployment,
+    /// apps/v1 StatefulSet.
+    StatefulSet,
+    /// apps/v1 DaemonSet.
+    DaemonSet,
 }
 
 /// What keyward last observed and did for this ApiKey. It never holds the key itself.
@@ -119,6 +204,26 @@ pub struct ApiKeyStatus {
     /// How many keys have been issued (activated) for this ApiKey so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<i64>,
+
+    /// When a rotation (scheduled or requested) last put a new key in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotated_at: Option<Time>,
+
+    /// When the schedule rotates the key next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+
+    /// When the last previous key still in its grace period stops working.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key_expires_at: Option<Time>,
+
+    /// When the current key stops working (from spec.expiresAfter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+
+    /// The last `keyward.dev/rotate` annotation value that has been handled; the same value never rotates twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_request: Option<String>,
 }
 
 impl ApiKey {

@@ -6,7 +6,12 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use k8s_openapi::{
-    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ByteString,
+    api::{
+        apps::v1::{DaemonSet, Deployment, StatefulSet},
+        core::v1::Secret,
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -22,13 +27,13 @@ use zeroize::Zeroize;
 use crate::{
     Error, Result,
     clock::Clock,
-    core::{self, Decision, IssueReason, Observation, Outcome, SecretView, StatusInput, Step},
+    core::{self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step},
     crd::{
         ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-        SECRET_DATA_KEY,
+        RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
-    store::{KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason},
+    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason},
 };
 
 /// How often a settled ApiKey is looked at again without any watch event.
@@ -48,6 +53,15 @@ pub trait Cluster: Send + Sync {
     async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<()>;
     /// Publishes an Event about the ApiKey.
     async fn publish(&self, key: &ApiKey, event: Event) -> Result<()>;
+    /// The `keyward.dev/key-id` annotation on a workload's pod template;
+    /// `None` when the workload does not exist.
+    async fn rollout_key_id(
+        &self,
+        namespace: &str,
+        target: &RolloutTarget,
+    ) -> Result<Option<Option<String>>>;
+    /// Sets that annotation to `key_id`, which rolls the workload's pods.
+    async fn restart(&self, namespace: &str, target: &RolloutTarget, key_id: &str) -> Result<()>;
 }
 
 /// [`Cluster`] over a real API server.
@@ -141,6 +155,61 @@ impl Cluster for KubeCluster {
     async fn publish(&self, key: &ApiKey, event: Event) -> Result<()> {
         Ok(self.recorder.publish(&event, &key.object_ref(&())).await?)
     }
+
+    async fn rollout_key_id(
+        &self,
+        namespace: &str,
+        target: &RolloutTarget,
+    ) -> Result<Option<Option<String>>> {
+        let client = self.client.clone();
+        let template = match target.kind {
+            RolloutKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+                .get_opt(&target.name)
+                .await?
+                .map(|w| w.spec.map(|s| s.template)),
+            RolloutKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+                .get_opt(&target.name)
+                .await?
+                .map(|w| w.spec.map(|s| s.template)),
+            RolloutKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+                .get_opt(&target.name)
+                .await?
+                .map(|w| w.spec.map(|s| s.template)),
+        };
+        Ok(template.map(|template| {
+            template
+                .and_then(|t| t.metadata)
+                .and_then(|m| m.annotations)
+                .and_then(|mut a| a.remove(KEY_ID_ANNOTATION))
+        }))
+    }
+
+    async fn restart(&self, namespace: &str, target: &RolloutTarget, key_id: &str) -> Result<()> {
+        let patch = serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": format!("{:?}", target.kind),
+            "metadata": {"name": target.name},
+            "spec": {"template": {"metadata": {"annotations": {KEY_ID_ANNOTATION: key_id}}}},
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let client = self.client.clone();
+        let name = target.name.as_str();
+        match target.kind {
+            RolloutKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+                .patch(name, &params, &Patch::Apply(patch))
+                .await
+                .map(drop)?,
+            RolloutKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+                .patch(name, &params, &Patch::Apply(patch))
+                .await
+                .map(drop)?,
+            RolloutKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+                .patch(name, &params, &Patch::Apply(patch))
+                .await
+                .map(drop)?,
+        }
+        Ok(())
+    }
 }
 
 /// A short, body-free description of a transport error.
@@ -186,6 +255,42 @@ struct ObservedSecret {
     resource_version: Option<String>,
 }
 
+/// Spaces out key issuance so a fleet of keys due at the same moment does not
+/// hit the API server and the database at once (`--max-issues-per-second`).
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl RateLimiter {
+    /// At most `per_second` acquisitions per second, evenly spaced; 0 means no limit.
+    pub fn per_second(per_second: f64) -> Self {
+        let interval = if per_second > 0.0 {
+            Duration::from_secs_f64(1.0 / per_second)
+        } else {
+            Duration::ZERO
+        };
+        Self {
+            interval,
+            next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    /// Waits for the next slot.
+    pub async fn acquire(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let mut next = self.next.lock().await;
+        let now = tokio::time::Instant::now();
+        if *next > now {
+            tokio::time::sleep_until(*next).await;
+        }
+        *next = (*next).max(now) + self.interval;
+    }
+}
+
 /// Carries out reconciles for ApiKeys; holds no state of its own, so a new one
 /// after a crash behaves exactly like the old one would have.
 #[derive(Clone)]
@@ -198,6 +303,8 @@ pub struct Reconciler {
     pub clock: Arc<dyn Clock>,
     /// Key material source.
     pub keys: KeyFactory,
+    /// Paces key issuance.
+    pub issue_limiter: Arc<RateLimiter>,
 }
 
 impl Reconciler {
@@ -205,6 +312,16 @@ impl Reconciler {
     #[tracing::instrument(skip_all, fields(apikey = %key.name_any(), namespace = key.namespace().unwrap_or_default()))]
     pub async fn apply(&self, key: &ApiKey) -> Result<Action> {
         let target = Target::of(key)?;
+        let policy = match Policy::from_spec(&key.spec, key.annotations()) {
+            Ok(policy) => policy,
+            Err(message) => {
+                warn!(%message, "invalid spec");
+                let outcome = Outcome::InvalidSpec { message };
+                self.finish(&target, None, &[], None, None, &outcome)
+                    .await?;
+                return Ok(Action::requeue(RESYNC));
+            }
+        };
         let desired = KeyMetadata {
             owner: key.spec.owner.clone(),
             team: key.spec.team.clone(),
@@ -215,89 +332,114 @@ impl Reconciler {
         let now = self.clock.now();
         let decision = core::decide(&Observation {
             desired: &desired,
+            policy: &policy,
             records: &set.live,
             secret: &secret.view,
             now,
         });
         debug!(?decision, "decided");
-        match decision {
+        let (steps, held, requeue_after) = match decision {
             Decision::SecretConflict => {
                 let outcome = Outcome::SecretConflict {
                     secret_name: target.secret_name.clone(),
                 };
-                self.finish(&target, None, Some(set.issued), &outcome)
+                self.finish(&target, None, &[], Some(set.issued), None, &outcome)
                     .await?;
-                Ok(Action::requeue(RESYNC))
+                return Ok(Action::requeue(RESYNC));
             }
             Decision::Converge {
                 steps,
                 held,
                 requeue_after,
-            } => {
-                let mut records = set.live;
-                let mut issued = set.issued;
-                let mut current = held;
-                for step in steps {
-                    match step {
-                        Step::Issue(reason) => {
-                            let record = self
-                                .issue(&target, &desired, &secret, reason, &mut issued)
-                                .await?;
-                            current = Some(record.key_id.clone());
-                            records.push(record);
-                        }
-                        Step::Activate { key_id } => {
-                            self.store.activate(&key_id, now).await?;
-                            issued += 1;
-                            if let Some(r) = records.iter_mut().find(|r| r.key_id == key_id) {
-                                r.state = KeyState::Active;
-                                r.activated_at = Some(now);
-                            }
-                            info!(key_id, "activated a key its Secret already held");
-                            self.notify(
-                                key,
-                                EventType::Normal,
-                                "Issued",
-                                format!("key {key_id} is active in Secret {}", target.secret_name),
-                            )
-                            .await;
-                        }
-                        Step::UpdateMetadata { key_id } => {
-                            self.store.update_metadata(&key_id, &desired, now).await?;
-                            if let Some(r) = records.iter_mut().find(|r| r.key_id == key_id) {
-                                r.metadata = desired.clone();
-                            }
-                            info!(key_id, "updated owner, team and scopes in place");
-                        }
-                        Step::Revoke { key_id, reason } => {
-                            self.store.revoke(&key_id, reason, now).await?;
-                            records.retain(|r| r.key_id != key_id);
-                            info!(key_id, reason = reason.as_str(), "revoked a key");
-                            if reason == RevokeReason::Replaced {
-                                self.notify(
-                                    key,
-                                    EventType::Normal,
-                                    "Revoked",
-                                    format!(
-                                        "revoked key {key_id}: it is no longer in Secret {}",
-                                        target.secret_name
-                                    ),
-                                )
-                                .await;
-                            }
-                        }
+            } => (steps, held, requeue_after),
+        };
+
+        let mut records = set.live;
+        let mut issued = set.issued;
+        let mut current_id = held;
+        for step in steps {
+            match step {
+                Step::Issue { reason, expires_at } => {
+                    self.issue_limiter.acquire().await;
+                    let record = self
+                        .issue(&target, &desired, &policy, &secret, reason, expires_at)
+                        .await?;
+                    issued += 1;
+                    current_id = Some(record.key_id.clone());
+                    records.push(record);
+                }
+                Step::Activate { key_id, expires_at } => {
+                    self.store.activate(&key_id, now, expires_at).await?;
+                    issued += 1;
+                    if let Some(r) = find(&mut records, &key_id) {
+                        r.state = KeyState::Active;
+                        r.activated_at = Some(now);
+                        r.expires_at = expires_at;
+                    }
+                    info!(key_id, "activated a key its Secret already held");
+                    let note = format!("key {key_id} is active in Secret {}", target.secret_name);
+                    self.notify(key, EventType::Normal, "Issued", note).await;
+                }
+                Step::Retire { key_id, expires_at } => {
+                    self.store.retire(&key_id, expires_at, now).await?;
+                    if let Some(r) = find(&mut records, &key_id) {
+                        r.state = KeyState::Retiring;
+                        r.expires_at = Some(expires_at);
+                    }
+                    info!(key_id, %expires_at, "previous key retiring");
+                }
+                Step::SetExpiry { key_id, expires_at } => {
+                    self.store.set_expiry(&key_id, expires_at, now).await?;
+                    if let Some(r) = find(&mut records, &key_id) {
+                        r.expires_at = expires_at;
+                    }
+                    info!(key_id, ?expires_at, "moved the key's expiry");
+                }
+                Step::UpdateMetadata { key_id } => {
+                    self.store.update_metadata(&key_id, &desired, now).await?;
+                    if let Some(r) = find(&mut records, &key_id) {
+                        r.metadata = desired.clone();
+                    }
+                    info!(key_id, "updated owner, team and scopes in place");
+                }
+                Step::Revoke { key_id, reason } => {
+                    self.store.revoke(&key_id, reason, now).await?;
+                    records.retain(|r| r.key_id != key_id);
+                    info!(key_id, reason = reason.as_str(), "revoked a key");
+                    if reason != RevokeReason::Abandoned {
+                        let note = format!("revoked key {key_id} ({})", reason.as_str());
+                        self.notify(key, EventType::Normal, "Revoked", note).await;
                     }
                 }
-                let current = records.iter().find(|r| Some(&r.key_id) == current.as_ref());
-                self.finish(&target, current, Some(issued), &Outcome::Ready)
-                    .await?;
-                Ok(Action::requeue(
-                    requeue_after
-                        .and_then(|d| d.unsigned_abs().checked_add(Duration::from_secs(1)))
-                        .map_or(RESYNC, |d| d.min(RESYNC)),
-                ))
             }
         }
+
+        let current = records
+            .iter()
+            .find(|r| Some(&r.key_id) == current_id.as_ref());
+        if let Some(current) = current
+            && current.issue_reason != IssueReason::Initial
+        {
+            self.roll_out(&target, current).await?;
+        }
+        let outcome = match current.and_then(|c| c.expires_at) {
+            Some(expires_at) if expires_at <= now => Outcome::KeyExpired,
+            _ => Outcome::Ready,
+        };
+        self.finish(
+            &target,
+            current,
+            &records,
+            Some(issued),
+            Some(&policy),
+            &outcome,
+        )
+        .await?;
+        Ok(Action::requeue(
+            requeue_after
+                .and_then(|d| d.unsigned_abs().checked_add(Duration::from_secs(1)))
+                .map_or(RESYNC, |d| d.min(RESYNC)),
+        ))
     }
 
     /// Revokes every key of a deleted ApiKey, then deletes its Secret. Errors keep the finalizer.
@@ -314,16 +456,11 @@ impl Reconciler {
         }
         if !set.live.is_empty() {
             let ids: Vec<&str> = set.live.iter().map(|r| r.key_id.as_str()).collect();
-            self.notify(
-                key,
-                EventType::Normal,
-                "Revoked",
-                format!(
-                    "revoked {} because the ApiKey is being deleted",
-                    ids.join(", ")
-                ),
-            )
-            .await;
+            let note = format!(
+                "revoked {} because the ApiKey is being deleted",
+                ids.join(", ")
+            );
+            self.notify(key, EventType::Normal, "Revoked", note).await;
         }
         let secret = self.observe_secret(&target).await?;
         if let (SecretView::Owned { .. }, Some(uid)) = (&secret.view, &secret.uid) {
@@ -347,9 +484,40 @@ impl Reconciler {
             reason: error.reason().to_owned(),
             message,
         };
-        if let Err(e) = self.finish(&target, None, None, &outcome).await {
+        if let Err(e) = self.finish(&target, None, &[], None, None, &outcome).await {
             warn!(error = %e, "could not record the failure in status");
         }
+    }
+
+    /// Restarts each rollout target whose pods do not yet run with the current key:
+    /// once per key, because the pod-template annotation records the key id.
+    async fn roll_out(&self, target: &Target<'_>, current: &KeyRecord) -> Result<()> {
+        let targets = target.key.spec.rollout.iter().flat_map(|r| &r.targets);
+        for workload in targets {
+            match self
+                .cluster
+                .rollout_key_id(&target.namespace, workload)
+                .await?
+            {
+                None => {
+                    warn!(kind = ?workload.kind, name = workload.name, "rollout target not found")
+                }
+                Some(seen) if seen.as_deref() == Some(current.key_id.as_str()) => {}
+                Some(_) => {
+                    self.cluster
+                        .restart(&target.namespace, workload, &current.key_id)
+                        .await?;
+                    info!(kind = ?workload.kind, name = workload.name, key_id = current.key_id, "restarted a rollout target");
+                    let note = format!(
+                        "restarted {:?} {} to pick up key {}",
+                        workload.kind, workload.name, current.key_id
+                    );
+                    self.notify(target.key, EventType::Normal, "RolledOut", note)
+                        .await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes status if it changed, with a Warning Event when Ready turns to a new failure reason.
@@ -357,7 +525,9 @@ impl Reconciler {
         &self,
         target: &Target<'_>,
         current: Option<&KeyRecord>,
+        records: &[KeyRecord],
         issued: Option<i64>,
+        policy: Option<&Policy>,
         outcome: &Outcome,
     ) -> Result<()> {
         let key = target.key;
@@ -367,7 +537,9 @@ impl Reconciler {
             generation: key.metadata.generation,
             secret_name: &target.secret_name,
             current,
+            records,
             issued,
+            policy,
             outcome,
             now: self.clock.now(),
         });
@@ -375,20 +547,15 @@ impl Reconciler {
             return Ok(());
         }
         let previous_reason = key.ready_condition().map(|c| c.reason.as_str());
-        match outcome {
-            Outcome::SecretConflict { .. } | Outcome::Failed { .. }
-                if previous_reason != status.conditions.last().map(|c| c.reason.as_str()) =>
-            {
-                let ready = status.conditions.last().expect("status_for sets Ready");
-                self.notify(
-                    key,
-                    EventType::Warning,
-                    &ready.reason,
-                    ready.message.clone(),
-                )
-                .await;
-            }
-            _ => {}
+        let ready = status.conditions.last().expect("status_for sets Ready");
+        if ready.status == "False" && previous_reason != Some(ready.reason.as_str()) {
+            self.notify(
+                key,
+                EventType::Warning,
+                &ready.reason,
+                ready.message.clone(),
+            )
+            .await;
         }
         self.cluster.apply_status(key, &status).await
     }
@@ -398,9 +565,10 @@ impl Reconciler {
         &self,
         target: &Target<'_>,
         desired: &KeyMetadata,
+        policy: &Policy,
         secret: &ObservedSecret,
         reason: IssueReason,
-        issued: &mut i64,
+        expires_at: Option<jiff::Timestamp>,
     ) -> Result<KeyRecord> {
         let now = self.clock.now();
         let plain = self.keys.new_key()?;
@@ -418,6 +586,8 @@ impl Reconciler {
             expires_at: None,
             revoked_at: None,
             revoke_reason: None,
+            issue_reason: reason,
+            rotation_request: policy.rotation_request.clone(),
         };
         self.store.insert_pending(&record).await?;
 
@@ -453,10 +623,10 @@ impl Reconciler {
         wipe(&mut manifest);
         written?;
 
-        self.store.activate(&record.key_id, now).await?;
+        self.store.activate(&record.key_id, now, expires_at).await?;
         record.state = KeyState::Active;
         record.activated_at = Some(now);
-        *issued += 1;
+        record.expires_at = expires_at;
 
         let key_id = &record.key_id;
         let secret_name = &target.secret_name;
@@ -479,6 +649,22 @@ impl Reconciler {
                 "Reissued",
                 format!(
                     "the key in Secret {secret_name} was changed or removed; issued key {key_id} and revoked the previous key"
+                ),
+            ),
+            IssueReason::Scheduled | IssueReason::Requested => (
+                EventType::Normal,
+                "Rotated",
+                format!(
+                    "rotated ({}): issued key {key_id} into Secret {secret_name}; the previous key keeps working for {}",
+                    reason.as_str(),
+                    format_args!("{:#}", policy.grace_period)
+                ),
+            ),
+            IssueReason::Emergency => (
+                EventType::Warning,
+                "Rotated",
+                format!(
+                    "emergency rotation: issued key {key_id} into Secret {secret_name} and revoked every previous key"
                 ),
             ),
         };
@@ -537,6 +723,11 @@ impl Reconciler {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }
+}
+
+/// The record with this id, to keep the in-memory copy in step with the database.
+fn find<'a>(records: &'a mut [KeyRecord], key_id: &str) -> Option<&'a mut KeyRecord> {
+    records.iter_mut().find(|r| r.key_id == key_id)
 }
 
 /// Overwrites every data value of a Secret in memory before it is dropped.

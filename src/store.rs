@@ -67,6 +67,10 @@ pub enum RevokeReason {
     Replaced,
     /// A pending key that never reached its Secret.
     Abandoned,
+    /// Rotated out, and its grace period is over.
+    Rotated,
+    /// Rotated out by an emergency rotation: no grace period.
+    Emergency,
 }
 
 impl RevokeReason {
@@ -76,7 +80,64 @@ impl RevokeReason {
             RevokeReason::Deleted => "deleted",
             RevokeReason::Replaced => "replaced",
             RevokeReason::Abandoned => "abandoned",
+            RevokeReason::Rotated => "rotated",
+            RevokeReason::Emergency => "emergency",
         }
+    }
+}
+
+/// Why a key was issued; stored in `api_keys.issue_reason`. After a crash it
+/// tells the next reconcile whether the key it replaced gets a grace period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssueReason {
+    /// The ApiKey's first key.
+    Initial,
+    /// The Secret was deleted while a key was active.
+    SecretDeleted,
+    /// The Secret's key was edited or removed.
+    SecretAltered,
+    /// `spec.rotation.schedule` was due.
+    Scheduled,
+    /// A new `keyward.dev/rotate` annotation value.
+    Requested,
+    /// A rotate request with `keyward.dev/revoke-previous`: older keys are revoked at once.
+    Emergency,
+}
+
+impl IssueReason {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueReason::Initial => "initial",
+            IssueReason::SecretDeleted => "secret_deleted",
+            IssueReason::SecretAltered => "secret_altered",
+            IssueReason::Scheduled => "scheduled",
+            IssueReason::Requested => "requested",
+            IssueReason::Emergency => "emergency",
+        }
+    }
+
+    /// Whether this key came from a rotation (scheduled, requested or emergency).
+    pub fn is_rotation(self) -> bool {
+        matches!(
+            self,
+            IssueReason::Scheduled | IssueReason::Requested | IssueReason::Emergency
+        )
+    }
+}
+
+impl FromStr for IssueReason {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "initial" => IssueReason::Initial,
+            "secret_deleted" => IssueReason::SecretDeleted,
+            "secret_altered" => IssueReason::SecretAltered,
+            "scheduled" => IssueReason::Scheduled,
+            "requested" => IssueReason::Requested,
+            "emergency" => IssueReason::Emergency,
+            other => return Err(Error::Serialize(format!("unknown issue reason {other:?}"))),
+        })
     }
 }
 
@@ -114,12 +175,16 @@ pub struct KeyRecord {
     pub created_at: Timestamp,
     /// When the key became active.
     pub activated_at: Option<Timestamp>,
-    /// When a retiring key stops verifying.
+    /// When the key stops verifying: end of a retiring key's grace period, or `spec.expiresAfter`.
     pub expires_at: Option<Timestamp>,
     /// When the key was revoked.
     pub revoked_at: Option<Timestamp>,
-    /// Why it was revoked (`deleted`, `replaced`, `abandoned`).
+    /// Why it was revoked (`deleted`, `replaced`, `abandoned`, `rotated`, `emergency`).
     pub revoke_reason: Option<String>,
+    /// Why it was issued.
+    pub issue_reason: IssueReason,
+    /// The `keyward.dev/rotate` value in force when it was issued; that request is handled.
+    pub rotation_request: Option<String>,
 }
 
 /// The records of one ApiKey that are not revoked, and how many keys it has had.
@@ -152,8 +217,22 @@ pub trait KeyStore: Send + Sync {
     async fn load(&self, apikey_uid: &str) -> Result<KeySet>;
     /// Inserts a new record in state `pending` and audits `issued`.
     async fn insert_pending(&self, record: &KeyRecord) -> Result<()>;
-    /// Moves a `pending` record to `active`; `StaleKeyState` if it is not pending.
-    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()>;
+    /// Moves a `pending` record to `active` with its expiry; `StaleKeyState` if it is not pending.
+    async fn activate(
+        &self,
+        key_id: &str,
+        at: Timestamp,
+        expires_at: Option<Timestamp>,
+    ) -> Result<()>;
+    /// Moves an `active` record to `retiring` until `expires_at`; a no-op if it is not active.
+    async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()>;
+    /// Changes when an `active` record expires (spec.expiresAfter changed).
+    async fn set_expiry(
+        &self,
+        key_id: &str,
+        expires_at: Option<Timestamp>,
+        at: Timestamp,
+    ) -> Result<()>;
     /// Rewrites owner, team and scopes of a live record and audits `metadata_changed`.
     async fn update_metadata(
         &self,
@@ -271,7 +350,7 @@ impl SqlStore {
     pub async fn dump_text(&self) -> Result<String> {
         let mut dump = String::new();
         for row in sqlx::query(
-            "SELECT key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, revoke_reason FROM api_keys",
+            "SELECT key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, revoke_reason, issue_reason, rotation_request FROM api_keys",
         )
         .fetch_all(&self.pool)
         .await?
@@ -313,7 +392,7 @@ impl SqlStore {
     }
 }
 
-const RECORD_COLUMNS: &str = "key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, activated_at, expires_at, revoked_at, revoke_reason";
+const RECORD_COLUMNS: &str = "key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, activated_at, expires_at, revoked_at, revoke_reason, issue_reason, rotation_request";
 
 fn from_millis(ms: i64) -> Result<Timestamp> {
     Timestamp::from_millisecond(ms).map_err(|e| Error::Serialize(e.to_string()))
@@ -348,6 +427,8 @@ fn record_from_row(row: &AnyRow) -> Result<KeyRecord> {
         expires_at: optional_time("expires_at")?,
         revoked_at: optional_time("revoked_at")?,
         revoke_reason: row.try_get("revoke_reason")?,
+        issue_reason: row.try_get::<String, _>("issue_reason")?.parse()?,
+        rotation_request: row.try_get("rotation_request")?,
     })
 }
 
@@ -377,8 +458,8 @@ impl KeyStore for SqlStore {
     async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10)",
+            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12)",
         )
         .bind(&record.key_id)
         .bind(record.key_hash.as_str())
@@ -390,9 +471,16 @@ impl KeyStore for SqlStore {
         .bind(&record.metadata.team)
         .bind(record.metadata.scopes.join(" "))
         .bind(record.created_at.as_millisecond())
+        .bind(record.issue_reason.as_str())
+        .bind(record.rotation_request.as_deref())
         .execute(&mut *tx)
         .await?;
-        let detail = format!("issued for {}/{}", record.namespace, record.name);
+        let detail = format!(
+            "issued for {}/{} ({})",
+            record.namespace,
+            record.name,
+            record.issue_reason.as_str()
+        );
         Self::audit_in(
             &mut tx,
             &record.key_id,
@@ -405,13 +493,19 @@ impl KeyStore for SqlStore {
         Ok(())
     }
 
-    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()> {
+    async fn activate(
+        &self,
+        key_id: &str,
+        at: Timestamp,
+        expires_at: Option<Timestamp>,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'active', activated_at = $2 WHERE key_id = $1 AND state = 'pending'",
+            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3 WHERE key_id = $1 AND state = 'pending'",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
+        .bind(expires_at.map(|t| t.as_millisecond()))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -429,6 +523,47 @@ impl KeyStore for SqlStore {
             "key confirmed in its Secret",
         )
         .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET state = 'retiring', expires_at = $2 WHERE key_id = $1 AND state = 'active'",
+        )
+        .bind(key_id)
+        .bind(expires_at.as_millisecond())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            let detail = format!("valid until {expires_at}");
+            Self::audit_in(&mut tx, key_id, at, "retired", &detail).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn set_expiry(
+        &self,
+        key_id: &str,
+        expires_at: Option<Timestamp>,
+        at: Timestamp,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE api_keys SET expires_at = $2 WHERE key_id = $1 AND state = 'active'",
+        )
+        .bind(key_id)
+        .bind(expires_at.map(|t| t.as_millisecond()))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated > 0 {
+            let detail = expires_at.map_or("no expiry".to_owned(), |t| format!("expires at {t}"));
+            Self::audit_in(&mut tx, key_id, at, "expiry_changed", &detail).await?;
+        }
         tx.commit().await?;
         Ok(())
     }

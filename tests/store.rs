@@ -6,7 +6,7 @@ use jiff::{SignedDuration, Timestamp};
 use keyward::{
     Error,
     key::{KeyFactory, KeyHash, PlainKey, SeededEntropy},
-    store::{KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
     verify::Rejection,
 };
 use std::sync::Arc;
@@ -36,6 +36,8 @@ fn pending(keys: &KeyFactory, uid: &str, at: Timestamp) -> (PlainKey, KeyRecord)
         expires_at: None,
         revoked_at: None,
         revoke_reason: None,
+        issue_reason: IssueReason::Initial,
+        rotation_request: None,
     };
     (plain, record)
 }
@@ -55,14 +57,14 @@ async fn pending_then_active(store: SqlStore) {
     assert_eq!(set.issued, 0);
 
     let t1 = t0 + SignedDuration::from_secs(1);
-    store.activate(&record.key_id, t1).await.unwrap();
+    store.activate(&record.key_id, t1, None).await.unwrap();
     let set = store.load("uid-1").await.unwrap();
     assert_eq!(set.live[0].state, KeyState::Active);
     assert_eq!(set.live[0].activated_at, Some(t1));
     assert_eq!(set.issued, 1);
 
     // Activating twice is refused: the record is no longer pending.
-    let again = store.activate(&record.key_id, t1).await;
+    let again = store.activate(&record.key_id, t1, None).await;
     assert!(
         matches!(again, Err(Error::StaleKeyState { .. })),
         "{again:?}"
@@ -75,7 +77,7 @@ async fn revoke_is_final_and_idempotent(store: SqlStore) {
     let t0 = start_time();
     let (_, record) = pending(&keys, "uid-1", t0);
     store.insert_pending(&record).await.unwrap();
-    store.activate(&record.key_id, t0).await.unwrap();
+    store.activate(&record.key_id, t0, None).await.unwrap();
 
     let t1 = t0 + SignedDuration::from_secs(5);
     store
@@ -99,7 +101,7 @@ async fn revoke_is_final_and_idempotent(store: SqlStore) {
     assert_eq!(found.revoked_at, Some(t1));
     assert_eq!(found.revoke_reason.as_deref(), Some("deleted"));
     assert!(matches!(
-        store.activate(&record.key_id, t1).await,
+        store.activate(&record.key_id, t1, None).await,
         Err(Error::StaleKeyState { .. })
     ));
 }
@@ -109,7 +111,7 @@ async fn metadata_updates_in_place_and_audit_trail(store: SqlStore) {
     let t0 = start_time();
     let (_, record) = pending(&keys, "uid-1", t0);
     store.insert_pending(&record).await.unwrap();
-    store.activate(&record.key_id, t0).await.unwrap();
+    store.activate(&record.key_id, t0, None).await.unwrap();
 
     let changed = KeyMetadata {
         owner: "bob@example.com".into(),
@@ -170,7 +172,7 @@ async fn verify_answers_by_state(store: SqlStore) {
         "pending keys do not verify"
     );
 
-    store.activate(&record.key_id, now).await.unwrap();
+    store.activate(&record.key_id, now, None).await.unwrap();
     let valid = keyward::verify(&store, plain.expose(), now)
         .await
         .unwrap()
@@ -209,7 +211,10 @@ async fn database_never_holds_the_key(store: SqlStore) {
     let keys = factory();
     let (plain, record) = pending(&keys, "uid-1", start_time());
     store.insert_pending(&record).await.unwrap();
-    store.activate(&record.key_id, start_time()).await.unwrap();
+    store
+        .activate(&record.key_id, start_time(), None)
+        .await
+        .unwrap();
     let dump = store.dump_text().await.unwrap();
     assert!(dump.contains(record.key_hash.as_str()));
     assert!(!dump.contains(plain.expose()));

@@ -16,6 +16,8 @@ CREATE TABLE api_keys (
     expires_at    INTEGER,
     revoked_at    INTEGER,
     revoke_reason TEXT,
+    issue_reason  TEXT    NOT NULL CHECK (issue_reason IN ('initial', 'secret_deleted', 'secret_altered', 'scheduled', 'requested', 'emergency')),
+    rotation_request TEXT,
     CHECK ((state = 'revoked') = (revoked_at IS NOT NULL))
 );
 
@@ -25,7 +27,7 @@ CREATE TABLE key_audit (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     key_id  TEXT    NOT NULL REFERENCES api_keys (key_id),
     at      INTEGER NOT NULL,
-    action  TEXT    NOT NULL CHECK (action IN ('issued', 'activated', 'metadata_changed', 'revoked')),
+    action  TEXT    NOT NULL CHECK (action IN ('issued', 'activated', 'metadata_changed', 'expiry_changed', 'retired', 'revoked')),
     detail  TEXT    NOT NULL
 );
 

@@ -19,9 +19,9 @@ use k8s_openapi::{
 use keyward::{
     Error, Result,
     clock::ManualClock,
-    crd::{ApiKey, ApiKeySpec, ApiKeyStatus},
+    crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
-    reconciler::{Cluster, Reconciler},
+    reconciler::{Cluster, RateLimiter, Reconciler},
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
 };
 use kube::{
@@ -44,6 +44,9 @@ pub fn api_key(name: &str, uid: &str) -> ApiKey {
             scopes: vec!["inference".into(), "models:read".into()],
             secret_name: None,
             description: None,
+            rotation: None,
+            expires_after: None,
+            rollout: None,
         },
     );
     key.metadata.namespace = Some("team-ml".into());
@@ -62,6 +65,7 @@ pub enum Op {
     ApplySecretThenFail,
     DeleteSecret,
     ApplyStatus,
+    Restart,
 }
 
 /// An Event as the fake recorded it.
@@ -79,6 +83,8 @@ struct ClusterState {
     events: Vec<RecordedEvent>,
     faults: HashMap<Op, usize>,
     writes: usize,
+    /// Pod-template `keyward.dev/key-id` annotation per workload name, and restarts per workload.
+    workloads: BTreeMap<String, (Option<String>, usize)>,
     next_version: u64,
 }
 
@@ -153,6 +159,16 @@ impl FakeCluster {
     /// The last status applied for an ApiKey name.
     pub fn status(&self, name: &str) -> Option<ApiKeyStatus> {
         self.state().statuses.get(name).cloned()
+    }
+
+    /// Adds a workload (any kind) that rollouts can target.
+    pub fn add_workload(&self, name: &str) {
+        self.state().workloads.insert(name.into(), (None, 0));
+    }
+
+    /// How many times a workload was restarted.
+    pub fn restarts(&self, name: &str) -> usize {
+        self.state().workloads.get(name).map_or(0, |w| w.1)
     }
 
     /// Events so far.
@@ -251,6 +267,33 @@ impl Cluster for FakeCluster {
         Ok(())
     }
 
+    async fn rollout_key_id(
+        &self,
+        _namespace: &str,
+        target: &RolloutTarget,
+    ) -> Result<Option<Option<String>>> {
+        Ok(self
+            .state()
+            .workloads
+            .get(&target.name)
+            .map(|w| w.0.clone()))
+    }
+
+    async fn restart(&self, _namespace: &str, target: &RolloutTarget, key_id: &str) -> Result<()> {
+        let mut state = self.state();
+        if Self::take_fault(&mut state, Op::Restart) {
+            return Err(injected(Op::Restart));
+        }
+        state.writes += 1;
+        let workload = state
+            .workloads
+            .get_mut(&target.name)
+            .expect("restart of a missing workload");
+        workload.0 = Some(key_id.into());
+        workload.1 += 1;
+        Ok(())
+    }
+
     async fn publish(&self, _key: &ApiKey, event: Event) -> Result<()> {
         self.state().events.push(RecordedEvent {
             warning: event.type_ == EventType::Warning,
@@ -267,6 +310,7 @@ pub enum StoreOp {
     Load,
     InsertPending,
     Activate,
+    Retire,
     UpdateMetadata,
     Revoke,
 }
@@ -336,9 +380,31 @@ impl KeyStore for FaultyStore {
         self.wrote();
         Ok(())
     }
-    async fn activate(&self, key_id: &str, at: Timestamp) -> Result<()> {
+    async fn activate(
+        &self,
+        key_id: &str,
+        at: Timestamp,
+        expires_at: Option<Timestamp>,
+    ) -> Result<()> {
         self.check(StoreOp::Activate)?;
-        self.inner.activate(key_id, at).await?;
+        self.inner.activate(key_id, at, expires_at).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
+        self.check(StoreOp::Retire)?;
+        self.inner.retire(key_id, expires_at, at).await?;
+        self.wrote();
+        Ok(())
+    }
+    async fn set_expiry(
+        &self,
+        key_id: &str,
+        expires_at: Option<Timestamp>,
+        at: Timestamp,
+    ) -> Result<()> {
+        self.check(StoreOp::UpdateMetadata)?;
+        self.inner.set_expiry(key_id, expires_at, at).await?;
         self.wrote();
         Ok(())
     }
@@ -445,6 +511,7 @@ impl Harness {
             store: self.store.clone(),
             clock: self.clock.clone(),
             keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(self.seed))).unwrap(),
+            issue_limiter: Arc::new(RateLimiter::per_second(0.0)),
         }
     }
 }
