@@ -14,10 +14,10 @@ use sqlx::{
 
 use crate::{Error, Result, key::KeyHash};
 
-/// Where a key is in its life. Only `active` and unexpired `retiring` keys verify.
+/// Where a key is in its life. Every state but `revoked` verifies until `expires_at`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KeyState {
-    /// Recorded, not yet confirmed in its Secret; does not verify.
+    /// Recorded and being written to its Secret; revoked if it never gets there.
     Pending,
     /// The key in the Secret; verifies.
     Active,

@@ -16,7 +16,7 @@ use crate::{
 pub enum Rejection {
     /// Wrong shape or checksum: rejected without touching the database.
     Malformed,
-    /// No record has this hash, or the key was never activated.
+    /// No record has this hash.
     Unknown,
     /// The key was revoked.
     Revoked,
@@ -52,7 +52,7 @@ pub struct VerifiedKey {
     pub team: String,
     /// Granted scopes.
     pub scopes: Vec<String>,
-    /// `active` or `retiring`.
+    /// `pending` (in its Secret, confirmation under way), `active` or `retiring`.
     pub state: String,
 }
 
@@ -75,9 +75,10 @@ pub async fn verify(
     let expired = record.expires_at.is_some_and(|at| at <= now);
     let verdict = match record.state {
         KeyState::Revoked => Err(Rejection::Revoked),
-        KeyState::Pending => Err(Rejection::Unknown),
-        KeyState::Active | KeyState::Retiring if expired => Err(Rejection::Expired),
-        KeyState::Active | KeyState::Retiring => Ok(VerifiedKey {
+        _ if expired => Err(Rejection::Expired),
+        // A pending key verifies: its plaintext exists only in its Secret (or was
+        // lost in a crash), and a Secret must never hold a key that fails.
+        KeyState::Pending | KeyState::Active | KeyState::Retiring => Ok(VerifiedKey {
             key_id: record.key_id,
             namespace: record.namespace,
             name: record.name,
