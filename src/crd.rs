@@ -47,7 +47,7 @@ pub const DEFAULT_GRACE_PERIOD: &str = "1h";
     printcolumn = r#"{"name":"Key","type":"string","jsonPath":".status.keyHint"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
-    printcolumn = r#"{"name":"Next-Rotation","type":"date","jsonPath":".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name":"Next-Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
