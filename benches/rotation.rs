@@ -49,7 +49,10 @@ async fn reconcile_all(
         .collect()
         .await;
     let elapsed = started.elapsed().as_secs_f64();
-    assert!(results.iter().all(Result::is_ok), "every reconcile succeeded");
+    assert!(
+        results.iter().all(Result::is_ok),
+        "every reconcile succeeded"
+    );
     for key in keys.iter_mut() {
         h.cluster.refresh(key);
     }
@@ -75,7 +78,10 @@ async fn main() {
 
     let mut keys: Vec<ApiKey> = (0..count)
         .map(|i| {
-            let mut key = api_key(&format!("key-{i}"), &format!("uid-{i}-{}", std::process::id()));
+            let mut key = api_key(
+                &format!("key-{i}"),
+                &format!("uid-{i}-{}", std::process::id()),
+            );
             key.spec.rotation = Some(RotationSpec {
                 schedule: Some("@daily".into()),
                 time_zone: None,
@@ -85,15 +91,23 @@ async fn main() {
         })
         .collect();
 
-    println!("keyward rotation benchmark: {count} keys, concurrency {concurrency}, {backend} key database");
+    println!(
+        "keyward rotation benchmark: {count} keys, concurrency {concurrency}, {backend} key database"
+    );
     let issue = reconcile_all(&mut h, &mut keys, concurrency, 0.0).await;
-    println!("  first issue of {count} keys:      {issue:>7.2} s  ({:.0} keys/s)", count as f64 / issue);
+    println!(
+        "  first issue of {count} keys:      {issue:>7.2} s  ({:.0} keys/s)",
+        count as f64 / issue
+    );
     let settled = reconcile_all(&mut h, &mut keys, concurrency, 0.0).await;
     println!("  settled reconcile of {count} keys: {settled:>7.2} s  (no writes)");
 
     h.clock.advance(SignedDuration::from_hours(24));
     let rotate = reconcile_all(&mut h, &mut keys, concurrency, 0.0).await;
-    println!("  rotation of {count} keys:          {rotate:>7.2} s  ({:.0} keys/s), no rate limit", count as f64 / rotate);
+    println!(
+        "  rotation of {count} keys:          {rotate:>7.2} s  ({:.0} keys/s), no rate limit",
+        count as f64 / rotate
+    );
 
     let limit = (count as f64 / 4.0).max(1.0);
     h.clock.advance(SignedDuration::from_hours(24));
@@ -102,6 +116,12 @@ async fn main() {
         "  rotation of {count} keys:          {limited:>7.2} s  with --max-issues-per-second {limit:.0} (floor {:.2} s)",
         (count as f64 - 1.0) / limit
     );
-    assert!(limited >= (count as f64 - 1.0) / limit * 0.99, "the rate limit held");
-    println!("  peak resident memory:            {:>7.1} MiB", peak_rss_mib());
+    assert!(
+        limited >= (count as f64 - 1.0) / limit * 0.99,
+        "the rate limit held"
+    );
+    println!(
+        "  peak resident memory:            {:>7.1} MiB",
+        peak_rss_mib()
+    );
 }

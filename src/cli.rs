@@ -63,6 +63,21 @@ pub enum Command {
         /// keys due together do not flood the API server and database; 0 is unlimited.
         #[arg(long, env = "KEYWARD_MAX_ISSUES_PER_SECOND", default_value_t = 20.0)]
         max_issues_per_second: f64,
+        /// Serve /metrics, /healthz and /readyz on this address, e.g. 0.0.0.0:8080.
+        #[arg(long, env = "KEYWARD_HTTP_ADDRESS")]
+        http_address: Option<std::net::SocketAddr>,
+        /// Reconcile only while holding the leader Lease (for more than one replica).
+        #[arg(long)]
+        leader_election: bool,
+        /// Name of the leader Lease.
+        #[arg(long, default_value = "keyward")]
+        lease_name: String,
+        /// Namespace of the leader Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease; defaults to the host name.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
     /// Print the ApiKey CRD as YAML (the bytes of crds/apikey.yaml).
     Crd,
@@ -79,6 +94,18 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+}
+
+/// The host name, or `keyward-<pid>` when there is none.
+fn default_identity() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .map_or_else(
+            || format!("keyward-{}", std::process::id()),
+            |h| format!("{h}-{}", std::process::id()),
+        )
 }
 
 /// Sets up logging to stderr. `RUST_LOG` overrides the default `info` level.
@@ -114,6 +141,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             skip_crd_install,
             max_concurrent_reconciles,
             max_issues_per_second,
+            http_address,
+            leader_election,
+            lease_name,
+            lease_namespace,
+            identity,
         } => {
             init_logging(log_format);
             controller::run(RunConfig {
@@ -122,6 +154,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 skip_crd_install,
                 max_concurrent_reconciles,
                 max_issues_per_second,
+                http_address,
+                leader_election,
+                lease_name,
+                lease_namespace,
+                identity: identity.unwrap_or_else(default_identity),
             })
             .await?;
             Ok(ExitCode::SUCCESS)

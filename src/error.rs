@@ -52,6 +52,10 @@ pub enum Error {
     #[error("random number generator failed: {0}")]
     Entropy(String),
 
+    /// Leader election failed, or this replica lost the lease.
+    #[error("leader election: {0}")]
+    Leadership(String),
+
     /// Bad flags or settings.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -76,6 +80,7 @@ impl Error {
             Error::MissingMetadata(_) => "invalid_object",
             Error::Entropy(_) => "entropy",
             Error::Config(_) => "config",
+            Error::Leadership(_) => "leadership",
             Error::Serialize(_) => "serialize",
         }
     }

@@ -5,7 +5,8 @@
 //! - [`store`]: the key database (SQLite or PostgreSQL), hashes only.
 //! - [`core`]: the pure decision core.
 //! - [`reconciler`]: the I/O shell that carries decisions out.
-//! - [`controller`]: the kube-runtime controller around it.
+//! - [`controller`]: the kube-runtime controller around it, with leader election.
+//! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`verify`](mod@verify): checking a presented key, for services.
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod key;
 pub mod reconciler;
 pub mod schedule;
 pub mod store;
+pub mod telemetry;
 pub mod verify;
 
 pub use error::{Error, Result};

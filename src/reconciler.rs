@@ -34,6 +34,7 @@ use crate::{
     },
     key::{KeyFactory, KeyHash},
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason},
+    telemetry::{Metrics, ReasonLabel},
 };
 
 /// How often a settled ApiKey is looked at again without any watch event.
@@ -305,6 +306,8 @@ pub struct Reconciler {
     pub keys: KeyFactory,
     /// Paces key issuance.
     pub issue_limiter: Arc<RateLimiter>,
+    /// Counters for issued and rotated keys and the next-rotation gauge.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Reconciler {
@@ -469,6 +472,8 @@ impl Reconciler {
                 .await?;
             info!(secret = target.secret_name, "deleted the key's Secret");
         }
+        self.metrics
+            .set_next_rotation(&target.namespace, &target.name, None);
         Ok(Action::await_change())
     }
 
@@ -543,6 +548,11 @@ impl Reconciler {
             outcome,
             now: self.clock.now(),
         });
+        if policy.is_some() {
+            let next = status.next_rotation_at.as_ref().map(|t| t.0);
+            self.metrics
+                .set_next_rotation(&target.namespace, &target.name, next);
+        }
         if previous == Some(&status) {
             return Ok(());
         }
@@ -627,6 +637,15 @@ impl Reconciler {
         record.state = KeyState::Active;
         record.activated_at = Some(now);
         record.expires_at = expires_at;
+        self.metrics
+            .keys_issued
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        if reason.is_rotation() {
+            self.metrics.keys_rotated.inc();
+        }
 
         let key_id = &record.key_id;
         let secret_name = &target.secret_name;

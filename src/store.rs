@@ -346,6 +346,25 @@ impl SqlStore {
             .collect()
     }
 
+    /// How many keys are in each state (all four states, zero included).
+    pub async fn count_by_state(&self) -> Result<Vec<(String, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM api_keys GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: Vec<(String, i64)> = ["pending", "active", "retiring", "revoked"]
+            .iter()
+            .map(|s| ((*s).to_owned(), 0))
+            .collect();
+        for row in rows {
+            let state: String = row.try_get("state")?;
+            let n: i64 = row.try_get("n")?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 = n;
+            }
+        }
+        Ok(counts)
+    }
+
     /// Every text value in every table, for tests that prove no key is stored.
     pub async fn dump_text(&self) -> Result<String> {
         let mut dump = String::new();

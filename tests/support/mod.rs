@@ -23,6 +23,7 @@ use keyward::{
     key::{KeyFactory, KeyHash, SeededEntropy},
     reconciler::{Cluster, RateLimiter, Reconciler},
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
+    telemetry::Metrics,
 };
 use kube::{
     Resource, ResourceExt,
@@ -489,6 +490,7 @@ pub struct Harness {
     pub cluster: Arc<FakeCluster>,
     pub store: Arc<FaultyStore>,
     pub clock: Arc<ManualClock>,
+    pub metrics: Arc<Metrics>,
     pub seed: u64,
 }
 
@@ -498,6 +500,7 @@ impl Harness {
             cluster: Arc::new(FakeCluster::default()),
             store: Arc::new(FaultyStore::new(store)),
             clock: Arc::new(ManualClock::new(start_time())),
+            metrics: Arc::new(Metrics::default()),
             seed: 1,
         }
     }
@@ -512,6 +515,7 @@ impl Harness {
             clock: self.clock.clone(),
             keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(self.seed))).unwrap(),
             issue_limiter: Arc::new(RateLimiter::per_second(0.0)),
+            metrics: self.metrics.clone(),
         }
     }
 }

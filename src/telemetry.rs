@@ -1,0 +1,393 @@
+//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
+//! Labels carry ids, names and reasons only, never key material.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use async_trait::async_trait;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+use jiff::Timestamp;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+use tracing::{debug, warn};
+
+use crate::{
+    Error, Result,
+    key::KeyHash,
+    store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
+};
+
+/// `result` and error `category` of a reconcile.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+    /// [`Error::category`], or `none`.
+    pub category: &'static str,
+}
+
+/// A `reason` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// Issue or revoke reason as stored in the database.
+    pub reason: &'static str,
+}
+
+/// A database `operation` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabel {
+    /// The [`KeyStore`] method.
+    pub operation: &'static str,
+}
+
+/// A key `state` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `pending`, `active`, `retiring` or `revoked`.
+    pub state: String,
+}
+
+/// An ApiKey's namespace and name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiKeyLabels {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// Every metric keyward exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles by result and error category.
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    /// Reconcile duration.
+    pub reconcile_duration: Family<ReconcileLabels, Histogram>,
+    /// Keys issued, by issue reason (`scheduled`, `requested` and `emergency` are rotations).
+    pub keys_issued: Family<ReasonLabel, Counter>,
+    /// Keys rotated (a subset of issued).
+    pub keys_rotated: Counter,
+    /// Keys revoked, by revoke reason.
+    pub keys_revoked: Family<ReasonLabel, Counter>,
+    /// Key database call latency by operation.
+    pub database_duration: Family<OperationLabel, Histogram>,
+    /// Keys in the database by state, refreshed on each scrape.
+    pub keys_by_state: Family<StateLabel, Gauge>,
+    /// Next scheduled rotation per ApiKey, as a Unix timestamp.
+    pub next_rotation: Family<ApiKeyLabels, Gauge>,
+    /// 1 while this replica holds the leader lease (or runs without election).
+    pub leader: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keyward");
+        let metrics = Self {
+            reconciles: Family::default(),
+            reconcile_duration: Family::new_with_constructor(latency_histogram),
+            keys_issued: Family::default(),
+            keys_rotated: Counter::default(),
+            keys_revoked: Family::default(),
+            database_duration: Family::new_with_constructor(latency_histogram),
+            keys_by_state: Family::default(),
+            next_rotation: Family::default(),
+            leader: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "reconciles",
+            "ApiKey reconciles by result and error category",
+            metrics.reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "ApiKey reconcile duration",
+            metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "keys_issued",
+            "Keys issued, by reason",
+            metrics.keys_issued.clone(),
+        );
+        registry.register(
+            "keys_rotated",
+            "Keys issued by a rotation",
+            metrics.keys_rotated.clone(),
+        );
+        registry.register(
+            "keys_revoked",
+            "Keys revoked, by reason",
+            metrics.keys_revoked.clone(),
+        );
+        registry.register(
+            "database_duration_seconds",
+            "Key database call latency",
+            metrics.database_duration.clone(),
+        );
+        registry.register(
+            "keys",
+            "Keys in the key database by state",
+            metrics.keys_by_state.clone(),
+        );
+        registry.register(
+            "next_rotation_timestamp_seconds",
+            "When each ApiKey rotates next",
+            metrics.next_rotation.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 when this replica is the leader",
+            metrics.leader.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// Records one reconcile.
+    pub fn observe_reconcile(&self, started: Instant, error: Option<&Error>) {
+        let labels = ReconcileLabels {
+            result: if error.is_some() { "error" } else { "ok" },
+            category: error.map_or("none", Error::category),
+        };
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets or clears an ApiKey's next rotation time.
+    pub fn set_next_rotation(&self, namespace: &str, name: &str, at: Option<Timestamp>) {
+        let labels = ApiKeyLabels {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        match at {
+            Some(at) => {
+                self.next_rotation
+                    .get_or_create(&labels)
+                    .set(at.as_second());
+            }
+            None => {
+                self.next_rotation.remove(&labels);
+            }
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// A [`KeyStore`] that times every call into `keyward_database_duration_seconds`.
+pub struct InstrumentedStore {
+    /// The store doing the work.
+    pub inner: Arc<dyn KeyStore>,
+    /// Where latencies go.
+    pub metrics: Arc<Metrics>,
+}
+
+impl InstrumentedStore {
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .database_duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+}
+
+#[async_trait]
+impl KeyStore for InstrumentedStore {
+    async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
+        self.timed("load", self.inner.load(apikey_uid)).await
+    }
+    async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
+        self.timed("insert_pending", self.inner.insert_pending(record))
+            .await
+    }
+    async fn activate(
+        &self,
+        key_id: &str,
+        at: Timestamp,
+        expires_at: Option<Timestamp>,
+    ) -> Result<()> {
+        self.timed("activate", self.inner.activate(key_id, at, expires_at))
+            .await
+    }
+    async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
+        self.timed("retire", self.inner.retire(key_id, expires_at, at))
+            .await
+    }
+    async fn set_expiry(
+        &self,
+        key_id: &str,
+        expires_at: Option<Timestamp>,
+        at: Timestamp,
+    ) -> Result<()> {
+        self.timed("set_expiry", self.inner.set_expiry(key_id, expires_at, at))
+            .await
+    }
+    async fn update_metadata(
+        &self,
+        key_id: &str,
+        metadata: &KeyMetadata,
+        at: Timestamp,
+    ) -> Result<()> {
+        self.timed(
+            "update_metadata",
+            self.inner.update_metadata(key_id, metadata, at),
+        )
+        .await
+    }
+    async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()> {
+        let result = self
+            .timed("revoke", self.inner.revoke(key_id, reason, at))
+            .await;
+        if result.is_ok() {
+            self.metrics
+                .keys_revoked
+                .get_or_create(&ReasonLabel {
+                    reason: reason.as_str(),
+                })
+                .inc();
+        }
+        result
+    }
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        self.timed("find_by_hash", self.inner.find_by_hash(hash))
+            .await
+    }
+    async fn ping(&self) -> Result<()> {
+        self.timed("ping", self.inner.ping()).await
+    }
+}
+
+/// What `/readyz` needs to know besides the database.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The ApiKey watch has listed everything once.
+    pub watches_synced: AtomicBool,
+    /// This replica is waiting for the lease (a standby is ready to take over).
+    pub standby: AtomicBool,
+}
+
+/// Shared state of the HTTP endpoints.
+pub struct Endpoints {
+    /// Metrics to expose.
+    pub metrics: Arc<Metrics>,
+    /// The key database, pinged by `/readyz` and counted for `keyward_keys`.
+    pub store: Arc<SqlStore>,
+    /// Sync and leadership flags.
+    pub health: Arc<Health>,
+}
+
+impl Endpoints {
+    async fn respond(&self, path: &str) -> (StatusCode, &'static str, String) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match path {
+            "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
+            "/readyz" => {
+                if let Err(e) = self.store.ping().await {
+                    return (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        TEXT,
+                        format!("key database unreachable: {e}\n"),
+                    );
+                }
+                let synced = self.health.watches_synced.load(Ordering::SeqCst);
+                if synced || self.health.standby.load(Ordering::SeqCst) {
+                    (StatusCode::OK, TEXT, "ok\n".into())
+                } else {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        TEXT,
+                        "watches not synced yet\n".into(),
+                    )
+                }
+            }
+            "/metrics" => {
+                match self.store.count_by_state().await {
+                    Ok(counts) => {
+                        for (state, count) in counts {
+                            self.metrics
+                                .keys_by_state
+                                .get_or_create(&StateLabel { state })
+                                .set(count);
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "could not count keys for /metrics"),
+                }
+                (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    self.metrics.encode(),
+                )
+            }
+            _ => (StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+        }
+    }
+}
+
+/// Serves the endpoints on `address` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, endpoints: Arc<Endpoints>) -> Result<()> {
+    loop {
+        let (stream, peer): (_, SocketAddr) = listener
+            .accept()
+            .await
+            .map_err(|e| Error::Config(format!("HTTP accept failed: {e}")))?;
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let endpoints = endpoints.clone();
+                async move {
+                    let (status, content_type, body) =
+                        endpoints.respond(request.uri().path()).await;
+                    let response = Response::builder()
+                        .status(status)
+                        .header("content-type", content_type)
+                        .body(Full::new(Bytes::from(body)))
+                        .expect("static response parts are valid");
+                    Ok::<_, Infallible>(response)
+                }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, error = %e, "HTTP connection ended");
+            }
+        });
+    }
+}
