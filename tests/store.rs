@@ -165,11 +165,13 @@ async fn verify_answers_by_state(store: SqlStore) {
     let now = start_time();
     let (plain, record) = pending(&keys, "uid-1", now);
     store.insert_pending(&record).await.unwrap();
-    let verdict = keyward::verify(&store, plain.expose(), now).await.unwrap();
+    let pending = keyward::verify(&store, plain.expose(), now)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
-        verdict,
-        Err(Rejection::Unknown),
-        "pending keys do not verify"
+        pending.state, "pending",
+        "a key on its way into its Secret verifies"
     );
 
     store.activate(&record.key_id, now, None).await.unwrap();
