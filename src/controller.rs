@@ -180,7 +180,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             Some(config.identity.clone()),
         )),
         store: Arc::new(InstrumentedStore {
-            inner: store,
+            inner: store.clone(),
             metrics: metrics.clone(),
         }),
         clock: Arc::new(SystemClock),
@@ -189,11 +189,24 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: metrics.clone(),
     };
 
-    if !config.leader_election {
+    let outcome = if config.leader_election {
+        lead_then_run(&config, client, reconciler, &metrics, health).await
+    } else {
         metrics.leader.set(1);
-        return run_controller(&config, client, reconciler, health).await;
-    }
+        run_controller(&config, client, reconciler, health).await
+    };
+    store.close().await;
+    outcome
+}
 
+/// Waits for the leader Lease, then runs the controller while holding it.
+async fn lead_then_run(
+    config: &RunConfig,
+    client: Client,
+    reconciler: Reconciler,
+    metrics: &Metrics,
+    health: Arc<Health>,
+) -> Result<()> {
     health.standby.store(true, Ordering::SeqCst);
     let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
         .with_namespace(&config.lease_namespace)
@@ -223,7 +236,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     health.standby.store(false, Ordering::SeqCst);
     metrics.leader.set(1);
     let outcome = tokio::select! {
-        ran = run_controller(&config, client, reconciler, health) => ran,
+        ran = run_controller(config, client, reconciler, health) => ran,
         lost = leading.wait_for(|is_leader| !*is_leader) => {
             metrics.leader.set(0);
             let why = if lost.is_ok() { "lost the leader lease" } else { "the lease manager stopped" };

@@ -321,6 +321,11 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Closes the connection pool; later calls fail. Used at shutdown.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend

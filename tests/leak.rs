@@ -1,5 +1,5 @@
 //! The leak test: a whole life cycle, outages included, with every log at
-//! TRACE; then logs, Events, status, error messages and the database files are
+//! TRACE; then logs, Events, status, metrics, error messages and the database files are
 //! searched for any key that was ever in a Secret. Nothing may be found.
 
 mod support;
@@ -85,6 +85,11 @@ async fn no_key_escapes_into_logs_events_status_errors_or_the_database() {
     let events = format!("{:?}", h.cluster.events());
     let status = serde_json::to_string(&h.cluster.status("inference")).unwrap();
     let dump = h.store.inner.dump_text().await.unwrap();
+    let metrics = h.metrics.encode();
+    assert!(
+        metrics.contains("keyward_keys_issued_total"),
+        "metrics were recorded"
+    );
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         files.extend(std::fs::read(entry.unwrap().path()).unwrap());
@@ -98,6 +103,7 @@ async fn no_key_escapes_into_logs_events_status_errors_or_the_database() {
             assert!(!events.contains(needle), "key in Events");
             assert!(!status.contains(needle), "key in status");
             assert!(!dump.contains(needle), "key in database rows");
+            assert!(!metrics.contains(needle), "key in /metrics");
             assert!(!files.contains(needle), "key in database files");
             for error in &errors {
                 assert!(!error.contains(needle), "key in an error: {error}");
