@@ -7,6 +7,7 @@
 //! - [`reconciler`]: the I/O shell that carries decisions out.
 //! - [`controller`]: the kube-runtime controller around it, with leader election.
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
+//! - [`plugin`]: the `kubectl keyward` plugin.
 //! - [`verify`](mod@verify): checking a presented key, for services.
 
 pub mod cli;
@@ -16,6 +17,7 @@ pub mod core;
 pub mod crd;
 mod error;
 pub mod key;
+pub mod plugin;
 pub mod reconciler;
 pub mod schedule;
 pub mod store;

@@ -1,0 +1,616 @@
+//! `kubectl keyward`: list, rotate, revoke and inspect ApiKeys from the current
+//! kube context. It only reads and annotates ApiKeys and reads Events; the
+//! operator does the work. Exit code 0 on success, 1 on any failure.
+
+use std::{collections::BTreeMap, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use k8s_openapi::api::events::v1::Event;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+
+use crate::{
+    Error, Result,
+    crd::{ApiKey, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION},
+};
+
+/// Manage keyward ApiKeys.
+#[derive(Debug, Parser)]
+#[command(name = "kubectl-keyward", bin_name = "kubectl keyward", version, about)]
+pub struct Plugin {
+    /// Namespace to use instead of the context's.
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: PluginCommand,
+}
+
+/// Output formats, as in kubectl.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// The default table.
+    Table,
+    /// The table with more columns.
+    Wide,
+    /// The ApiKey objects as JSON.
+    Json,
+    /// The ApiKey objects as YAML.
+    Yaml,
+}
+
+/// Which ApiKeys a command applies to.
+#[derive(Debug, Args)]
+pub struct Selection {
+    /// ApiKey name.
+    pub name: Option<String>,
+    /// Label selector, e.g. `team=ml`.
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    /// Every ApiKey in the namespace (with -A: in every namespace).
+    #[arg(long)]
+    pub all: bool,
+    /// Across all namespaces.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// List ApiKeys: owner, team, scopes, key hint, state, issued, next rotation.
+    List {
+        /// Across all namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// Label selector, e.g. `team=ml`.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Rotate keys now: one by name, by label selector, or --all.
+    Rotate {
+        /// Which ApiKeys.
+        #[command(flatten)]
+        selection: Selection,
+        /// Revoke the previous keys at once instead of after the grace period (after a leak).
+        #[arg(long)]
+        immediate: bool,
+        /// How long to wait for the operator to confirm each rotation.
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+        timeout: Duration,
+    },
+    /// Delete an ApiKey and wait until its key is revoked and it is gone.
+    Revoke {
+        /// ApiKey name.
+        name: String,
+        /// How long to wait.
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+        timeout: Duration,
+    },
+    /// Show an ApiKey's conditions, key, rotation times and recent Events.
+    Status {
+        /// ApiKey name.
+        name: String,
+        /// Output format (json and yaml print the object).
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+fn parse_timeout(text: &str) -> std::result::Result<Duration, String> {
+    crate::schedule::parse_duration(text)?
+        .try_into()
+        .map_err(|_| format!("{text}: must not be negative"))
+}
+
+/// Runs the plugin and returns the exit code.
+pub async fn execute(plugin: Plugin) -> ExitCode {
+    match dispatch(plugin).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
+    let client = Client::try_default().await?;
+    let namespace = plugin
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let namespaced: Api<ApiKey> = Api::namespaced(client.clone(), &namespace);
+    match plugin.command {
+        PluginCommand::List {
+            all_namespaces,
+            selector,
+            output,
+        } => {
+            let api = if all_namespaces {
+                Api::all(client)
+            } else {
+                namespaced
+            };
+            let mut params = ListParams::default();
+            if let Some(selector) = &selector {
+                params = params.labels(selector);
+            }
+            let keys = api.list(&params).await?.items;
+            print!("{}", render_list(&keys, all_namespaces, output)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Rotate {
+            selection,
+            immediate,
+            timeout,
+        } => {
+            let keys = select(&client, &namespaced, &selection).await?;
+            if keys.is_empty() {
+                return Err(Error::Config("no ApiKey matched".into()));
+            }
+            let request = format!(
+                "kubectl-keyward-{}",
+                jiff::Timestamp::now().as_millisecond()
+            );
+            let mut failed = false;
+            for key in &keys {
+                let api: Api<ApiKey> =
+                    Api::namespaced(client.clone(), &key.namespace().unwrap_or_default());
+                match rotate(&api, &key.name_any(), &request, immediate, timeout).await {
+                    Ok(done) => println!("{done}"),
+                    Err(e) => {
+                        eprintln!(
+                            "{}/{}: {e}",
+                            key.namespace().unwrap_or_default(),
+                            key.name_any()
+                        );
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        PluginCommand::Revoke { name, timeout } => {
+            revoke(&namespaced, &name, timeout).await?;
+            println!("apikey {name} revoked and deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Status { name, output } => {
+            let key = namespaced.get(&name).await?;
+            let text = match output {
+                Output::Json => to_json(&key)?,
+                Output::Yaml => to_yaml(&key)?,
+                Output::Table | Output::Wide => {
+                    let events = Api::<Event>::namespaced(client, &namespace)
+                        .list(
+                            &ListParams::default()
+                                .fields(&format!("regarding.kind=ApiKey,regarding.name={name}")),
+                        )
+                        .await?
+                        .items;
+                    render_status(&key, &events)
+                }
+            };
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The ApiKeys a rotate applies to.
+async fn select(
+    client: &Client,
+    namespaced: &Api<ApiKey>,
+    selection: &Selection,
+) -> Result<Vec<ApiKey>> {
+    let api = if selection.all_namespaces {
+        Api::all(client.clone())
+    } else {
+        namespaced.clone()
+    };
+    match (&selection.name, &selection.selector, selection.all) {
+        (Some(name), None, false) => Ok(vec![namespaced.get(name).await?]),
+        (None, Some(selector), false) => Ok(api
+            .list(&ListParams::default().labels(selector))
+            .await?
+            .items),
+        (None, None, true) => Ok(api.list(&ListParams::default()).await?.items),
+        _ => Err(Error::Config(
+            "give exactly one of NAME, -l SELECTOR or --all".into(),
+        )),
+    }
+}
+
+/// Sets the rotate annotation and waits until the operator reports it handled.
+async fn rotate(
+    api: &Api<ApiKey>,
+    name: &str,
+    request: &str,
+    immediate: bool,
+    timeout: Duration,
+) -> Result<String> {
+    let mut annotations =
+        BTreeMap::from([(ROTATE_ANNOTATION.to_owned(), Some(request.to_owned()))]);
+    annotations.insert(
+        REVOKE_PREVIOUS_ANNOTATION.to_owned(),
+        immediate.then(|| "now".to_owned()),
+    );
+    let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let key = api.get(name).await?;
+        let status = key.status.clone().unwrap_or_default();
+        if status.last_rotation_request.as_deref() == Some(request) {
+            let how = if immediate {
+                "previous keys revoked"
+            } else {
+                "previous key in its grace period"
+            };
+            return Ok(format!(
+                "apikey {name} rotated: key {} ({}), {how}",
+                status.key_id.unwrap_or_default(),
+                status.key_hint.unwrap_or_default()
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Config(format!(
+                "not confirmed within {}s{}",
+                timeout.as_secs(),
+                blocked_reason(&key)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Deletes the ApiKey and waits until the finalizer has revoked its key and it is gone.
+async fn revoke(api: &Api<ApiKey>, name: &str, timeout: Duration) -> Result<()> {
+    api.delete(name, &DeleteParams::default()).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said = String::new();
+    loop {
+        let Some(key) = api.get_opt(name).await? else {
+            return Ok(());
+        };
+        let blocked = blocked_reason(&key);
+        if !blocked.is_empty() && blocked != said {
+            eprintln!("waiting: revocation is blocked{blocked}");
+            said = blocked.clone();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Config(format!(
+                "apikey {name} is still terminating after {}s{blocked}",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `: Reason: message` when Ready is False, else empty.
+fn blocked_reason(key: &ApiKey) -> String {
+    key.ready_condition()
+        .filter(|c| c.status == "False")
+        .map(|c| format!(": {}: {}", c.reason, c.message))
+        .unwrap_or_default()
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string_pretty(value)
+        .map(|s| s + "\n")
+        .map_err(|e| Error::Serialize(e.to_string()))
+}
+
+fn to_yaml(value: &impl serde::Serialize) -> Result<String> {
+    serde_yaml::to_string(value).map_err(|e| Error::Serialize(e.to_string()))
+}
+
+fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
+    t.map_or_else(|| "-".to_owned(), |t| t.0.to_string())
+}
+
+/// The `list` output.
+pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Result<String> {
+    match output {
+        Output::Json => {
+            return to_json(
+                &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": keys}),
+            );
+        }
+        Output::Yaml => {
+            return to_yaml(
+                &serde_json::json!({"apiVersion": "v1", "kind": "List", "items": keys}),
+            );
+        }
+        Output::Table | Output::Wide => {}
+    }
+    let wide = output == Output::Wide;
+    let mut header = vec![
+        "NAME",
+        "OWNER",
+        "TEAM",
+        "SCOPES",
+        "KEY",
+        "STATE",
+        "ISSUED",
+        "NEXT-ROTATION",
+    ];
+    if all_namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    if wide {
+        header.extend(["KEY-ID", "SECRET", "REVISION", "EXPIRES"]);
+    }
+    let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
+    for key in keys {
+        let status = key.status.clone().unwrap_or_default();
+        let state = key.ready_condition().map_or("Pending".to_owned(), |c| {
+            if c.status == "True" {
+                "Ready".to_owned()
+            } else {
+                c.reason.clone()
+            }
+        });
+        let mut row = vec![
+            key.name_any(),
+            key.spec.owner.clone(),
+            key.spec.team.clone(),
+            key.spec.scopes.join(","),
+            status.key_hint.clone().unwrap_or_else(|| "-".into()),
+            state,
+            time(status.issued_at.as_ref()),
+            time(status.next_rotation_at.as_ref()),
+        ];
+        if all_namespaces {
+            row.insert(0, key.namespace().unwrap_or_default());
+        }
+        if wide {
+            row.extend([
+                status.key_id.clone().unwrap_or_else(|| "-".into()),
+                status.secret_name.clone().unwrap_or_else(|| "-".into()),
+                status.revision.map_or("-".into(), |r| r.to_string()),
+                time(status.expires_at.as_ref()),
+            ]);
+        }
+        rows.push(row);
+    }
+    Ok(table(&rows))
+}
+
+/// The `status` output.
+pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
+    let status = key.status.clone().unwrap_or_default();
+    let mut out = format!(
+        "Name:            {}\nNamespace:       {}\nOwner:           {}\nTeam:            {}\nScopes:          {}\n",
+        key.name_any(),
+        key.namespace().unwrap_or_default(),
+        key.spec.owner,
+        key.spec.team,
+        key.spec.scopes.join(", ")
+    );
+    let fields = [
+        ("Key ID", status.key_id.clone()),
+        ("Key hint", status.key_hint.clone()),
+        ("Secret", status.secret_name.clone()),
+        ("Revision", status.revision.map(|r| r.to_string())),
+        ("Issued", status.issued_at.as_ref().map(|t| t.0.to_string())),
+        (
+            "Expires",
+            status.expires_at.as_ref().map(|t| t.0.to_string()),
+        ),
+        (
+            "Last rotated",
+            status.last_rotated_at.as_ref().map(|t| t.0.to_string()),
+        ),
+        (
+            "Next rotation",
+            status.next_rotation_at.as_ref().map(|t| t.0.to_string()),
+        ),
+        (
+            "Previous key until",
+            status
+                .previous_key_expires_at
+                .as_ref()
+                .map(|t| t.0.to_string()),
+        ),
+        ("Rotate request", status.last_rotation_request.clone()),
+        (
+            "Deleting since",
+            key.metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+        ),
+    ];
+    for (label, value) in fields {
+        if let Some(value) = value {
+            out.push_str(&format!("{:<17}{value}\n", format!("{label}:")));
+        }
+    }
+    out.push_str("Conditions:\n");
+    let mut rows = vec![vec![
+        "TYPE".to_owned(),
+        "STATUS".into(),
+        "REASON".into(),
+        "SINCE".into(),
+        "MESSAGE".into(),
+    ]];
+    for c in &status.conditions {
+        rows.push(vec![
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            c.last_transition_time.0.to_string(),
+            c.message.clone(),
+        ]);
+    }
+    out.push_str(&indent(&table(&rows)));
+    out.push_str("Events:\n");
+    let mut events: Vec<&Event> = events.iter().collect();
+    events.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    let mut rows = vec![vec![
+        "TIME".to_owned(),
+        "TYPE".into(),
+        "REASON".into(),
+        "MESSAGE".into(),
+    ]];
+    for e in events.iter().rev().take(20).rev() {
+        rows.push(vec![
+            e.event_time
+                .as_ref()
+                .map_or("-".into(), |t| t.0.to_string()),
+            e.type_.clone().unwrap_or_default(),
+            e.reason.clone().unwrap_or_default(),
+            e.note.clone().unwrap_or_default(),
+        ]);
+    }
+    out.push_str(&indent(&table(&rows)));
+    out
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// Left-aligned columns separated by three spaces, as kubectl prints them.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i + 1 == row.len() {
+                    cell.clone()
+                } else {
+                    format!("{cell:<width$}", width = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{ApiKeySpec, ApiKeyStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+    fn key(name: &str, ready: Option<(&str, &str)>) -> ApiKey {
+        let mut key = ApiKey::new(
+            name,
+            ApiKeySpec {
+                owner: "alice@example.com".into(),
+                team: "ml".into(),
+                scopes: vec!["inference".into(), "models:read".into()],
+                secret_name: None,
+                description: None,
+                rotation: None,
+                expires_after: None,
+                rollout: None,
+            },
+        );
+        key.metadata.namespace = Some("team-ml".into());
+        let at = Time("2026-11-22T12:00:00Z".parse().unwrap());
+        key.status = ready.map(|(status, reason)| ApiKeyStatus {
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: status.into(),
+                reason: reason.into(),
+                message: "m".into(),
+                observed_generation: None,
+                last_transition_time: at.clone(),
+            }],
+            key_id: Some("kid_abc".into()),
+            key_hint: Some("kw_AbC1".into()),
+            issued_at: Some(at),
+            revision: Some(3),
+            ..ApiKeyStatus::default()
+        });
+        key
+    }
+
+    #[test]
+    fn list_table_has_the_promised_columns() {
+        let keys = [
+            key("a", Some(("True", "KeyActive"))),
+            key("b", Some(("False", "SecretConflict"))),
+            key("c", None),
+        ];
+        let text = render_list(&keys, false, Output::Table).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            [
+                "NAME",
+                "OWNER",
+                "TEAM",
+                "SCOPES",
+                "KEY",
+                "STATE",
+                "ISSUED",
+                "NEXT-ROTATION"
+            ]
+        );
+        assert!(
+            lines[1].contains("kw_AbC1")
+                && lines[1].contains("Ready")
+                && lines[1].contains("inference,models:read")
+        );
+        assert!(lines[2].contains("SecretConflict"));
+        assert!(lines[3].contains("Pending"));
+        let wide = render_list(&keys, true, Output::Wide).unwrap();
+        assert!(wide.starts_with("NAMESPACE"));
+        assert!(wide.contains("KEY-ID") && wide.contains("kid_abc"));
+        let json: serde_json::Value =
+            serde_json::from_str(&render_list(&keys, false, Output::Json).unwrap()).unwrap();
+        assert_eq!(json["items"].as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn status_shows_conditions_and_blocked_reasons() {
+        let blocked = key("a", Some(("False", "DatabaseUnavailable")));
+        assert_eq!(blocked_reason(&blocked), ": DatabaseUnavailable: m");
+        assert_eq!(blocked_reason(&key("b", Some(("True", "KeyActive")))), "");
+        let text = render_status(&blocked, &[]);
+        assert!(text.contains("Key hint:        kw_AbC1"), "{text}");
+        assert!(text.contains("DatabaseUnavailable"));
+        assert!(text.contains("Revision:        3"));
+    }
+
+    #[test]
+    fn selections_are_exclusive() {
+        let parse = |args: &[&str]| {
+            Plugin::try_parse_from(["kubectl-keyward", "rotate"].iter().chain(args))
+        };
+        assert!(parse(&["a"]).is_ok());
+        assert!(parse(&["-l", "team=ml", "--immediate"]).is_ok());
+        assert!(parse(&["--all", "-A"]).is_ok());
+        assert!(parse(&["--timeout", "-1s", "a"]).is_err());
+    }
+}
