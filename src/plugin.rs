@@ -112,6 +112,10 @@ fn parse_timeout(text: &str) -> std::result::Result<Duration, String> {
 pub async fn execute(plugin: Plugin) -> ExitCode {
     match dispatch(plugin).await {
         Ok(code) => code,
+        Err(Error::Kube(kube::Error::Api(status))) => {
+            eprintln!("error: {}", status.message);
+            ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::FAILURE
