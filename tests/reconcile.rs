@@ -15,27 +15,9 @@ use keyward::{
     verify::Rejection,
 };
 use kube::ResourceExt;
-use support::{Harness, Op, StoreOp, api_key, foreign_secret, owner_uid, sqlite_store};
+use support::{Harness, Op, StoreOp, api_key, foreign_secret, owner_uid};
 
 const NS: &str = "team-ml";
-
-async fn harness() -> (Harness, tempfile::TempDir) {
-    let (store, dir) = sqlite_store().await;
-    (Harness::new(store), dir)
-}
-
-/// Reconciles as the controller would: retry on error, feed status back, until settled.
-async fn converge(h: &mut Harness, key: &mut ApiKey) {
-    for _ in 0..6 {
-        let reconciler = h.reconciler();
-        let result = reconciler.apply(key).await;
-        h.cluster.refresh(key);
-        if result.is_ok() {
-            return;
-        }
-    }
-    panic!("did not converge");
-}
 
 async fn verdict(h: &Harness, key: &str) -> Result<String, Rejection> {
     keyward::verify(h.store.as_ref(), key, h.clock.now())
@@ -74,9 +56,9 @@ async fn assert_settled(h: &Harness, key: &ApiKey) -> String {
 
 #[tokio::test]
 async fn issues_a_key_into_an_owned_secret() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let plain = assert_settled(&h, &key).await;
 
     assert!(regex_like_key(&plain), "{plain}");
@@ -116,9 +98,9 @@ fn regex_like_key(key: &str) -> bool {
 
 #[tokio::test]
 async fn settled_keys_see_no_writes_even_after_a_restart() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let (cluster_writes, store_writes) = (h.cluster.writes(), h.store.writes());
     h.clock.advance(SignedDuration::from_hours(30));
     for _ in 0..3 {
@@ -131,9 +113,9 @@ async fn settled_keys_see_no_writes_even_after_a_restart() {
 
 #[tokio::test]
 async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let before = h.cluster.key_in(NS, "inference").unwrap();
     let secret_version = h
         .cluster
@@ -145,7 +127,7 @@ async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
     key.spec.owner = "bob@example.com".into();
     key.spec.scopes = vec!["metrics".into()];
     key.metadata.generation = Some(2);
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
 
     assert_eq!(h.cluster.key_in(NS, "inference").unwrap(), before);
     assert_eq!(
@@ -169,13 +151,13 @@ async fn spec_metadata_edits_update_the_record_and_keep_the_key() {
 
 #[tokio::test]
 async fn a_deleted_secret_gets_a_new_key_and_the_old_one_is_revoked() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let old = h.cluster.key_in(NS, "inference").unwrap();
 
     h.cluster.remove_secret(NS, "inference");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let new = assert_settled(&h, &key).await;
     assert_ne!(new, old);
     assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
@@ -192,9 +174,9 @@ async fn a_deleted_secret_gets_a_new_key_and_the_old_one_is_revoked() {
 
 #[tokio::test]
 async fn an_edited_secret_gets_a_new_key_and_a_planted_key_is_never_accepted() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let old = h.cluster.key_in(NS, "inference").unwrap();
 
     // Someone with write access puts their own (well-formed) key into the Secret.
@@ -205,7 +187,7 @@ async fn an_edited_secret_gets_a_new_key_and_a_planted_key_is_never_accepted() {
         k8s_openapi::ByteString(planted.clone().into_bytes()),
     );
     h.cluster.put_secret(secret);
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
 
     let new = assert_settled(&h, &key).await;
     assert_ne!(new, planted);
@@ -221,11 +203,11 @@ async fn an_edited_secret_gets_a_new_key_and_a_planted_key_is_never_accepted() {
 
 #[tokio::test]
 async fn a_foreign_secret_is_never_touched() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     h.cluster.put_secret(foreign_secret(NS, "inference"));
     let before = h.cluster.secret(NS, "inference").unwrap();
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
 
     assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);
     let ready = key.ready_condition().unwrap();
@@ -241,7 +223,7 @@ async fn a_foreign_secret_is_never_touched() {
 
     // Repeated reconciles neither write nor repeat the Warning.
     let writes = h.cluster.writes();
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(h.cluster.writes(), writes);
     let warnings: Vec<_> = h
         .cluster
@@ -254,15 +236,15 @@ async fn a_foreign_secret_is_never_touched() {
 
     // Once the foreign Secret is gone, the key is issued.
     h.cluster.remove_secret(NS, "inference");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_settled(&h, &key).await;
 }
 
 #[tokio::test]
 async fn deletion_revokes_every_key_then_deletes_the_secret() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let plain = h.cluster.key_in(NS, "inference").unwrap();
 
     h.reconciler().cleanup(&key).await.unwrap();
@@ -281,19 +263,19 @@ async fn deletion_revokes_every_key_then_deletes_the_secret() {
 
 #[tokio::test]
 async fn deletion_leaves_a_foreign_secret_alone() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     h.cluster.put_secret(foreign_secret(NS, "inference"));
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     h.reconciler().cleanup(&key).await.unwrap();
     assert!(h.cluster.secret(NS, "inference").is_some());
 }
 
 #[tokio::test]
 async fn deletion_during_a_database_outage_waits_and_says_why() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let plain = h.cluster.key_in(NS, "inference").unwrap();
     key.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
         support::start_time(),
@@ -337,7 +319,7 @@ async fn deletion_during_a_database_outage_waits_and_says_why() {
 
 #[tokio::test]
 async fn an_outage_during_apply_shows_in_status_and_recovers() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
     h.store.set_down(true);
     let reconciler = h.reconciler();
@@ -350,22 +332,22 @@ async fn an_outage_during_apply_shows_in_status_and_recovers() {
     assert!(h.cluster.secret(NS, "inference").is_none());
 
     h.store.set_down(false);
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_settled(&h, &key).await;
 }
 
 /// A fault at one step of a first issuance, then restarts until settled.
 async fn issuance_with_fault(inject: impl Fn(&Harness)) {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
     inject(&h);
     let _ = h.reconciler().apply(&key).await;
     h.cluster.refresh(&mut key);
     // Nothing that was issued may verify unless it is in the Secret.
     check_no_stray_valid_key(&h, &key).await;
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     h.clock.advance(PENDING_TIMEOUT);
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_settled(&h, &key).await;
 }
 
@@ -412,9 +394,9 @@ async fn reissue_converges_after_a_fault_at_every_step() {
         &|h| h.cluster.fail_next(Op::ApplyStatus),
     ];
     for inject in faults {
-        let (mut h, _dir) = harness().await;
+        let (mut h, _dir) = Harness::sqlite().await;
         let mut key = api_key("inference", "uid-1");
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         let old = h.cluster.key_in(NS, "inference").unwrap();
         h.cluster.remove_secret(NS, "inference");
 
@@ -422,9 +404,9 @@ async fn reissue_converges_after_a_fault_at_every_step() {
         let _ = h.reconciler().apply(&key).await;
         h.cluster.refresh(&mut key);
         check_no_stray_valid_key(&h, &key).await;
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         h.clock.advance(PENDING_TIMEOUT);
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         let new = assert_settled(&h, &key).await;
         assert_ne!(new, old);
         assert_eq!(verdict(&h, &old).await, Err(Rejection::Revoked));
@@ -440,9 +422,9 @@ async fn deletion_converges_after_a_fault_at_every_step() {
         &|h| h.cluster.fail_next(Op::DeleteSecret),
     ];
     for inject in faults {
-        let (mut h, _dir) = harness().await;
+        let (mut h, _dir) = Harness::sqlite().await;
         let mut key = api_key("inference", "uid-1");
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         let plain = h.cluster.key_in(NS, "inference").unwrap();
 
         inject(&h);
@@ -457,7 +439,7 @@ async fn deletion_converges_after_a_fault_at_every_step() {
 
 #[tokio::test]
 async fn an_abandoned_pending_key_is_revoked_after_the_timeout() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
     h.cluster.fail_next(Op::ApplySecret);
     assert!(h.reconciler().apply(&key).await.is_err());
@@ -465,14 +447,14 @@ async fn an_abandoned_pending_key_is_revoked_after_the_timeout() {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].state, KeyState::Pending);
 
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(
         h.store.inner.load("uid-1").await.unwrap().live.len(),
         2,
         "kept while young"
     );
     h.clock.advance(PENDING_TIMEOUT);
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_settled(&h, &key).await;
     let abandoned = h
         .store

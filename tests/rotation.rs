@@ -14,14 +14,9 @@ use keyward::{
     store::{KeyState, KeyStore},
     verify::Rejection,
 };
-use support::{Harness, Op, StoreOp, api_key, sqlite_store};
+use support::{Harness, Op, StoreOp, api_key};
 
 const NS: &str = "team-ml";
-
-async fn harness() -> (Harness, tempfile::TempDir) {
-    let (store, dir) = sqlite_store().await;
-    (Harness::new(store), dir)
-}
 
 /// An ApiKey rotating `@every 20s` with a 10 s grace period and one rollout target.
 fn rotating_key() -> ApiKey {
@@ -38,21 +33,6 @@ fn rotating_key() -> ApiKey {
         }],
     });
     key
-}
-
-async fn reconcile(h: &mut Harness, key: &mut ApiKey) -> keyward::Result<()> {
-    let result = h.reconciler().apply(key).await.map(drop);
-    h.cluster.refresh(key);
-    result
-}
-
-async fn converge(h: &mut Harness, key: &mut ApiKey) {
-    for _ in 0..6 {
-        if reconcile(h, key).await.is_ok() {
-            return;
-        }
-    }
-    panic!("did not converge");
 }
 
 async fn verdict(h: &Harness, key: &str) -> Result<String, Rejection> {
@@ -88,10 +68,10 @@ async fn check_invariant(h: &Harness) {
 
 #[tokio::test]
 async fn a_scheduled_rotation_keeps_the_old_key_for_the_grace_period() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     h.cluster.add_workload("scorer");
     let mut key = rotating_key();
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let first = secret_key(&h);
     let status = key.status.clone().unwrap();
     let started = h.clock.now();
@@ -106,7 +86,7 @@ async fn a_scheduled_rotation_keeps_the_old_key_for_the_grace_period() {
     );
 
     h.clock.advance(SignedDuration::from_secs(20));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let second = secret_key(&h);
     assert_ne!(first, second);
     assert_eq!(verdict(&h, &first).await, Ok("retiring".into()));
@@ -129,14 +109,14 @@ async fn a_scheduled_rotation_keeps_the_old_key_for_the_grace_period() {
     // More reconciles during the grace period change nothing and restart nothing.
     let writes = (h.cluster.writes(), h.store.writes());
     h.clock.advance(SignedDuration::from_secs(5));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!((h.cluster.writes(), h.store.writes()), writes);
     assert_eq!(h.cluster.restarts("scorer"), 1);
 
     // The grace period ends: the old key stops working, then is revoked.
     h.clock.advance(SignedDuration::from_secs(5));
     assert_eq!(verdict(&h, &first).await, Err(Rejection::Expired));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(verdict(&h, &first).await, Err(Rejection::Revoked));
     assert_eq!(verdict(&h, &second).await, Ok("active".into()));
     assert_eq!(key.status.as_ref().unwrap().previous_key_expires_at, None);
@@ -144,37 +124,37 @@ async fn a_scheduled_rotation_keeps_the_old_key_for_the_grace_period() {
 
 #[tokio::test]
 async fn downtime_over_many_slots_rotates_once_and_a_quiet_restart_writes_nothing() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     h.cluster.add_workload("scorer");
     let mut key = rotating_key();
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
 
     // Restart with nothing due: no writes.
     let writes = (h.cluster.writes(), h.store.writes());
     h.clock.advance(SignedDuration::from_secs(10));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!((h.cluster.writes(), h.store.writes()), writes);
 
     // The operator was away for an hour (180 slots): one rotation.
     h.clock.advance(SignedDuration::from_hours(1));
-    converge(&mut h, &mut key).await;
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(key.status.as_ref().unwrap().revision, Some(2));
     assert_eq!(h.cluster.restarts("scorer"), 1);
 }
 
 #[tokio::test]
 async fn a_rotate_annotation_rotates_once_per_value() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let first = secret_key(&h);
 
     key.metadata.annotations = Some(BTreeMap::from([(
         "keyward.dev/rotate".to_owned(),
         "2026-11-22".to_owned(),
     )]));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let second = secret_key(&h);
     assert_ne!(first, second);
     assert_eq!(
@@ -191,7 +171,7 @@ async fn a_rotate_annotation_rotates_once_per_value() {
         Some("2026-11-22")
     );
     for _ in 0..3 {
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
     }
     assert_eq!(secret_key(&h), second, "the same value never rotates twice");
     assert_eq!(key.status.as_ref().unwrap().revision, Some(2));
@@ -199,12 +179,12 @@ async fn a_rotate_annotation_rotates_once_per_value() {
 
 #[tokio::test]
 async fn an_emergency_rotation_revokes_every_previous_key_at_once() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = rotating_key();
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let first = secret_key(&h);
     h.clock.advance(SignedDuration::from_secs(20));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let second = secret_key(&h);
     assert_eq!(verdict(&h, &first).await, Ok("retiring".into()));
 
@@ -212,7 +192,7 @@ async fn an_emergency_rotation_revokes_every_previous_key_at_once() {
         ("keyward.dev/rotate".to_owned(), "leak-42".to_owned()),
         ("keyward.dev/revoke-previous".to_owned(), "now".to_owned()),
     ]));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let third = secret_key(&h);
     assert_eq!(verdict(&h, &first).await, Err(Rejection::Revoked));
     assert_eq!(verdict(&h, &second).await, Err(Rejection::Revoked));
@@ -223,23 +203,23 @@ async fn an_emergency_rotation_revokes_every_previous_key_at_once() {
             .iter()
             .any(|e| e.warning && e.reason == "Rotated" && e.note.contains("emergency"))
     );
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(secret_key(&h), third, "handled once");
 }
 
 #[tokio::test]
 async fn expires_after_ends_validity_without_rotation() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = api_key("inference", "uid-1");
     key.spec.expires_after = Some("1h".into());
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let plain = secret_key(&h);
     let expires = key.status.as_ref().unwrap().expires_at.clone().unwrap().0;
     assert_eq!(expires, h.clock.now() + SignedDuration::from_hours(1));
 
     h.clock.advance(SignedDuration::from_hours(1));
     assert_eq!(verdict(&h, &plain).await, Err(Rejection::Expired));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(secret_key(&h), plain, "expiry does not rotate");
     assert_eq!(key.ready_condition().unwrap().reason, "KeyExpired");
 
@@ -248,19 +228,19 @@ async fn expires_after_ends_validity_without_rotation() {
         "keyward.dev/rotate".to_owned(),
         "renew".to_owned(),
     )]));
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     assert_eq!(verdict(&h, &secret_key(&h)).await, Ok("active".into()));
     assert_eq!(key.ready_condition().unwrap().reason, "KeyActive");
 }
 
 #[tokio::test]
 async fn an_invalid_schedule_is_reported_and_touches_nothing() {
-    let (mut h, _dir) = harness().await;
+    let (mut h, _dir) = Harness::sqlite().await;
     let mut key = rotating_key();
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let plain = secret_key(&h);
     key.spec.rotation.as_mut().unwrap().schedule = Some("0 25 * * *".into());
-    converge(&mut h, &mut key).await;
+    h.converge(&mut key).await;
     let ready = key.ready_condition().unwrap();
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
@@ -291,18 +271,18 @@ async fn a_rotation_converges_after_a_fault_at_every_step() {
         &|h| h.cluster.fail_next(Op::GetSecret),
     ];
     for (i, inject) in faults.into_iter().enumerate() {
-        let (mut h, _dir) = harness().await;
+        let (mut h, _dir) = Harness::sqlite().await;
         h.cluster.add_workload("scorer");
         let mut key = rotating_key();
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         let first = secret_key(&h);
         h.clock.advance(SignedDuration::from_secs(20));
 
         inject(&h);
-        let _ = reconcile(&mut h, &mut key).await;
+        let _ = h.reconcile(&mut key).await;
         check_invariant(&h).await;
         // Restart: a fresh reconciler until settled.
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         check_invariant(&h).await;
         let second = secret_key(&h);
         assert_ne!(first, second, "fault {i}: rotated");
@@ -320,7 +300,7 @@ async fn a_rotation_converges_after_a_fault_at_every_step() {
         // Past the pending timeout (and so one more scheduled rotation): any
         // abandoned pending key is revoked, one key is active, the first is gone.
         h.clock.advance(PENDING_TIMEOUT);
-        converge(&mut h, &mut key).await;
+        h.converge(&mut key).await;
         check_invariant(&h).await;
         let live = h.store.inner.load("uid-1").await.unwrap().live;
         assert!(

@@ -520,6 +520,32 @@ impl Harness {
     }
 }
 
+impl Harness {
+    /// A harness over a fresh SQLite database (kept alive by the returned guard).
+    pub async fn sqlite() -> (Self, tempfile::TempDir) {
+        let (store, dir) = sqlite_store().await;
+        (Self::new(store), dir)
+    }
+
+    /// One reconcile by a fresh reconciler, with the resulting status fed back
+    /// into the object as the next watch event would.
+    pub async fn reconcile(&mut self, key: &mut ApiKey) -> Result<()> {
+        let result = self.reconciler().apply(key).await.map(drop);
+        self.cluster.refresh(key);
+        result
+    }
+
+    /// Reconciles as the controller would, retrying errors, until one succeeds.
+    pub async fn converge(&mut self, key: &mut ApiKey) {
+        for _ in 0..6 {
+            if self.reconcile(key).await.is_ok() {
+                return;
+            }
+        }
+        panic!("did not converge");
+    }
+}
+
 /// A Secret owned by nobody, as `kubectl create secret` makes it.
 pub fn foreign_secret(namespace: &str, name: &str) -> Secret {
     Secret {
