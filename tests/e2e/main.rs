@@ -1,0 +1,745 @@
+//! End-to-end tests against a real API server (see harness.rs for how one is
+//! found or started). Each test starts its own API server and operator.
+
+mod harness;
+
+use std::{collections::BTreeSet, time::Duration};
+
+use harness::{Cluster, Postgres, verify, wait_for};
+use keyward::store::{KeyStore, SqlStore};
+
+const NS: &str = "default";
+
+fn apikey(name: &str, scopes: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: keyward.dev/v1alpha1\nkind: ApiKey\nmetadata:\n  name: {name}\n  namespace: {NS}\n  labels: {{team: ml}}\nspec:\n  owner: alice@example.com\n  team: ml\n  scopes: [{scopes}]\n{extra}"
+    )
+}
+
+fn sqlite_url(cluster: &Cluster) -> String {
+    format!("sqlite://{}", cluster.dir.path().join("keys.db").display())
+}
+
+/// Waits until the ApiKey is Ready and its Secret holds a key; returns the key.
+fn ready_key(cluster: &Cluster, name: &str, secret: &str, timeout: Duration) -> String {
+    wait_for(&format!("{name} to be ready"), timeout, || {
+        let ready = cluster.field(
+            &format!("apikey/{name}"),
+            NS,
+            r#"{.status.conditions[?(@.type=="Ready")].status}"#,
+        );
+        (ready == "True")
+            .then(|| cluster.secret_key(NS, secret))
+            .flatten()
+    })
+}
+
+/// The live (not revoked) key records of an ApiKey in the key database.
+fn live_records(url: &str, cluster: &Cluster, name: &str, uid: Option<&str>) -> usize {
+    let uid = uid.map_or_else(
+        || cluster.field(&format!("apikey/{name}"), NS, "{.metadata.uid}"),
+        str::to_owned,
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = SqlStore::connect(url).await.unwrap();
+        let live = store.load(&uid).await.unwrap().live.len();
+        store.close().await;
+        live
+    })
+}
+
+fn is_key(text: &str) -> bool {
+    text.len() == 52
+        && text.starts_with("kw_")
+        && text[3..].bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+#[test]
+fn crd_admission_columns_and_explain() {
+    let Some(cluster) = Cluster::start("crd_admission_columns_and_explain") else {
+        return;
+    };
+    // The committed CRD applies as is.
+    let crd =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/apikey.yaml")).unwrap();
+    cluster
+        .try_kubectl_with_input(
+            &[
+                "apply",
+                "--server-side",
+                "--field-manager=keyward",
+                "-f",
+                "-",
+            ],
+            Some(&crd),
+        )
+        .unwrap();
+    wait_for("the CRD to be established", Duration::from_secs(30), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+
+    // The API server publishes the CRD's OpenAPI a moment after it is established.
+    let explain = wait_for("kubectl explain", Duration::from_secs(30), || {
+        cluster.try_kubectl(&["explain", "apikey.spec"]).ok()
+    });
+    for field in [
+        "owner",
+        "team",
+        "scopes",
+        "secretName",
+        "description",
+        "rotation",
+        "expiresAfter",
+        "rollout",
+    ] {
+        let line = explain
+            .lines()
+            .find(|l| l.trim_start().starts_with(field))
+            .unwrap_or_else(|| panic!("{field} missing:\n{explain}"));
+        assert!(!line.is_empty());
+    }
+    assert!(
+        explain.contains("Who is accountable for the key"),
+        "{explain}"
+    );
+    let rotation = cluster.kubectl(&["explain", "apikey.spec.rotation"]);
+    assert!(rotation.contains("IANA time zone"), "{rotation}");
+
+    let reject = |manifest: &str, expected: &str| {
+        let error = cluster
+            .try_kubectl_with_input(&["apply", "-f", "-"], Some(manifest))
+            .unwrap_err();
+        assert!(
+            error.contains(expected),
+            "expected {expected:?} in: {error}"
+        );
+    };
+    reject(
+        &apikey("a", "inference", "").replace("  owner: alice@example.com\n", ""),
+        "spec.owner: Required value",
+    );
+    reject(
+        &apikey("a", "inference", "").replace("team: ml\n  scopes", "team: Bad_Team\n  scopes"),
+        "spec.team",
+    );
+    reject(&apikey("a", "", ""), "spec.scopes");
+    reject(&apikey("a", "Inference!", ""), "spec.scopes[0]");
+    reject(&apikey("a", "inference, inference", ""), "Duplicate value");
+    reject(
+        &apikey("a", "inference", "  rotation: {schedule: \"* * *\"}\n"),
+        "schedule must be 5 cron fields",
+    );
+    reject(
+        &apikey("a", "inference", "  rotation: {timeZone: Mars/Olympus}\n"),
+        "IANA time zone",
+    );
+    reject(
+        &apikey("a", "inference", "  rotation: {gracePeriod: -1h}\n"),
+        "non-negative duration",
+    );
+    reject(
+        &apikey("a", "inference", "  expiresAfter: 0s\n"),
+        "positive duration",
+    );
+    reject(
+        &apikey(
+            "a",
+            "inference",
+            "  rollout: {targets: [{kind: Pod, name: x}]}\n",
+        ),
+        "Unsupported value",
+    );
+
+    cluster.apply(&apikey(
+        "fixed",
+        "inference",
+        "  secretName: fixed-secret\n",
+    ));
+    reject(
+        &apikey("fixed", "inference", "  secretName: other\n"),
+        "secretName is immutable",
+    );
+    cluster.apply(&apikey("plain", "inference", ""));
+    reject(
+        &apikey("plain", "inference", "  secretName: added\n"),
+        "cannot be added or removed",
+    );
+
+    let table = cluster.kubectl(&["get", "ak"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "OWNER",
+            "TEAM",
+            "SCOPES",
+            "KEY",
+            "READY",
+            "REASON",
+            "NEXT-ROTATION",
+            "AGE"
+        ]
+    );
+}
+
+#[test]
+fn lifecycle_and_no_leaks() {
+    let Some(cluster) = Cluster::start("lifecycle_and_no_leaks") else {
+        return;
+    };
+    let url = sqlite_url(&cluster);
+    let operator = cluster.operator(&url, &[], "trace");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+
+    cluster.apply(&apikey("inference", "inference, \"models:read\"", ""));
+    let key = ready_key(&cluster, "inference", "inference", Duration::from_secs(5));
+    assert!(is_key(&key), "{key}");
+    let (code, json) = verify(&url, &key);
+    assert_eq!(code, 0, "{json}");
+    let verified: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(verified["owner"], "alice@example.com");
+    assert_eq!(verified["team"], "ml");
+    assert_eq!(
+        verified["scopes"],
+        serde_json::json!(["inference", "models:read"])
+    );
+    assert_eq!(verified["state"], "active");
+
+    let key_id = cluster.field("apikey/inference", NS, "{.status.keyId}");
+    assert_eq!(
+        cluster.field(
+            "secret/inference",
+            NS,
+            "{.metadata.annotations.keyward\\.dev/key-id}"
+        ),
+        key_id
+    );
+    assert_eq!(
+        cluster.field(
+            "secret/inference",
+            NS,
+            "{.metadata.labels.app\\.kubernetes\\.io/managed-by}"
+        ),
+        "keyward"
+    );
+    assert_eq!(
+        cluster.field(
+            "secret/inference",
+            NS,
+            "{.metadata.ownerReferences[0].controller}"
+        ),
+        "true"
+    );
+    assert_eq!(
+        cluster.field("apikey/inference", NS, "{.status.keyHint}"),
+        key[..7]
+    );
+    assert_eq!(
+        cluster.field("apikey/inference", NS, "{.metadata.finalizers[0]}"),
+        "keyward.dev/revoke"
+    );
+
+    // A scope edit keeps the key and updates the record.
+    let secret_version = cluster.field("secret/inference", NS, "{.metadata.resourceVersion}");
+    cluster.apply(&apikey("inference", "inference, metrics", ""));
+    wait_for(
+        "the new scopes in the database",
+        Duration::from_secs(10),
+        || {
+            let (_, json) = verify(&url, &key);
+            json.contains("metrics").then_some(())
+        },
+    );
+    assert_eq!(
+        cluster.field("secret/inference", NS, "{.metadata.resourceVersion}"),
+        secret_version
+    );
+
+    // Deletion revokes, then the ApiKey and its Secret are gone.
+    cluster.kubectl(&[
+        "delete",
+        "apikey",
+        "inference",
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+    assert_eq!(verify(&url, &key), (1, "revoked".to_owned()));
+    wait_for("the Secret to go", Duration::from_secs(10), || {
+        cluster
+            .try_kubectl(&["get", "secret", "inference"])
+            .is_err()
+            .then_some(())
+    });
+
+    // The key appears nowhere but where it belonged.
+    let (_, log) = operator.stop();
+    let logs = std::fs::read_to_string(log).unwrap();
+    assert!(logs.contains("TRACE"), "the operator logged at TRACE");
+    let events = cluster.kubectl(&["get", "events", "-A", "-o", "yaml"]);
+    let objects = cluster.kubectl(&["get", "apikeys", "-A", "-o", "yaml"]);
+    let mut database = Vec::new();
+    for entry in std::fs::read_dir(cluster.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("keys.db")
+        {
+            database.extend(std::fs::read(path).unwrap());
+        }
+    }
+    let database = String::from_utf8_lossy(&database);
+    for needle in [key.as_str(), &key[3..]] {
+        assert!(!logs.contains(needle), "key in the operator log");
+        assert!(!events.contains(needle), "key in Events");
+        assert!(!objects.contains(needle), "key in ApiKey objects");
+        assert!(!database.contains(needle), "key in the database file");
+    }
+}
+
+#[test]
+fn restarts_write_nothing_and_crashes_converge() {
+    let Some(cluster) = Cluster::start("restarts_write_nothing_and_crashes_converge") else {
+        return;
+    };
+    let url = sqlite_url(&cluster);
+    let operator = cluster.operator(&url, &[], "info");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    for name in ["one", "two", "three"] {
+        cluster.apply(&apikey(name, "inference", ""));
+    }
+    for name in ["one", "two", "three"] {
+        ready_key(&cluster, name, name, Duration::from_secs(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let versions = || {
+        cluster.kubectl(&[
+            "get",
+            "apikeys,secrets",
+            "-n",
+            NS,
+            "-o",
+            "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion} {end}",
+        ])
+    };
+    let before = versions();
+    operator.kill();
+    let operator = cluster.operator(&url, &[], "info");
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        versions(),
+        before,
+        "a restart on settled keys wrote something"
+    );
+    operator.kill();
+
+    // SIGKILL at several points of an issuance, then restart: one live key, in the Secret, valid.
+    for (i, delay) in [0u64, 30, 80, 150, 300, 600].into_iter().enumerate() {
+        let name = format!("crash-{i}");
+        let operator = cluster.operator(&url, &[], "info");
+        wait_for("the operator to start", Duration::from_secs(30), || {
+            operator
+                .log_text()
+                .contains("starting the ApiKey controller")
+                .then_some(())
+        });
+        cluster.apply(&apikey(&name, "inference", ""));
+        std::thread::sleep(Duration::from_millis(delay));
+        operator.kill();
+        let operator = cluster.operator(&url, &[], "info");
+        let key = ready_key(&cluster, &name, &name, Duration::from_secs(20));
+        assert_eq!(verify(&url, &key).0, 0, "{name}: the Secret's key verifies");
+        let live = live_records(&url, &cluster, &name, None);
+        assert!(live <= 2, "{name}: {live} live keys");
+        // An abandoned pending key (its plaintext gone) may wait out its 2 minute timeout;
+        // any other extra key is a leak. Only pending ones can be extra here.
+        if live == 2 {
+            let uid = cluster.field(&format!("apikey/{name}"), NS, "{.metadata.uid}");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let states: Vec<String> = runtime.block_on(async {
+                let store = SqlStore::connect(&url).await.unwrap();
+                store
+                    .load(&uid)
+                    .await
+                    .unwrap()
+                    .live
+                    .iter()
+                    .map(|r| r.state.to_string())
+                    .collect()
+            });
+            assert!(states.contains(&"pending".to_owned()), "{name}: {states:?}");
+        }
+        operator.kill();
+    }
+
+    // SIGKILL during deletion, then restart: revoked and gone.
+    for (i, delay) in [0u64, 50, 200].into_iter().enumerate() {
+        let name = format!("crash-{i}");
+        let key = cluster.secret_key(NS, &name).unwrap();
+        let operator = cluster.operator(&url, &[], "info");
+        wait_for("the operator to start", Duration::from_secs(30), || {
+            operator
+                .log_text()
+                .contains("starting the ApiKey controller")
+                .then_some(())
+        });
+        cluster.kubectl(&["delete", "apikey", &name, "--wait=false"]);
+        std::thread::sleep(Duration::from_millis(delay));
+        operator.kill();
+        let operator = cluster.operator(&url, &[], "info");
+        wait_for("the ApiKey to go", Duration::from_secs(20), || {
+            cluster
+                .try_kubectl(&["get", "apikey", &name])
+                .is_err()
+                .then_some(())
+        });
+        assert_eq!(verify(&url, &key), (1, "revoked".to_owned()), "{name}");
+        operator.kill();
+    }
+}
+
+#[test]
+fn foreign_deleted_and_edited_secrets() {
+    let Some(cluster) = Cluster::start("foreign_deleted_and_edited_secrets") else {
+        return;
+    };
+    let url = sqlite_url(&cluster);
+    let _operator = cluster.operator(&url, &[], "info");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+
+    // A Secret keyward does not own is never modified.
+    cluster.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "taken",
+        "--from-literal=api-key=theirs",
+    ]);
+    let version = cluster.field("secret/taken", NS, "{.metadata.resourceVersion}");
+    cluster.apply(&apikey("taken", "inference", ""));
+    let reason = wait_for("SecretConflict", Duration::from_secs(10), || {
+        let reason = cluster.field(
+            "apikey/taken",
+            NS,
+            r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
+        );
+        (reason == "SecretConflict").then_some(reason)
+    });
+    assert_eq!(reason, "SecretConflict");
+    let message = cluster.field(
+        "apikey/taken",
+        NS,
+        r#"{.status.conditions[?(@.type=="Ready")].message}"#,
+    );
+    assert!(message.contains("Secret taken already exists"), "{message}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        cluster.field("secret/taken", NS, "{.metadata.resourceVersion}"),
+        version
+    );
+    assert_eq!(cluster.secret_key(NS, "taken").as_deref(), Some("theirs"));
+    let events = cluster.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=taken",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("SecretConflict"), "{events}");
+
+    // A deleted Secret: new key, old revoked, Warning Event.
+    cluster.apply(&apikey("lost", "inference", ""));
+    let old = ready_key(&cluster, "lost", "lost", Duration::from_secs(10));
+    cluster.kubectl(&["delete", "secret", "lost"]);
+    let new = wait_for("a new key", Duration::from_secs(10), || {
+        cluster
+            .secret_key(NS, "lost")
+            .filter(|k| *k != old && is_key(k))
+    });
+    assert_eq!(verify(&url, &new).0, 0);
+    wait_for("the old key revoked", Duration::from_secs(10), || {
+        (verify(&url, &old) == (1, "revoked".to_owned())).then_some(())
+    });
+    let events = cluster.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=lost",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(events.contains("Reissued"), "{events}");
+
+    // An edited key: new key, the edited value is never accepted.
+    let before = cluster.secret_key(NS, "lost").unwrap();
+    let planted = format!("kw_{}", &before[3..].chars().rev().collect::<String>());
+    let patch = format!("{{\"stringData\":{{\"api-key\":\"{planted}\"}}}}");
+    cluster.kubectl(&["patch", "secret", "lost", "--type=merge", "-p", &patch]);
+    let replaced = wait_for("the edited key replaced", Duration::from_secs(10), || {
+        cluster
+            .secret_key(NS, "lost")
+            .filter(|k| *k != planted && *k != before)
+    });
+    assert_eq!(verify(&url, &replaced).0, 0);
+    assert_ne!(verify(&url, &planted).0, 0);
+    wait_for(
+        "the edited-over key revoked",
+        Duration::from_secs(10),
+        || (verify(&url, &before) == (1, "revoked".to_owned())).then_some(()),
+    );
+}
+
+#[test]
+fn deletion_waits_out_a_database_outage() {
+    let Some(cluster) = Cluster::start("deletion_waits_out_a_database_outage") else {
+        return;
+    };
+    let postgres = Postgres::start(cluster.dir.path());
+    let _operator = cluster.operator(&postgres.url, &[], "info");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    cluster.apply(&apikey("outage", "inference", ""));
+    let key = ready_key(&cluster, "outage", "outage", Duration::from_secs(10));
+
+    postgres.stop();
+    cluster.kubectl(&["delete", "apikey", "outage", "--wait=false"]);
+    let reason = wait_for("DatabaseUnavailable", Duration::from_secs(30), || {
+        let reason = cluster.field(
+            "apikey/outage",
+            NS,
+            r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
+        );
+        (reason == "DatabaseUnavailable").then_some(reason)
+    });
+    assert_eq!(reason, "DatabaseUnavailable");
+    assert!(
+        !cluster
+            .field("apikey/outage", NS, "{.metadata.deletionTimestamp}")
+            .is_empty()
+    );
+    assert!(
+        cluster.secret_key(NS, "outage").is_some(),
+        "nothing deleted before the revocation"
+    );
+
+    postgres.restart();
+    // Backoff doubles from 1 s; a few failures in, the next retry is well within a minute.
+    wait_for("the ApiKey to go", Duration::from_secs(90), || {
+        cluster
+            .try_kubectl(&["get", "apikey", "outage"])
+            .is_err()
+            .then_some(())
+    });
+    assert_eq!(verify(&postgres.url, &key), (1, "revoked".to_owned()));
+    assert!(cluster.secret_key(NS, "outage").is_none());
+}
+
+#[test]
+fn rotation_keeps_a_valid_key_in_the_secret() {
+    let Some(cluster) = Cluster::start("rotation_keeps_a_valid_key_in_the_secret") else {
+        return;
+    };
+    let url = sqlite_url(&cluster);
+    let _operator = cluster.operator(&url, &[], "info");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    cluster.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: scorer, namespace: default}\nspec:\n  replicas: 0\n  selector: {matchLabels: {app: scorer}}\n  template:\n    metadata: {labels: {app: scorer}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
+    );
+    cluster.apply(&apikey(
+        "rotating",
+        "inference",
+        "  rotation: {schedule: \"@every 20s\", gracePeriod: 10s}\n  rollout: {targets: [{kind: Deployment, name: scorer}]}\n",
+    ));
+    let first = ready_key(&cluster, "rotating", "rotating", Duration::from_secs(5));
+    let generation = || {
+        cluster
+            .field("deployment/scorer", NS, "{.metadata.generation}")
+            .parse::<i64>()
+            .unwrap()
+    };
+    assert_eq!(generation(), 1);
+
+    // Sample the Secret for 45 s (two rotations): every key seen must verify when seen.
+    let mut seen = BTreeSet::new();
+    let started = std::time::Instant::now();
+    let mut old_checked = false;
+    while started.elapsed() < Duration::from_secs(45) {
+        let key = cluster
+            .secret_key(NS, "rotating")
+            .expect("the Secret always holds a key");
+        let (code, json) = verify(&url, &key);
+        assert_eq!(code, 0, "the Secret held a key that did not verify: {json}");
+        if key != first && !old_checked {
+            // During the grace period the previous key still works.
+            let (code, state) = verify(&url, &first);
+            assert!(code == 0 && state.contains("retiring"), "{state}");
+            let previous = cluster.field("apikey/rotating", NS, "{.status.previousKeyExpiresAt}");
+            assert!(!previous.is_empty());
+            old_checked = true;
+        }
+        seen.insert(key);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(seen.len() >= 3, "rotated at least twice: {}", seen.len());
+    assert!(old_checked);
+    assert_ne!(
+        verify(&url, &first).0,
+        0,
+        "the first key stopped working after its grace period"
+    );
+    let revision: i64 = cluster
+        .field("apikey/rotating", NS, "{.status.revision}")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        generation(),
+        revision,
+        "one rollout per rotation (revision {revision})"
+    );
+    for field in ["lastRotatedAt", "nextRotationAt"] {
+        assert!(
+            !cluster
+                .field("apikey/rotating", NS, &format!("{{.status.{field}}}"))
+                .is_empty(),
+            "{field}"
+        );
+    }
+}
+
+#[test]
+fn kubectl_plugin_lists_rotates_and_revokes() {
+    let Some(cluster) = Cluster::start("kubectl_plugin_lists_rotates_and_revokes") else {
+        return;
+    };
+    let url = sqlite_url(&cluster);
+    let _operator = cluster.operator(&url, &[], "info");
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    for name in ["p1", "p2", "p3"] {
+        cluster.apply(&apikey(name, "inference", ""));
+    }
+    cluster.kubectl(&["label", "apikey", "p3", "team=search", "--overwrite"]);
+    let keys: Vec<String> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|n| ready_key(&cluster, n, n, Duration::from_secs(10)))
+        .collect();
+
+    let (ok, list, _) = cluster.plugin(&["list"]);
+    assert!(ok);
+    assert!(
+        list.starts_with("NAME") && list.contains("p1") && list.contains("Ready"),
+        "{list}"
+    );
+    let (ok, json, _) = cluster.plugin(&["list", "-A", "-o", "json"]);
+    assert!(ok);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(parsed["items"].as_array().unwrap().len(), 3);
+
+    let (ok, out, err) = cluster.plugin(&["rotate", "p1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("apikey p1 rotated"), "{out}");
+    assert!(verify(&url, &keys[0]).1.contains("retiring"));
+
+    let (ok, out, err) = cluster.plugin(&["rotate", "-l", "team=ml", "--immediate"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert_eq!(verify(&url, &keys[1]), (1, "revoked".to_owned()));
+    assert_eq!(verify(&url, &keys[2]).0, 0, "p3 is not team=ml");
+
+    let (ok, out, err) = cluster.plugin(&["rotate", "--all"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
+
+    let (ok, status, _) = cluster.plugin(&["status", "p1"]);
+    assert!(ok);
+    assert!(
+        status.contains("Rotated") && status.contains("Key hint:"),
+        "{status}"
+    );
+
+    let p3 = cluster.secret_key(NS, "p3").unwrap();
+    let (ok, out, err) = cluster.plugin(&["revoke", "p3"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(verify(&url, &p3), (1, "revoked".to_owned()));
+    let (ok, _, err) = cluster.plugin(&["status", "p3"]);
+    assert!(!ok && err.contains("not found"), "{err}");
+}
+
+#[test]
+fn one_leader_reconciles_and_a_standby_takes_over() {
+    let Some(cluster) = Cluster::start("one_leader_reconciles_and_a_standby_takes_over") else {
+        return;
+    };
+    let postgres = Postgres::start(cluster.dir.path());
+    let url = postgres.url.clone();
+    let election = ["--leader-election", "--lease-namespace", "default"];
+    let first = cluster.operator(
+        &url,
+        &[&election[..], &["--identity", "first"]].concat(),
+        "info",
+    );
+    wait_for("the first to lead", Duration::from_secs(60), || {
+        first.log_text().contains("became leader").then_some(())
+    });
+    let second = cluster.operator(
+        &url,
+        &[&election[..], &["--identity", "second"]].concat(),
+        "info",
+    );
+    wait_for("the second to wait", Duration::from_secs(30), || {
+        second
+            .log_text()
+            .contains("waiting for the leader lease")
+            .then_some(())
+    });
+
+    cluster.apply(&apikey("ha-1", "inference", ""));
+    ready_key(&cluster, "ha-1", "ha-1", Duration::from_secs(10));
+    assert!(first.log_text().contains("issued a key"));
+    assert!(
+        !second.log_text().contains("reconciling"),
+        "the standby reconciled"
+    );
+
+    first.kill();
+    let killed = std::time::Instant::now();
+    wait_for("the standby to lead", Duration::from_secs(30), || {
+        second.log_text().contains("became leader").then_some(())
+    });
+    let takeover = killed.elapsed();
+    assert!(
+        takeover <= Duration::from_secs(20),
+        "takeover took {takeover:?}"
+    );
+    eprintln!("failover took {takeover:?}");
+
+    cluster.apply(&apikey("ha-2", "inference", ""));
+    ready_key(&cluster, "ha-2", "ha-2", Duration::from_secs(10));
+    assert_eq!(
+        live_records(&url, &cluster, "ha-1", None),
+        1,
+        "no key issued twice"
+    );
+    assert_eq!(live_records(&url, &cluster, "ha-2", None), 1);
+}
