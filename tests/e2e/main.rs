@@ -644,6 +644,34 @@ fn kubectl_plugin_lists_rotates_and_revokes() {
         .map(|n| ready_key(&cluster, n, n, Duration::from_secs(10)))
         .collect();
 
+    // Plain kubectl: each new rotate value rotates exactly once.
+    let revision = || cluster.field("apikey/p2", NS, "{.status.revision}");
+    cluster.kubectl(&[
+        "annotate",
+        "apikey",
+        "p2",
+        "keyward.dev/rotate=by-hand-1",
+        "--overwrite",
+    ]);
+    wait_for("the annotated rotation", Duration::from_secs(10), || {
+        (revision() == "2").then_some(())
+    });
+    cluster.kubectl(&[
+        "annotate",
+        "apikey",
+        "p2",
+        "keyward.dev/rotate=by-hand-1",
+        "--overwrite",
+    ]);
+    cluster.kubectl(&["label", "apikey", "p2", "touched=yes"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(revision(), "2", "the same value rotated twice");
+    assert_eq!(
+        cluster.field("apikey/p2", NS, "{.status.lastRotationRequest}"),
+        "by-hand-1"
+    );
+    let p2_after_hand = cluster.secret_key(NS, "p2").unwrap();
+
     let (ok, list, _) = cluster.plugin(&["list"]);
     assert!(ok);
     assert!(
@@ -664,6 +692,11 @@ fn kubectl_plugin_lists_rotates_and_revokes() {
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 2, "{out}");
     assert_eq!(verify(&url, &keys[1]), (1, "revoked".to_owned()));
+    assert_eq!(
+        verify(&url, &p2_after_hand),
+        (1, "revoked".to_owned()),
+        "--immediate revokes every previous key"
+    );
     assert_eq!(verify(&url, &keys[2]).0, 0, "p3 is not team=ml");
 
     let (ok, out, err) = cluster.plugin(&["rotate", "--all"]);
