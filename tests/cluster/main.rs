@@ -1,4 +1,4 @@
-//! End-to-end tests against a real API server (see harness.rs for how one is
+//! Cluster tests against a real API server (see harness.rs for how one is
 //! found or started). Each test starts its own API server and operator.
 
 mod harness;
@@ -775,4 +775,87 @@ fn one_leader_reconciles_and_a_standby_takes_over() {
         "no key issued twice"
     );
     assert_eq!(live_records(&url, &cluster, "ha-2", None), 1);
+}
+
+#[test]
+fn the_operator_runs_with_exactly_the_packaged_permissions() {
+    let Some(cluster) = Cluster::start("the_operator_runs_with_exactly_the_packaged_permissions")
+    else {
+        return;
+    };
+    if std::env::var("KEYWARD_E2E_KUBECONFIG").is_ok() {
+        eprintln!(
+            "SKIP: the_operator_runs_with_exactly_the_packaged_permissions: needs the API server this harness starts"
+        );
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    // The chart's CRDs and the kustomize base apply to a real API server.
+    let crds = format!("{root}/charts/keyward/crds/apikey.yaml");
+    cluster.kubectl(&["apply", "--server-side", "-f", &crds]);
+    let config = format!("{root}/config");
+    cluster.kubectl(&["create", "namespace", "keyward-system"]);
+    cluster.kubectl(&["apply", "--dry-run=server", "-k", &config]);
+    cluster.kubectl(&["apply", "-k", &config]);
+    let can = |verb: &str, resource: &str| {
+        cluster
+            .try_kubectl(&[
+                "auth",
+                "can-i",
+                verb,
+                resource,
+                "--as",
+                harness::SERVICE_ACCOUNT,
+            ])
+            .is_ok_and(|out| out.trim() == "yes")
+    };
+    assert!(can("patch", "secrets"));
+    assert!(!can("update", "secrets"), "no more than the code uses");
+    assert!(
+        !can("patch", "customresourcedefinitions"),
+        "the CRD ships separately"
+    );
+
+    cluster.apply(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: scorer, namespace: default}\nspec:\n  replicas: 0\n  selector: {matchLabels: {app: scorer}}\n  template:\n    metadata: {labels: {app: scorer}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
+    );
+    let url = sqlite_url(&cluster);
+    let flags = [
+        "--skip-crd-install",
+        "--leader-election",
+        "--lease-namespace",
+        "keyward-system",
+        "--identity",
+        "rbac-test",
+    ];
+    let operator = cluster.operator_as(&cluster.service_account_kubeconfig(), &url, &flags, "info");
+    wait_for("leadership", Duration::from_secs(60), || {
+        operator.log_text().contains("became leader").then_some(())
+    });
+
+    // The whole life cycle: issue, rotate with a rollout, re-issue, revoke.
+    let rollout = "  rollout: {targets: [{kind: Deployment, name: scorer}]}\n";
+    cluster.apply(&apikey("rbac", "inference", rollout));
+    let first = ready_key(&cluster, "rbac", "rbac", Duration::from_secs(10));
+    cluster.kubectl(&["annotate", "apikey", "rbac", "keyward.dev/rotate=rbac-1"]);
+    wait_for("the rollout", Duration::from_secs(10), || {
+        (cluster.field("deployment/scorer", NS, "{.metadata.generation}") == "2").then_some(())
+    });
+    assert!(verify(&url, &first).1.contains("retiring"));
+    let rotated = cluster.secret_key(NS, "rbac").unwrap();
+    cluster.kubectl(&["delete", "secret", "rbac"]);
+    let current = wait_for("a re-issued key", Duration::from_secs(10), || {
+        cluster
+            .secret_key(NS, "rbac")
+            .filter(|k| is_key(k) && *k != rotated)
+    });
+    cluster.kubectl(&["delete", "apikey", "rbac", "--timeout=30s"]);
+    assert_eq!(verify(&url, &current), (1, "revoked".to_owned()));
+
+    let log = operator.log_text();
+    assert!(log.contains("issued a key"), "the operator worked");
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "a call was forbidden:\n{log}"
+    );
 }

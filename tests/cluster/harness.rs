@@ -16,6 +16,9 @@ use std::{
 
 pub const OPERATOR: &str = env!("CARGO_BIN_EXE_keyward");
 pub const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-keyward");
+/// The user name of the operator's ServiceAccount in config/.
+pub const SERVICE_ACCOUNT: &str = "system:serviceaccount:keyward-system:keyward";
+const SERVICE_ACCOUNT_TOKEN: &str = "operator-sa-token";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -103,9 +106,13 @@ impl Cluster {
             .spawn()
             .unwrap();
         let etcd = Guard(etcd);
+        // The second user is the operator's ServiceAccount as config/ binds it,
+        // so a test can run the operator with exactly those permissions.
         fs::write(
             root.join("tokens.csv"),
-            "e2e-token,admin,admin,system:masters\n",
+            format!(
+                "e2e-token,admin,admin,system:masters\n{SERVICE_ACCOUNT_TOKEN},{SERVICE_ACCOUNT},keyward-sa,\"system:serviceaccounts,system:serviceaccounts:keyward-system,system:authenticated\"\n"
+            ),
         )
         .unwrap();
         let key = root.join("sa.key");
@@ -143,13 +150,17 @@ impl Cluster {
             .unwrap();
         let apiserver = Guard(apiserver);
         let kubeconfig = root.join("kubeconfig");
-        fs::write(
-            &kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster: {{server: \"https://127.0.0.1:{api_port}\", insecure-skip-tls-verify: true}}\nusers:\n- name: admin\n  user: {{token: e2e-token}}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: admin, namespace: default}}\ncurrent-context: e2e\n"
-            ),
-        )
-        .unwrap();
+        let write_kubeconfig = |path: &Path, token: &str| {
+            fs::write(
+                path,
+                format!(
+                    "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster: {{server: \"https://127.0.0.1:{api_port}\", insecure-skip-tls-verify: true}}\nusers:\n- name: user\n  user: {{token: {token}}}\ncontexts:\n- name: e2e\n  context: {{cluster: e2e, user: user, namespace: default}}\ncurrent-context: e2e\n"
+                ),
+            )
+            .unwrap();
+        };
+        write_kubeconfig(&kubeconfig, "e2e-token");
+        write_kubeconfig(&root.join("kubeconfig-operator"), SERVICE_ACCOUNT_TOKEN);
         let cluster = Cluster {
             dir,
             kubeconfig,
@@ -251,13 +262,30 @@ impl Cluster {
 
     /// Starts `keyward run` against this cluster with its log in the temp dir.
     pub fn operator(&self, database_url: &str, extra: &[&str], rust_log: &str) -> Operator {
+        self.operator_as(&self.kubeconfig, database_url, extra, rust_log)
+    }
+
+    /// A kubeconfig that authenticates as the operator's ServiceAccount (only
+    /// with the API server started here).
+    pub fn service_account_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig-operator")
+    }
+
+    /// Starts `keyward run` with the given kubeconfig.
+    pub fn operator_as(
+        &self,
+        kubeconfig: &Path,
+        database_url: &str,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Operator {
         static STARTS: AtomicUsize = AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, Ordering::SeqCst);
         let log = self.dir.path().join(format!("operator-{n}.log"));
         let child = Command::new(OPERATOR)
             .args(["run", "--database-url", database_url])
             .args(extra)
-            .env("KUBECONFIG", &self.kubeconfig)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
