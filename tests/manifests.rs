@@ -67,10 +67,10 @@ fn render_defaults(template: &str) -> String {
             active.push(!last);
         } else if action == "end" {
             active.pop();
-        } else if let Some(path) = action.strip_prefix(".Values.").filter(|p| !p.contains(' ')) {
-            if emitting(&active) {
-                out.push_str(serde_yaml::to_string(&lookup(path)).unwrap().trim_end());
-            }
+        } else if let Some(path) = action.strip_prefix(".Values.").filter(|p| !p.contains(' '))
+            && emitting(&active)
+        {
+            out.push_str(serde_yaml::to_string(&lookup(path)).unwrap().trim_end());
         }
         rest = &rest[end + 2..];
     }
