@@ -89,8 +89,16 @@ async fn reconcile_inner(key: &Arc<ApiKey>, ctx: &Arc<Context>) -> Result<Action
             Finalizer::Cleanup(key) => ctx.reconciler.cleanup(&key).await,
         }
     })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        // A stale cached copy of an ApiKey that is already gone: nothing left to do.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(status)))
+            if status.is_not_found() =>
+        {
+            Ok(Action::await_change())
+        }
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
     let uid = key.uid().unwrap_or_default();
     match result {
         Ok(action) => {

@@ -136,28 +136,22 @@ fn chart_and_config_run_the_operator_with_the_same_flags() {
 #[test]
 fn every_value_is_documented_and_every_used_value_exists() {
     let text = read("charts/keyward/values.yaml");
-    // A key is documented by a comment right above it or above an enclosing key.
-    let mut documented_parents: Vec<(usize, bool)> = Vec::new();
+    // Every key, nested ones included, has a comment line directly above it.
     let mut previous = "";
-    for line in text.lines() {
-        let indent = line.len() - line.trim_start().len();
+    for (number, line) in text.lines().enumerate() {
         let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with("- ") {
-            previous = if trimmed.is_empty() { "" } else { line };
-            continue;
+        let is_key = !trimmed.is_empty()
+            && !trimmed.starts_with('#')
+            && !trimmed.starts_with("- ")
+            && trimmed.contains(':');
+        if is_key {
+            let key = trimmed.split(':').next().unwrap_or_default();
+            assert!(
+                previous.trim_start().starts_with('#'),
+                "values.yaml line {}: {key} has no comment line directly above it",
+                number + 1
+            );
         }
-        let Some((key, _)) = trimmed.split_once(':') else {
-            continue;
-        };
-        documented_parents.retain(|(parent_indent, _)| *parent_indent < indent);
-        let commented = previous.trim_start().starts_with('#');
-        let inherited = documented_parents.iter().any(|(_, c)| *c);
-        let is_leaf = !trimmed.ends_with(':');
-        assert!(
-            !is_leaf || commented || inherited,
-            "values.yaml: {key} has no comment"
-        );
-        documented_parents.push((indent, commented));
         previous = line;
     }
 

@@ -5,7 +5,7 @@ mod harness;
 
 use std::{collections::BTreeSet, time::Duration};
 
-use harness::{Cluster, Postgres, verify, wait_for};
+use harness::{Cluster, Operator, Postgres, verify, wait_for};
 use keyward::store::{KeyStore, SqlStore};
 
 const NS: &str = "default";
@@ -50,6 +50,17 @@ fn live_records(url: &str, cluster: &Cluster, name: &str, uid: Option<&str>) -> 
         store.close().await;
         live
     })
+}
+
+/// A cluster with one operator on an SQLite key database, once the CRD is served.
+fn start_with_operator(test: &str, rust_log: &str) -> Option<(Cluster, String, Operator)> {
+    let cluster = Cluster::start(test)?;
+    let url = sqlite_url(&cluster);
+    let operator = cluster.operator(&url, &[], rust_log);
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    Some((cluster, url, operator))
 }
 
 fn is_key(text: &str) -> bool {
@@ -189,14 +200,10 @@ fn crd_admission_columns_and_explain() {
 
 #[test]
 fn lifecycle_and_no_leaks() {
-    let Some(cluster) = Cluster::start("lifecycle_and_no_leaks") else {
+    let Some((cluster, url, operator)) = start_with_operator("lifecycle_and_no_leaks", "trace")
+    else {
         return;
     };
-    let url = sqlite_url(&cluster);
-    let operator = cluster.operator(&url, &[], "trace");
-    wait_for("the CRD", Duration::from_secs(60), || {
-        cluster.try_kubectl(&["get", "apikeys"]).ok()
-    });
 
     cluster.apply(&apikey("inference", "inference, \"models:read\"", ""));
     let key = ready_key(&cluster, "inference", "inference", Duration::from_secs(5));
@@ -307,14 +314,11 @@ fn lifecycle_and_no_leaks() {
 
 #[test]
 fn restarts_write_nothing_and_crashes_converge() {
-    let Some(cluster) = Cluster::start("restarts_write_nothing_and_crashes_converge") else {
+    let Some((cluster, url, operator)) =
+        start_with_operator("restarts_write_nothing_and_crashes_converge", "info")
+    else {
         return;
     };
-    let url = sqlite_url(&cluster);
-    let operator = cluster.operator(&url, &[], "info");
-    wait_for("the CRD", Duration::from_secs(60), || {
-        cluster.try_kubectl(&["get", "apikeys"]).ok()
-    });
     for name in ["one", "two", "three"] {
         cluster.apply(&apikey(name, "inference", ""));
     }
@@ -413,14 +417,11 @@ fn restarts_write_nothing_and_crashes_converge() {
 
 #[test]
 fn foreign_deleted_and_edited_secrets() {
-    let Some(cluster) = Cluster::start("foreign_deleted_and_edited_secrets") else {
+    let Some((cluster, url, _operator)) =
+        start_with_operator("foreign_deleted_and_edited_secrets", "info")
+    else {
         return;
     };
-    let url = sqlite_url(&cluster);
-    let _operator = cluster.operator(&url, &[], "info");
-    wait_for("the CRD", Duration::from_secs(60), || {
-        cluster.try_kubectl(&["get", "apikeys"]).ok()
-    });
 
     // A Secret keyward does not own is never modified.
     cluster.kubectl(&[
@@ -553,14 +554,11 @@ fn deletion_waits_out_a_database_outage() {
 
 #[test]
 fn rotation_keeps_a_valid_key_in_the_secret() {
-    let Some(cluster) = Cluster::start("rotation_keeps_a_valid_key_in_the_secret") else {
+    let Some((cluster, url, _operator)) =
+        start_with_operator("rotation_keeps_a_valid_key_in_the_secret", "info")
+    else {
         return;
     };
-    let url = sqlite_url(&cluster);
-    let _operator = cluster.operator(&url, &[], "info");
-    wait_for("the CRD", Duration::from_secs(60), || {
-        cluster.try_kubectl(&["get", "apikeys"]).ok()
-    });
     cluster.apply(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: scorer, namespace: default}\nspec:\n  replicas: 0\n  selector: {matchLabels: {app: scorer}}\n  template:\n    metadata: {labels: {app: scorer}}\n    spec: {containers: [{name: c, image: busybox}]}\n",
     );
@@ -627,14 +625,11 @@ fn rotation_keeps_a_valid_key_in_the_secret() {
 
 #[test]
 fn kubectl_plugin_lists_rotates_and_revokes() {
-    let Some(cluster) = Cluster::start("kubectl_plugin_lists_rotates_and_revokes") else {
+    let Some((cluster, url, _operator)) =
+        start_with_operator("kubectl_plugin_lists_rotates_and_revokes", "info")
+    else {
         return;
     };
-    let url = sqlite_url(&cluster);
-    let _operator = cluster.operator(&url, &[], "info");
-    wait_for("the CRD", Duration::from_secs(60), || {
-        cluster.try_kubectl(&["get", "apikeys"]).ok()
-    });
     for name in ["p1", "p2", "p3"] {
         cluster.apply(&apikey(name, "inference", ""));
     }
