@@ -39,6 +39,9 @@ use crate::{
 
 /// How often a settled ApiKey is looked at again without any watch event.
 pub const RESYNC: Duration = Duration::from_secs(3600);
+/// How often an ApiKey blocked by a foreign Secret looks again: the Secret watch
+/// sees only keyward's own Secrets, so the foreign one going away sends no event.
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(30);
 
 /// The Kubernetes calls the shell makes. Every write is a server-side apply
 /// with the `keyward` field manager, or a delete with a uid precondition.
@@ -69,7 +72,7 @@ pub trait Cluster: Send + Sync {
 #[derive(Clone)]
 pub struct KubeCluster {
     client: Client,
-    recorder: Recorder,
+    reporter: Reporter,
 }
 
 impl KubeCluster {
@@ -79,10 +82,7 @@ impl KubeCluster {
             controller: "keyward".into(),
             instance,
         };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-        }
+        Self { client, reporter }
     }
 }
 
@@ -154,7 +154,11 @@ impl Cluster for KubeCluster {
     }
 
     async fn publish(&self, key: &ApiKey, event: Event) -> Result<()> {
-        Ok(self.recorder.publish(&event, &key.object_ref(&())).await?)
+        // A fresh Recorder each time: a shared one folds Events with the same
+        // reason into a series that keeps the first note, and every keyward
+        // Event (published only on transitions) carries a different key id.
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        Ok(recorder.publish(&event, &key.object_ref(&())).await?)
     }
 
     async fn rollout_key_id(
@@ -348,7 +352,7 @@ impl Reconciler {
                 };
                 self.finish(&target, None, &[], Some(set.issued), None, &outcome)
                     .await?;
-                return Ok(Action::requeue(RESYNC));
+                return Ok(Action::requeue(CONFLICT_RECHECK));
             }
             Decision::Converge {
                 steps,

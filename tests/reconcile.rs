@@ -208,6 +208,12 @@ async fn a_foreign_secret_is_never_touched() {
     let before = h.cluster.secret(NS, "inference").unwrap();
     let mut key = api_key("inference", "uid-1");
     h.converge(&mut key).await;
+    // No event announces the foreign Secret going away, so it looks again soon.
+    let action = h.reconciler().apply(&key).await.unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(keyward::reconciler::CONFLICT_RECHECK)
+    );
 
     assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);
     let ready = key.ready_condition().unwrap();

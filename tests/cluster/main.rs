@@ -304,7 +304,15 @@ fn lifecycle_and_no_leaks() {
         }
     }
     let database = String::from_utf8_lossy(&database);
-    for needle in [key.as_str(), &key[3..]] {
+    let encoded = {
+        let output = std::process::Command::new("sh")
+            .args(["-c", &format!("printf %s '{key}' | base64 -w0")])
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(encoded.len(), 72, "base64 of the 52-character key");
+    for needle in [key.as_str(), &key[3..], &encoded] {
         assert!(!logs.contains(needle), "key in the operator log");
         assert!(!events.contains(needle), "key in Events");
         assert!(!objects.contains(needle), "key in ApiKey objects");
@@ -463,6 +471,9 @@ fn foreign_deleted_and_edited_secrets() {
         "jsonpath={.items[*].reason}",
     ]);
     assert!(events.contains("SecretConflict"), "{events}");
+    // Once the other Secret is gone, the key is issued without any edit.
+    cluster.kubectl(&["delete", "secret", "taken"]);
+    ready_key(&cluster, "taken", "taken", Duration::from_secs(45));
 
     // A deleted Secret: new key, old revoked, Warning Event.
     cluster.apply(&apikey("lost", "inference", ""));
@@ -504,6 +515,17 @@ fn foreign_deleted_and_edited_secrets() {
         Duration::from_secs(10),
         || (verify(&url, &before) == (1, "revoked".to_owned())).then_some(()),
     );
+    // Each re-issue has its own Event, naming what happened.
+    let notes = cluster.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=lost,reason=Reissued",
+        "-o",
+        "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+    ]);
+    assert!(notes.contains("was deleted"), "{notes}");
+    assert!(notes.contains("was changed"), "{notes}");
 }
 
 #[test]
