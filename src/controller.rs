@@ -8,31 +8,40 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
+use json_patch::{
+    AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf,
+};
 use k8s_openapi::{
-    api::core::v1::Secret,
+    api::core::v1::{ObjectReference, Secret},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api, Client, CustomResourceExt, ResourceExt,
-    api::{Patch, PatchParams},
+    Api, Client, CustomResourceExt, Resource, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::{Action, Config as ControllerConfig},
+        events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
+        reflector,
         wait::{await_condition, conditions},
         watcher,
     },
 };
 use kube_lease_manager::LeaseManagerBuilder;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     Error, Result,
     clock::SystemClock,
-    crd::{ApiKey, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
+    crd::{
+        ApiKey, FIELD_MANAGER, FINALIZER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    },
     key::{KeyFactory, OsEntropy},
-    reconciler::{KubeCluster, RateLimiter, Reconciler},
+    reconciler::{KubeCluster, RateLimiter, Reconciler, SecretCache, StatusMemo},
     store::SqlStore,
     telemetry::{Endpoints, Health, InstrumentedStore, Metrics},
 };
@@ -44,6 +53,9 @@ const LEASE_GRACE_SECS: u64 = 5;
 
 /// Longest wait between retries of a failing ApiKey.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a reconcile at start-up waits for the Secret cache's first list,
+/// so that a restart over a settled fleet reads no Secret; then it reads them.
+const SECRET_CACHE_WAIT: Duration = Duration::from_secs(30);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -51,22 +63,98 @@ pub struct Context {
     pub client: Client,
     /// The shell that does the work.
     pub reconciler: Reconciler,
+    /// Names Events about objects that cannot be read as an ApiKey.
+    reporter: Reporter,
+    /// The metadata-only cache of keyward's Secrets, once it is filled.
+    secrets: Option<SecretCache>,
     /// Consecutive failures per ApiKey uid, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// When a watch event first asked for each ApiKey (namespace, name) to be reconciled.
+    queued: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl Context {
-    /// A context with no failures recorded.
-    pub fn new(client: Client, reconciler: Reconciler) -> Self {
+    /// A context with no failures recorded. Without a Secret cache every
+    /// reconcile reads its Secret from the API server.
+    pub fn new(
+        client: Client,
+        reconciler: Reconciler,
+        instance: Option<String>,
+        secrets: Option<SecretCache>,
+    ) -> Self {
         Self {
             client,
             reconciler,
+            reporter: Reporter {
+                controller: "keyward".into(),
+                instance,
+            },
+            secrets,
             failures: Mutex::default(),
+            queued: Mutex::default(),
         }
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn queued(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Instant>> {
+        self.queued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes that a watch event asked for this ApiKey; the first request counts.
+    fn mark_queued(&self, namespace: Option<&str>, name: &str) {
+        if let Some(namespace) = namespace {
+            self.queued()
+                .entry((namespace.to_owned(), name.to_owned()))
+                .or_insert_with(Instant::now);
+        }
+    }
+
+    /// Records how long the ApiKey waited since the watch event that asked for it.
+    fn observe_queue_wait(&self, namespace: &str, name: &str) {
+        let since = self
+            .queued()
+            .remove(&(namespace.to_owned(), name.to_owned()));
+        if let Some(since) = since {
+            self.reconciler
+                .metrics
+                .queue_wait
+                .observe(since.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Waits (bounded) until the Secret cache has its first full list.
+    async fn secret_cache_synced(&self) {
+        let Some(cache) = &self.secrets else { return };
+        let deadline = Instant::now() + SECRET_CACHE_WAIT;
+        while !cache.synced.load(Ordering::Acquire) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Drops what is kept per ApiKey once it is gone.
+    fn forget(&self, uid: &str, namespace: &str, name: &str) {
+        self.failures().remove(uid);
+        self.queued()
+            .remove(&(namespace.to_owned(), name.to_owned()));
+        self.reconciler.status_memo.forget(uid);
+    }
+}
+
+/// Reconciles whatever the watch delivered: an ApiKey, or an object stored
+/// under the ApiKey kind that cannot be read as one (it must not stall the rest).
+pub async fn reconcile_object(
+    object: Arc<DeserializeGuard<ApiKey>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    match &object.0 {
+        Ok(key) => reconcile(Arc::new(key.clone()), ctx).await,
+        Err(invalid) => {
+            invalid_object(invalid, &ctx).await;
+            Ok(Action::await_change())
+        }
     }
 }
 
@@ -82,7 +170,18 @@ pub async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
 
 async fn reconcile_inner(key: &Arc<ApiKey>, ctx: &Arc<Context>) -> Result<Action> {
     let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+    ctx.observe_queue_wait(&namespace, &key.name_any());
+    ctx.secret_cache_synced().await;
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
+    // Add the finalizer and go on in the same round: waiting for the watch to
+    // bring the patched object back would cost every new ApiKey a second round.
+    let key = if key.metadata.deletion_timestamp.is_none() && !has_finalizer(key) {
+        Arc::new(add_finalizer(&api, key).await?)
+    } else {
+        key.clone()
+    };
+    let uid = key.uid().unwrap_or_default();
+    let name = key.name_any();
     let result = finalizer(&api, FINALIZER, key.clone(), |event| async {
         match event {
             Finalizer::Apply(key) => ctx.reconciler.apply(&key).await,
@@ -99,21 +198,178 @@ async fn reconcile_inner(key: &Arc<ApiKey>, ctx: &Arc<Context>) -> Result<Action
         }
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
     };
-    let uid = key.uid().unwrap_or_default();
     match result {
         Ok(action) => {
-            ctx.failures().remove(&uid);
+            if key.metadata.deletion_timestamp.is_some() {
+                ctx.forget(&uid, &namespace, &name);
+            } else {
+                ctx.failures().remove(&uid);
+            }
             Ok(action)
         }
         Err(error) => {
-            ctx.reconciler.report_failure(key, &error).await;
+            ctx.reconciler.report_failure(&key, &error).await;
             Err(error)
         }
     }
 }
 
+fn has_finalizer(key: &ApiKey) -> bool {
+    key.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds keyward's finalizer with the same guarded JSON patch the kube-runtime
+/// helper uses, and returns the object as the API server now has it.
+async fn add_finalizer(api: &Api<ApiKey>, key: &ApiKey) -> Result<ApiKey> {
+    let path = |p: &str| PointerBuf::parse(p).expect("a valid JSON pointer");
+    let finalizers = key.finalizers();
+    let patch = if finalizers.is_empty() {
+        vec![
+            PatchOperation::Test(TestOperation {
+                path: path("/metadata/finalizers"),
+                value: serde_json::Value::Null,
+            }),
+            PatchOperation::Add(AddOperation {
+                path: path("/metadata/finalizers"),
+                value: vec![FINALIZER].into(),
+            }),
+        ]
+    } else {
+        vec![
+            PatchOperation::Test(TestOperation {
+                path: path("/metadata/finalizers"),
+                value: finalizers.into(),
+            }),
+            PatchOperation::Add(AddOperation {
+                path: path("/metadata/finalizers/-"),
+                value: FINALIZER.into(),
+            }),
+        ]
+    };
+    Ok(api
+        .patch(
+            &key.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(json_patch::Patch(patch)),
+        )
+        .await?)
+}
+
+/// An object under the ApiKey kind that does not deserialize (stored before a
+/// schema change, or written past validation). It gets a Warning Event and a
+/// log line, and is otherwise left alone; the watch and the other ApiKeys go
+/// on. If it is being deleted, its keys are revoked all the same (found by uid),
+/// its Secrets deleted, and the finalizer removed, so deletion still fails closed.
+async fn invalid_object(invalid: &InvalidObject, ctx: &Context) {
+    let meta = &invalid.metadata;
+    let (namespace, name) = (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    );
+    warn!(apikey = name, namespace, error = %invalid.error, "cannot read this ApiKey; skipping it");
+    let note = format!(
+        "keyward cannot read this ApiKey ({}); fix the field with kubectl edit, or delete and recreate the ApiKey. Other ApiKeys are not affected.",
+        invalid.error
+    );
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "InvalidObject".into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    let reference = ObjectReference {
+        api_version: Some(ApiKey::api_version(&()).into_owned()),
+        kind: Some(ApiKey::kind(&()).into_owned()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        resource_version: meta.resource_version.clone(),
+        ..ObjectReference::default()
+    };
+    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(error = %e, "could not publish an Event");
+    }
+    let finalizing = meta.deletion_timestamp.is_some()
+        && meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
+    if finalizing && let Err(e) = release_invalid(meta, ctx).await {
+        // Retried on the next change or resync; the finalizer stays meanwhile.
+        warn!(apikey = name, namespace, error = %e, "could not revoke the keys of an unreadable ApiKey");
+    }
+}
+
+/// Revokes the keys of an unreadable ApiKey being deleted, deletes the Secrets
+/// it controls, then removes the finalizer.
+async fn release_invalid(meta: &ObjectMeta, ctx: &Context) -> Result<()> {
+    let uid = meta.uid.clone().ok_or(Error::MissingMetadata("uid"))?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or(Error::MissingMetadata("namespace"))?;
+    let name = meta.name.clone().ok_or(Error::MissingMetadata("name"))?;
+    let mut stand_in = ApiKey::new(&name, crate::crd::ApiKeySpec::default());
+    stand_in.metadata = ObjectMeta {
+        annotations: None,
+        labels: None,
+        managed_fields: None,
+        ..meta.clone()
+    };
+    ctx.reconciler.revoke_all(&stand_in, &uid).await?;
+    if let Some(cache) = &ctx.secrets {
+        let owned = cache.store.state().into_iter().filter(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && s.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+        });
+        for secret in owned {
+            let (Some(secret_name), Some(secret_uid)) = (
+                secret.metadata.name.as_deref(),
+                secret.metadata.uid.as_deref(),
+            ) else {
+                continue;
+            };
+            ctx.reconciler
+                .cluster
+                .delete_secret(&namespace, secret_name, secret_uid)
+                .await?;
+        }
+    }
+    let finalizers = meta.finalizers.clone().unwrap_or_default();
+    let index = finalizers
+        .iter()
+        .position(|f| f == FINALIZER)
+        .expect("checked by the caller");
+    let path =
+        PointerBuf::parse(format!("/metadata/finalizers/{index}")).expect("a valid JSON pointer");
+    let patch = json_patch::Patch(vec![
+        PatchOperation::Test(TestOperation {
+            path: path.clone(),
+            value: FINALIZER.into(),
+        }),
+        PatchOperation::Remove(RemoveOperation { path }),
+    ]);
+    // The object cannot be deserialized, so the patch response is not either.
+    let api: Api<DeserializeGuard<ApiKey>> = Api::namespaced(ctx.client.clone(), &namespace);
+    api.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await?;
+    info!(
+        apikey = name,
+        namespace, "revoked the keys of an unreadable ApiKey and released it"
+    );
+    ctx.forget(&uid, &namespace, &name);
+    Ok(())
+}
+
 /// Retries a failed ApiKey after 1 s, 2 s, 4 s … up to five minutes.
-pub fn error_policy(key: Arc<ApiKey>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    key: Arc<DeserializeGuard<ApiKey>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     let mut failures = ctx.failures();
     let count = failures.entry(key.uid().unwrap_or_default()).or_insert(0);
     *count = count.saturating_add(1);
@@ -182,10 +438,17 @@ pub async fn run(config: RunConfig) -> Result<()> {
         });
     }
 
+    let (secret_store, secret_writer) = reflector::store();
+    let secrets = SecretCache {
+        store: secret_store,
+        synced: Arc::default(),
+    };
     let reconciler = Reconciler {
         cluster: Arc::new(KubeCluster::new(
             client.clone(),
             Some(config.identity.clone()),
+            Some(secrets.clone()),
+            metrics.clone(),
         )),
         store: Arc::new(InstrumentedStore {
             inner: store.clone(),
@@ -195,13 +458,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
         keys,
         issue_limiter: Arc::new(RateLimiter::per_second(config.max_issues_per_second)),
         metrics: metrics.clone(),
+        status_memo: Arc::new(StatusMemo::default()),
+    };
+    let watches = Watches {
+        secrets,
+        secret_writer,
     };
 
     let outcome = if config.leader_election {
-        lead_then_run(&config, client, reconciler, &metrics, health).await
+        lead_then_run(&config, client, reconciler, watches, &metrics, health).await
     } else {
         metrics.leader.set(1);
-        run_controller(&config, client, reconciler, health).await
+        run_controller(&config, client, reconciler, watches, health).await
     };
     store.close().await;
     outcome
@@ -212,6 +480,7 @@ async fn lead_then_run(
     config: &RunConfig,
     client: Client,
     reconciler: Reconciler,
+    watches: Watches,
     metrics: &Metrics,
     health: Arc<Health>,
 ) -> Result<()> {
@@ -244,7 +513,7 @@ async fn lead_then_run(
     health.standby.store(false, Ordering::SeqCst);
     metrics.leader.set(1);
     let outcome = tokio::select! {
-        ran = run_controller(config, client, reconciler, health) => ran,
+        ran = run_controller(config, client, reconciler, watches, health) => ran,
         lost = leading.wait_for(|is_leader| !*is_leader) => {
             metrics.leader.set(0);
             let why = if lost.is_ok() { "lost the leader lease" } else { "the lease manager stopped" };
@@ -282,50 +551,142 @@ async fn shutdown_signal() {
     }
 }
 
+/// The Secret cache the shell reads and the writer its watch fills.
+struct Watches {
+    secrets: SecretCache,
+    secret_writer: reflector::store::Writer<PartialObjectMeta<Secret>>,
+}
+
+/// Keeps only what the operator reads of an ApiKey: no managedFields, no
+/// labels, and of the annotations only keyward's own.
+fn slim_apikey(object: &mut DeserializeGuard<ApiKey>) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k.starts_with("keyward.dev/"));
+    }
+}
+
+/// Keeps only what the operator reads of a Secret's metadata: name, uid,
+/// resourceVersion, owner references and the key-id annotation.
+fn slim_secret(secret: &mut PartialObjectMeta<Secret>) {
+    let meta = &mut secret.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == KEY_ID_ANNOTATION);
+    }
+}
+
+/// Runs the metadata-only watch of keyward's Secrets in its own task: it fills
+/// the Secret cache (its data is never fetched, so no key is cached here) and
+/// forwards each changed Secret to the controller, which reconciles its owner.
+/// Driving it apart from the controller lets reconciles wait for its first list.
+fn watch_secrets(
+    client: Client,
+    watches: Watches,
+) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
+    let owned_secrets =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let synced = watches.secrets.synced.clone();
+    let (sender, receiver) = tokio::sync::mpsc::channel(1024);
+    let changes = watcher(Api::<PartialObjectMeta<Secret>>::all(client), owned_secrets)
+        .default_backoff()
+        .modify(slim_secret)
+        .reflect(watches.secret_writer)
+        .inspect_ok(move |event| {
+            if matches!(event, watcher::Event::InitDone) && !synced.swap(true, Ordering::AcqRel) {
+                info!("Secret watch synced");
+            }
+        })
+        .touched_objects();
+    tokio::spawn(async move {
+        let mut changes = std::pin::pin!(changes);
+        while let Some(change) = changes.next().await {
+            match change {
+                Ok(secret) => {
+                    if sender.send(Ok(secret)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => debug!(error = %e, "Secret watch error; retrying"),
+            }
+        }
+    });
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+}
+
 /// Installs the CRD if asked, then runs the controller until a shutdown signal.
 async fn run_controller(
     config: &RunConfig,
     client: Client,
     reconciler: Reconciler,
+    watches: Watches,
     health: Arc<Health>,
 ) -> Result<()> {
     if !config.skip_crd_install {
         install_crd(client.clone()).await?;
     }
-    let context = Arc::new(Context::new(client.clone(), reconciler));
-    let owned_secrets =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let secrets = watches.secrets.clone();
+    let context = Arc::new(Context::new(
+        client.clone(),
+        reconciler,
+        Some(config.identity.clone()),
+        Some(secrets.clone()),
+    ));
     info!("starting the ApiKey controller");
-    let controller = Controller::new(
-        Api::<ApiKey>::all(client.clone()),
+    let (keys, key_writer) = reflector::store();
+    let queue = context.clone();
+    let key_changes = watcher(
+        Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(ControllerConfig::default().concurrency(config.max_concurrent_reconciles))
-    // `owns` watches metadata only: Secret data is never cached here.
-    .owns(Api::<Secret>::all(client), owned_secrets)
-    .shutdown_on_signal();
-    let synced = controller.store();
+    .default_backoff()
+    .modify(slim_apikey)
+    .reflect(key_writer)
+    .applied_objects()
+    .inspect_ok(move |key| queue.mark_queued(key.meta().namespace.as_deref(), &key.name_any()));
+    let queue = context.clone();
+    let secret_changes = watch_secrets(client, watches).inspect_ok(move |secret| {
+        let owner = secret
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        if let Some(owner) = owner {
+            queue.mark_queued(secret.metadata.namespace.as_deref(), &owner.name);
+        }
+    });
+    let controller = Controller::for_stream(key_changes, keys.clone())
+        .owns_stream(secret_changes)
+        .with_config(ControllerConfig::default().concurrency(config.max_concurrent_reconciles))
+        .shutdown_on_signal();
     tokio::spawn(async move {
         // Re-polled each second: a second waiter on the store's readiness is not
         // always woken when the controller's own waiter takes the value.
         loop {
-            let ready = tokio::time::timeout(Duration::from_secs(1), synced.wait_until_ready());
+            let ready = tokio::time::timeout(Duration::from_secs(1), keys.wait_until_ready());
             match ready.await {
-                Ok(Ok(())) => {
+                Ok(Ok(())) if secrets.synced.load(Ordering::Acquire) => {
                     health.watches_synced.store(true, Ordering::SeqCst);
                     info!("ApiKey watch synced");
                     return;
                 }
+                Ok(Ok(())) => tokio::time::sleep(Duration::from_millis(200)).await,
                 Ok(Err(_)) => return,
                 Err(_) => {}
             }
         }
     });
     controller
-        .run(reconcile, error_policy, context)
+        .run(reconcile_object, error_policy, context)
         .for_each(|result| async move {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+                debug!(error = %e, "controller event");
             }
         })
         .await;

@@ -46,8 +46,9 @@ pub struct Policy {
     pub expires_after: Option<SignedDuration>,
     /// The `keyward.dev/rotate` annotation value, if any.
     pub rotation_request: Option<String>,
-    /// `keyward.dev/revoke-previous` is set: a new request revokes older keys at once.
-    pub revoke_previous: bool,
+    /// The `keyward.dev/revoke-previous` value, if set: the next new rotate request
+    /// revokes older keys at once. keyward removes it once that request is handled.
+    pub revoke_previous: Option<String>,
 }
 
 impl Policy {
@@ -87,7 +88,7 @@ impl Policy {
                 .get(ROTATE_ANNOTATION)
                 .filter(|v| !v.is_empty())
                 .cloned(),
-            revoke_previous: annotations.contains_key(REVOKE_PREVIOUS_ANNOTATION),
+            revoke_previous: annotations.get(REVOKE_PREVIOUS_ANNOTATION).cloned(),
         })
     }
 
@@ -127,12 +128,13 @@ pub enum Step {
         /// End of its grace period.
         expires_at: Timestamp,
     },
-    /// spec.expiresAfter changed: move the active key's expiry.
-    SetExpiry {
+    /// spec.expiresAfter was tightened: bring the active key's expiry forward.
+    /// A key's validity only ever shrinks, so there is no step that extends it.
+    ShortenExpiry {
         /// The active record.
         key_id: String,
-        /// The new expiry, or none.
-        expires_at: Option<Timestamp>,
+        /// The new, earlier expiry.
+        expires_at: Timestamp,
     },
     /// Owner, team or scopes changed in the spec: update the record in place.
     UpdateMetadata {
@@ -145,6 +147,14 @@ pub enum Step {
         key_id: String,
         /// Why.
         reason: RevokeReason,
+    },
+    /// The emergency rotation asked for by `keyward.dev/revoke-previous` is done:
+    /// remove that annotation, so that it applies to exactly one rotate request.
+    ConsumeRevokePrevious {
+        /// The rotate request it was handled with; the removal is conditional on it.
+        rotation_request: String,
+        /// The annotation value; the removal is conditional on it too.
+        value: String,
     },
 }
 
@@ -224,7 +234,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 && policy.rotation_request != record.rotation_request;
             let next_rotation = policy.next_rotation(since);
             if requested || next_rotation.is_some_and(|next| next <= now) {
-                let reason = match (requested, policy.revoke_previous) {
+                let reason = match (requested, policy.revoke_previous.is_some()) {
                     (true, true) => IssueReason::Emergency,
                     (true, false) => IssueReason::Requested,
                     (false, _) => IssueReason::Scheduled,
@@ -235,13 +245,16 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 });
                 (None, reason, now)
             } else {
-                let expires_at = policy.expiry_from(since);
-                if record.expires_at != expires_at {
-                    steps.push(Step::SetExpiry {
-                        key_id: record.key_id.clone(),
-                        expires_at,
-                    });
-                }
+                let expires_at = match (policy.expiry_from(since), record.expires_at) {
+                    (Some(tighter), current) if current.is_none_or(|c| tighter < c) => {
+                        steps.push(Step::ShortenExpiry {
+                            key_id: record.key_id.clone(),
+                            expires_at: tighter,
+                        });
+                        Some(tighter)
+                    }
+                    (_, current) => current,
+                };
                 wakeup.at(next_rotation);
                 wakeup.at(expires_at.filter(|t| *t > now));
                 (Some(record), record.issue_reason, since)
@@ -291,13 +304,20 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             continue;
         }
         let key_id = record.key_id.clone();
+        // A key's validity only ever shrinks: a grace period never outlives the
+        // key's own expiry, and an expired key is never brought back.
+        let expired = record.expires_at.is_some_and(|at| at <= now);
         match record.state {
+            KeyState::Active if expired => steps.push(Step::Revoke {
+                key_id,
+                reason: RevokeReason::Expired,
+            }),
             KeyState::Active if graceful => {
-                steps.push(Step::Retire {
-                    key_id,
-                    expires_at: grace_ends,
-                });
-                wakeup.at(Some(grace_ends));
+                let expires_at = record
+                    .expires_at
+                    .map_or(grace_ends, |own| own.min(grace_ends));
+                steps.push(Step::Retire { key_id, expires_at });
+                wakeup.at(Some(expires_at));
             }
             KeyState::Active => steps.push(Step::Revoke {
                 key_id,
@@ -335,6 +355,25 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             }
             KeyState::Revoked => {}
         }
+    }
+    // The emergency is over once the key in the Secret came from it (issued now,
+    // or earlier by a run that crashed before removing the annotation).
+    let emergency_done = match current {
+        Some(record) => {
+            record.issue_reason == IssueReason::Emergency
+                && record.rotation_request == policy.rotation_request
+        }
+        None => current_reason == IssueReason::Emergency,
+    };
+    if let (true, Some(value), Some(request)) = (
+        emergency_done,
+        &policy.revoke_previous,
+        &policy.rotation_request,
+    ) {
+        steps.push(Step::ConsumeRevokePrevious {
+            rotation_request: request.clone(),
+            value: value.clone(),
+        });
     }
     Decision::Converge {
         steps,
@@ -386,6 +425,8 @@ pub struct StatusInput<'a> {
     pub issued: Option<i64>,
     /// Rotation rules, if the spec is valid.
     pub policy: Option<&'a Policy>,
+    /// The target Secret's resourceVersion after the reconcile, when it holds `current`.
+    pub secret_version: Option<&'a str>,
     /// How the reconcile ended.
     pub outcome: &'a Outcome,
     /// The current time, used only when the Ready condition changes status.
@@ -427,7 +468,7 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         .iter()
         .find(|c| c.type_ == READY && c.status == status)
         .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(input.now));
+        .unwrap_or(seconds(input.now));
     let ready = Condition {
         type_: READY.to_owned(),
         status: status.to_owned(),
@@ -456,23 +497,32 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
             status.key_id = Some(current.key_id.clone());
             status.key_hint = Some(current.key_hint.clone());
             status.secret_name = Some(input.secret_name.to_owned());
-            status.issued_at = current.activated_at.map(Time);
-            status.expires_at = current.expires_at.map(Time);
-            status.next_rotation_at = input.policy.and_then(|p| p.next_rotation(since)).map(Time);
+            status.issued_at = current.activated_at.map(seconds);
+            status.expires_at = current.expires_at.map(seconds);
+            status.next_rotation_at = input
+                .policy
+                .and_then(|p| p.next_rotation(since))
+                .map(seconds);
             status.previous_key_expires_at = input
                 .records
                 .iter()
                 .filter(|r| r.state == KeyState::Retiring)
                 .filter_map(|r| r.expires_at)
                 .max()
-                .map(Time);
+                .map(seconds);
             if current.issue_reason.is_rotation() {
-                status.last_rotated_at = Some(Time(since));
+                status.last_rotated_at = Some(seconds(since));
+            }
+            if let Some(version) = input.secret_version {
+                status.secret_resource_version = Some(version.to_owned());
             }
             status.last_rotation_request = current
                 .rotation_request
                 .clone()
                 .or(previous.last_rotation_request);
+            if current.issue_reason == IssueReason::Emergency {
+                status.last_emergency_request = current.rotation_request.clone();
+            }
         }
         (Outcome::SecretConflict { .. }, _) => {
             status.key_id = None;
@@ -482,10 +532,17 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
             status.expires_at = None;
             status.next_rotation_at = None;
             status.previous_key_expires_at = None;
+            status.secret_resource_version = None;
         }
         _ => {}
     }
     status
+}
+
+/// A status time as the API server stores it: whole seconds. Anything finer
+/// would never compare equal to the stored status, and every reconcile would write.
+fn seconds(at: Timestamp) -> Time {
+    Time(Timestamp::from_second(at.as_second()).unwrap_or(at))
 }
 
 #[cfg(test)]
@@ -755,6 +812,7 @@ mod tests {
             records: std::slice::from_ref(&current),
             issued: Some(1),
             policy: Some(&no_rotation()),
+            secret_version: None,
             outcome: &Outcome::Ready,
             now,
         })
@@ -789,6 +847,7 @@ mod tests {
             records: &[],
             issued: None,
             policy: None,
+            secret_version: None,
             outcome: &Outcome::Failed {
                 reason: "DatabaseUnavailable".into(),
                 message: "key database error: connection refused".into(),
@@ -813,6 +872,7 @@ mod tests {
             records: &[],
             issued: Some(0),
             policy: None,
+            secret_version: None,
             outcome: &Outcome::SecretConflict {
                 secret_name: "key".into(),
             },
@@ -1008,7 +1068,69 @@ mod tests {
                     key_id: "a".into(),
                     reason: RevokeReason::Emergency
                 },
+                consume("leak-1"),
             ]
+        );
+    }
+
+    fn consume(request: &str) -> Step {
+        Step::ConsumeRevokePrevious {
+            rotation_request: request.into(),
+            value: "now".into(),
+        }
+    }
+
+    #[test]
+    fn revoke_previous_applies_to_exactly_one_rotate_request() {
+        let emergency = policy(
+            every("@daily", "1h"),
+            None,
+            &[
+                ("keyward.dev/rotate", "leak-1"),
+                ("keyward.dev/revoke-previous", "now"),
+            ],
+        );
+        // A crash after the emergency rotation, before the annotation was removed:
+        // nothing is issued again, and the annotation is removed.
+        let mut new = record("b", KeyState::Active, t(20));
+        new.issue_reason = IssueReason::Emergency;
+        new.rotation_request = Some("leak-1".into());
+        assert_eq!(
+            steps(decide_under(&emergency, &[new.clone()], &owned("b"), t(30))),
+            vec![consume("leak-1")]
+        );
+        // Months later a routine request, with the annotation gone, keeps a grace period.
+        let routine = policy(
+            every("@daily", "1h"),
+            None,
+            &[("keyward.dev/rotate", "routine-2")],
+        );
+        assert_eq!(
+            steps(decide_under(&routine, &[new.clone()], &owned("b"), t(100))),
+            vec![
+                issue(IssueReason::Requested),
+                Step::Retire {
+                    key_id: "b".into(),
+                    expires_at: t(100) + SignedDuration::from_hours(1)
+                }
+            ]
+        );
+        // revoke-previous set on its own, after a handled routine request, waits for
+        // the next request and is not consumed by the old one.
+        let mut routine_key = record("c", KeyState::Active, t(200));
+        routine_key.issue_reason = IssueReason::Requested;
+        routine_key.rotation_request = Some("routine-2".into());
+        let armed = policy(
+            every("@daily", "1h"),
+            None,
+            &[
+                ("keyward.dev/rotate", "routine-2"),
+                ("keyward.dev/revoke-previous", "now"),
+            ],
+        );
+        assert_eq!(
+            steps(decide_under(&armed, &[routine_key], &owned("c"), t(300))),
+            vec![]
         );
     }
 
@@ -1022,21 +1144,107 @@ mod tests {
                 expires_at: Some(t(86_400))
             }]
         );
-        // A changed expiresAfter moves the existing key's expiry; the key stays.
+        // A new or tightened expiresAfter brings the existing key's expiry forward; the key stays.
         let records = [record("a", KeyState::Active, t(0))];
         let decision = decide_under(&p, &records, &owned("a"), t(10));
         assert_eq!(
             steps(decision.clone()),
-            vec![Step::SetExpiry {
+            vec![Step::ShortenExpiry {
                 key_id: "a".into(),
-                expires_at: Some(t(86_400))
+                expires_at: t(86_400)
             }]
         );
         let mut settled = record("a", KeyState::Active, t(0));
         settled.expires_at = Some(t(86_400));
-        let decision = decide_under(&p, &[settled], &owned("a"), t(10));
+        let decision = decide_under(&p, &[settled.clone()], &owned("a"), t(10));
         assert_eq!(steps(decision.clone()), vec![]);
         assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(86_390)));
+        // A loosened or removed expiresAfter never extends the key it was issued with.
+        for looser in [
+            policy(crate::crd::RotationSpec::default(), Some("48h"), &[]),
+            no_rotation(),
+        ] {
+            let decision = decide_under(&looser, &[settled.clone()], &owned("a"), t(10));
+            assert_eq!(steps(decision.clone()), vec![]);
+            assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(86_390)));
+        }
+    }
+
+    #[test]
+    fn rotating_an_expired_key_never_brings_it_back() {
+        // The key expired at t(15); a rotate request arrives at t(60).
+        let p = policy(
+            every("@daily", "1h"),
+            Some("15s"),
+            &[("keyward.dev/rotate", "renew")],
+        );
+        let mut expired = record("a", KeyState::Active, t(0));
+        expired.expires_at = Some(t(15));
+        assert_eq!(
+            steps(decide_under(&p, &[expired], &owned("a"), t(60))),
+            vec![
+                Step::Issue {
+                    reason: IssueReason::Requested,
+                    expires_at: Some(t(75)),
+                },
+                Step::Revoke {
+                    key_id: "a".into(),
+                    reason: RevokeReason::Expired
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_grace_period_never_outlives_the_old_keys_own_expiry() {
+        // The old key expires at t(600); a 1h grace period from t(100) would end at t(3700).
+        let p = policy(
+            every("@daily", "1h"),
+            Some("24h"),
+            &[("keyward.dev/rotate", "r1")],
+        );
+        let mut old = record("a", KeyState::Active, t(0));
+        old.expires_at = Some(t(600));
+        let decision = decide_under(&p, &[old.clone()], &owned("a"), t(100));
+        assert_eq!(
+            steps(decision.clone()),
+            vec![
+                Step::Issue {
+                    reason: IssueReason::Requested,
+                    expires_at: Some(t(100 + 86_400)),
+                },
+                Step::Retire {
+                    key_id: "a".into(),
+                    expires_at: t(600)
+                }
+            ]
+        );
+        assert_eq!(requeue(&decision), Some(SignedDuration::from_secs(500)));
+        // After a crash between the new key's activation and the retire step, the same holds.
+        let mut new = record("b", KeyState::Active, t(100));
+        new.issue_reason = IssueReason::Requested;
+        new.rotation_request = Some("r1".into());
+        new.expires_at = Some(t(100 + 86_400));
+        assert_eq!(
+            steps(decide_under(
+                &p,
+                &[old.clone(), new.clone()],
+                &owned("b"),
+                t(200)
+            )),
+            vec![Step::Retire {
+                key_id: "a".into(),
+                expires_at: t(600)
+            }]
+        );
+        // And once its own expiry has passed, it is revoked, not retired.
+        assert_eq!(
+            steps(decide_under(&p, &[old, new], &owned("b"), t(700))),
+            vec![Step::Revoke {
+                key_id: "a".into(),
+                reason: RevokeReason::Expired
+            }]
+        );
     }
 
     #[test]
@@ -1095,6 +1303,7 @@ mod tests {
             records: &records,
             issued: Some(2),
             policy: Some(&p),
+            secret_version: None,
             outcome: &Outcome::Ready,
             now: t(21),
         });

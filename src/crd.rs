@@ -22,13 +22,14 @@ pub const MANAGED_BY_VALUE: &str = "keyward";
 pub const READY: &str = "Ready";
 /// Annotation on an ApiKey: a new value requests one rotation.
 pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
-/// Annotation on an ApiKey: together with a new rotate request, revoke the previous keys at once.
+/// Annotation on an ApiKey: the next new rotate request revokes the previous keys at
+/// once. keyward removes it when that emergency rotation is done.
 pub const REVOKE_PREVIOUS_ANNOTATION: &str = "keyward.dev/revoke-previous";
 /// Grace period of a rotated-out key when `spec.rotation.gracePeriod` is not set.
 pub const DEFAULT_GRACE_PERIOD: &str = "1h";
 
 /// The key to issue: who owns it, what it may do, and which Secret receives it.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "keyward.dev",
     version = "v1alpha1",
@@ -221,9 +222,17 @@ pub struct ApiKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
 
+    /// The target Secret's resourceVersion when keyward last read or wrote the key in it. While the Secret keeps this version it still holds `keyId`, so it is not read again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_resource_version: Option<String>,
+
     /// The last `keyward.dev/rotate` annotation value that has been handled; the same value never rotates twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_request: Option<String>,
+
+    /// The last `keyward.dev/rotate` value handled as an emergency (with `keyward.dev/revoke-previous`): every older key was revoked at once, with no grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_emergency_request: Option<String>,
 }
 
 impl ApiKey {

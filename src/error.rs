@@ -13,9 +13,22 @@ pub enum Error {
     #[error("key database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 
-    /// A Kubernetes API call failed.
-    #[error("Kubernetes API error: {0}")]
+    /// A Kubernetes API call failed. The message keeps the HTTP code and reason
+    /// only: status and Events should stay short, and a server message could be long.
+    #[error("Kubernetes API error: {}", kube_summary(.0))]
     Kube(#[from] kube::Error),
+
+    /// The target Secret changed between reading it and writing the new key; the
+    /// key was revoked unused and the next reconcile reads the Secret again.
+    #[error(
+        "Secret {namespace}/{name} changed while a key was being written; will re-read and retry"
+    )]
+    SecretChanged {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+    },
 
     /// Writing the key's Secret failed. Only the status code and reason are kept,
     /// because the API server's message could quote the request body.
@@ -32,7 +45,7 @@ pub enum Error {
     },
 
     /// Adding or removing the finalizer, or the wrapped reconcile, failed.
-    #[error("{0}")]
+    #[error("{}", finalizer_summary(.0))]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 
     /// A key record was not in the state a step expected (another writer got there first).
@@ -76,7 +89,7 @@ impl Error {
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.category(),
                 _ => "kubernetes",
             },
-            Error::StaleKeyState { .. } => "conflict",
+            Error::StaleKeyState { .. } | Error::SecretChanged { .. } => "conflict",
             Error::MissingMetadata(_) => "invalid_object",
             Error::Entropy(_) => "entropy",
             Error::Config(_) => "config",
@@ -94,6 +107,25 @@ impl Error {
             "invalid_object" => "InvalidObject",
             _ => "InternalError",
         }
+    }
+}
+
+/// A short, body-free description of a Kubernetes client error.
+fn kube_summary(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => format!("HTTP {} {}", status.code, status.reason),
+        other => other.to_string(),
+    }
+}
+
+/// The finalizer helper's error, with Kubernetes errors kept short.
+fn finalizer_summary(error: &kube::runtime::finalizer::Error<Error>) -> String {
+    use kube::runtime::finalizer::Error as F;
+    match error {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e.to_string(),
+        F::AddFinalizer(e) => format!("adding the finalizer failed: {}", kube_summary(e)),
+        F::RemoveFinalizer(e) => format!("removing the finalizer failed: {}", kube_summary(e)),
+        other => other.to_string(),
     }
 }
 

@@ -2,9 +2,17 @@
 //! and carries the steps out in a crash-safe order. The Kubernetes side sits
 //! behind [`Cluster`] so tests can run it in memory and inject faults.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
+use json_patch::{PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
 use k8s_openapi::{
     ByteString,
     api::{
@@ -15,10 +23,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams, Preconditions},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
+        reflector::{ObjectRef, Store},
     },
 };
 use tracing::{debug, info, warn};
@@ -30,11 +39,11 @@ use crate::{
     core::{self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step},
     crd::{
         ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-        RolloutKind, RolloutTarget, SECRET_DATA_KEY,
+        REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
-    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason},
-    telemetry::{Metrics, ReasonLabel},
+    store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
+    telemetry::{Metrics, OperationLabel},
 };
 
 /// How often a settled ApiKey is looked at again without any watch event.
@@ -43,18 +52,44 @@ pub const RESYNC: Duration = Duration::from_secs(3600);
 /// sees only keyward's own Secrets, so the foreign one going away sends no event.
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(30);
 
-/// The Kubernetes calls the shell makes. Every write is a server-side apply
-/// with the `keyward` field manager, or a delete with a uid precondition.
+/// What the watch cache knows about a Secret (keyward-labelled Secrets only, metadata only).
+#[derive(Clone, Debug)]
+pub enum CachedSecret {
+    /// No synced cache: the Secret must be read from the API server.
+    Unavailable,
+    /// The cache has no keyward Secret by that name (a foreign one may still exist).
+    Absent,
+    /// The cached metadata.
+    Present(Box<ObjectMeta>),
+}
+
+/// The Kubernetes calls the shell makes. Writes are server-side applies with the
+/// `keyward` field manager, a create-only POST for a new Secret, a delete with a
+/// uid precondition, or a JSON patch guarded by `test` operations.
 #[async_trait]
 pub trait Cluster: Send + Sync {
+    /// The Secret's metadata from the watch cache, without a request.
+    fn cached_secret(&self, namespace: &str, name: &str) -> CachedSecret;
     /// GETs a Secret, data included; `None` when it does not exist.
     async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>>;
+    /// Creates a Secret that must not exist yet (`SecretWrite` with code 409 if it
+    /// does); returns its resourceVersion.
+    async fn create_secret(&self, secret: &Secret) -> Result<Option<String>>;
     /// Applies a Secret. A `metadata.resourceVersion` in it is a precondition.
-    async fn apply_secret(&self, secret: &Secret) -> Result<()>;
+    /// Returns the new resourceVersion.
+    async fn apply_secret(&self, secret: &Secret) -> Result<Option<String>>;
     /// Deletes a Secret only if its uid is still `uid`; a missing Secret is fine.
     async fn delete_secret(&self, namespace: &str, name: &str, uid: &str) -> Result<()>;
-    /// Applies the status subresource.
-    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<()>;
+    /// Applies the status subresource; returns the ApiKey's new resourceVersion.
+    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<Option<String>>;
+    /// Removes `keyward.dev/revoke-previous` if it still reads `value` and
+    /// `keyward.dev/rotate` still reads `rotation_request`; otherwise does nothing.
+    async fn consume_revoke_previous(
+        &self,
+        key: &ApiKey,
+        rotation_request: &str,
+        value: &str,
+    ) -> Result<()>;
     /// Publishes an Event about the ApiKey.
     async fn publish(&self, key: &ApiKey, event: Event) -> Result<()>;
     /// The `keyward.dev/key-id` annotation on a workload's pod template;
@@ -68,55 +103,134 @@ pub trait Cluster: Send + Sync {
     async fn restart(&self, namespace: &str, target: &RolloutTarget, key_id: &str) -> Result<()>;
 }
 
+/// The metadata-only Secret cache the controller's watch fills, and whether its
+/// first list is complete (before that, nothing can be concluded from a miss).
+#[derive(Clone)]
+pub struct SecretCache {
+    /// The reflector's store.
+    pub store: Store<PartialObjectMeta<Secret>>,
+    /// Set once the first list has been applied to the store.
+    pub synced: Arc<AtomicBool>,
+}
+
 /// [`Cluster`] over a real API server.
 #[derive(Clone)]
 pub struct KubeCluster {
     client: Client,
     reporter: Reporter,
+    secrets: Option<SecretCache>,
+    metrics: Arc<Metrics>,
 }
 
 impl KubeCluster {
-    /// Wraps a client; Events are reported as `keyward` from `instance`.
-    pub fn new(client: Client, instance: Option<String>) -> Self {
+    /// Wraps a client; Events are reported as `keyward` from `instance`. Without a
+    /// `secrets` cache every Secret is read from the API server.
+    pub fn new(
+        client: Client,
+        instance: Option<String>,
+        secrets: Option<SecretCache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "keyward".into(),
             instance,
         };
-        Self { client, reporter }
+        Self {
+            client,
+            reporter,
+            secrets,
+            metrics,
+        }
+    }
+
+    /// Runs one API call and records its latency under `operation`.
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = kube::Result<T>>,
+    ) -> kube::Result<T> {
+        let started = Instant::now();
+        let result = call.await;
+        self.metrics
+            .kube_duration
+            .get_or_create(&OperationLabel { operation })
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn secrets(&self, namespace: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+}
+
+/// A Secret write error that keeps only the code and reason: the API server's
+/// message could quote the request body, which holds the key.
+fn secret_write_error(namespace: String, name: String, error: kube::Error) -> Error {
+    let (code, reason) = match error {
+        kube::Error::Api(status) => (status.code, status.reason),
+        other => (0, error_kind(&other)),
+    };
+    Error::SecretWrite {
+        namespace,
+        name,
+        code,
+        reason,
     }
 }
 
 #[async_trait]
 impl Cluster for KubeCluster {
+    fn cached_secret(&self, namespace: &str, name: &str) -> CachedSecret {
+        let Some(cache) = self
+            .secrets
+            .as_ref()
+            .filter(|c| c.synced.load(Ordering::Acquire))
+        else {
+            return CachedSecret::Unavailable;
+        };
+        match cache.store.get(&ObjectRef::new(name).within(namespace)) {
+            Some(meta) => CachedSecret::Present(Box::new(meta.metadata.clone())),
+            None => CachedSecret::Absent,
+        }
+    }
+
     async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>> {
-        Ok(Api::<Secret>::namespaced(self.client.clone(), namespace)
-            .get_opt(name)
+        Ok(self
+            .timed("get_secret", self.secrets(namespace).get_opt(name))
             .await?)
     }
 
-    async fn apply_secret(&self, secret: &Secret) -> Result<()> {
+    async fn create_secret(&self, secret: &Secret) -> Result<Option<String>> {
+        let namespace = secret.namespace().unwrap_or_default();
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_owned()),
+            ..PostParams::default()
+        };
+        let api = self.secrets(&namespace);
+        match self
+            .timed("create_secret", api.create(&params, secret))
+            .await
+        {
+            Ok(created) => Ok(created.metadata.resource_version),
+            Err(e) => Err(secret_write_error(namespace, secret.name_any(), e)),
+        }
+    }
+
+    async fn apply_secret(&self, secret: &Secret) -> Result<Option<String>> {
         let namespace = secret.namespace().unwrap_or_default();
         let name = secret.name_any();
-        Api::<Secret>::namespaced(self.client.clone(), &namespace)
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(secret),
+        let api = self.secrets(&namespace);
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        match self
+            .timed(
+                "apply_secret",
+                api.patch(&name, &params, &Patch::Apply(secret)),
             )
             .await
-            .map(drop)
-            .map_err(|e| {
-                let (code, reason) = match e {
-                    kube::Error::Api(status) => (status.code, status.reason),
-                    other => (0, error_kind(&other)),
-                };
-                Error::SecretWrite {
-                    namespace,
-                    name,
-                    code,
-                    reason,
-                }
-            })
+        {
+            Ok(applied) => Ok(applied.metadata.resource_version),
+            Err(e) => Err(secret_write_error(namespace, name, e)),
+        }
     }
 
     async fn delete_secret(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
@@ -127,30 +241,79 @@ impl Cluster for KubeCluster {
             }),
             ..DeleteParams::default()
         };
-        match Api::<Secret>::namespaced(self.client.clone(), namespace)
-            .delete(name, &params)
-            .await
-        {
+        let api = self.secrets(namespace);
+        match self.timed("delete_secret", api.delete(name, &params)).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(status)) if status.is_not_found() => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<()> {
+    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<Option<String>> {
         let patch = serde_json::json!({
             "apiVersion": ApiKey::api_version(&()),
             "kind": ApiKey::kind(&()),
             "status": status,
         });
-        Api::<ApiKey>::namespaced(self.client.clone(), &key.namespace().unwrap_or_default())
-            .patch_status(
-                &key.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
+        let api =
+            Api::<ApiKey>::namespaced(self.client.clone(), &key.namespace().unwrap_or_default());
+        let name = key.name_any();
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let applied = self
+            .timed(
+                "apply_status",
+                api.patch_status(&name, &params, &Patch::Apply(patch)),
             )
             .await?;
-        Ok(())
+        Ok(applied.metadata.resource_version)
+    }
+
+    async fn consume_revoke_previous(
+        &self,
+        key: &ApiKey,
+        rotation_request: &str,
+        value: &str,
+    ) -> Result<()> {
+        let pointer =
+            |annotation: &str| PointerBuf::from_tokens(["metadata", "annotations", annotation]);
+        let patch = json_patch::Patch(vec![
+            PatchOperation::Test(TestOperation {
+                path: pointer(ROTATE_ANNOTATION),
+                value: rotation_request.into(),
+            }),
+            PatchOperation::Test(TestOperation {
+                path: pointer(REVOKE_PREVIOUS_ANNOTATION),
+                value: value.into(),
+            }),
+            PatchOperation::Remove(RemoveOperation {
+                path: pointer(REVOKE_PREVIOUS_ANNOTATION),
+            }),
+        ]);
+        let api =
+            Api::<ApiKey>::namespaced(self.client.clone(), &key.namespace().unwrap_or_default());
+        let name = key.name_any();
+        let params = PatchParams::default();
+        match self
+            .timed(
+                "consume_revoke_previous",
+                api.patch(&name, &params, &Patch::Json::<()>(patch)),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // A failed `test` (the annotations changed meanwhile) or a deleted
+            // ApiKey: the watch brings the newer object, and it decides again.
+            Err(kube::Error::Api(status))
+                if status.is_not_found() || matches!(status.code, 409 | 422) =>
+            {
+                debug!(
+                    code = status.code,
+                    "revoke-previous changed meanwhile; left alone"
+                );
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn publish(&self, key: &ApiKey, event: Event) -> Result<()> {
@@ -158,7 +321,10 @@ impl Cluster for KubeCluster {
         // reason into a series that keeps the first note, and every keyward
         // Event (published only on transitions) carries a different key id.
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        Ok(recorder.publish(&event, &key.object_ref(&())).await?)
+        let reference = key.object_ref(&());
+        Ok(self
+            .timed("publish_event", recorder.publish(&event, &reference))
+            .await?)
     }
 
     async fn rollout_key_id(
@@ -232,10 +398,14 @@ struct Target<'a> {
     name: String,
     uid: String,
     secret_name: String,
+    /// The freshest status known: the object's, or the one this process last
+    /// wrote if the watch cache has not caught up with that write yet.
+    previous: Option<ApiKeyStatus>,
 }
 
 impl<'a> Target<'a> {
-    fn of(key: &'a ApiKey) -> Result<Self> {
+    fn of(key: &'a ApiKey, memo: &StatusMemo) -> Result<Self> {
+        let uid = key.uid().ok_or(Error::MissingMetadata("uid"))?;
         Ok(Self {
             key,
             namespace: key.namespace().ok_or(Error::MissingMetadata("namespace"))?,
@@ -244,12 +414,77 @@ impl<'a> Target<'a> {
                 .name
                 .clone()
                 .ok_or(Error::MissingMetadata("name"))?,
-            uid: key.uid().ok_or(Error::MissingMetadata("uid"))?,
             secret_name: key
                 .target_secret_name()
                 .ok_or(Error::MissingMetadata("name"))?
                 .to_owned(),
+            previous: memo.previous(key, &uid),
+            uid,
         })
+    }
+
+    /// The key id and Secret resourceVersion the last status recorded, if both.
+    fn known_secret(&self) -> Option<(&str, &str)> {
+        let status = self.previous.as_ref()?;
+        Some((
+            status.key_id.as_deref()?,
+            status.secret_resource_version.as_deref()?,
+        ))
+    }
+
+    /// Whether the last status reported a foreign Secret under the target name.
+    fn was_conflicted(&self) -> bool {
+        self.previous
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .any(|c| c.type_ == crate::crd::READY && c.reason == "SecretConflict")
+    }
+}
+
+/// The status this process last wrote for each ApiKey uid, with the
+/// resourceVersion that write produced. The watch cache lags behind our own
+/// writes; comparing against it alone would repeat a write that changes nothing.
+/// An entry lives only until the cache catches up, or the ApiKey is deleted.
+#[derive(Debug, Default)]
+pub struct StatusMemo(Mutex<HashMap<String, (u64, ApiKeyStatus)>>);
+
+impl StatusMemo {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, ApiKeyStatus)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The status to compare with: ours while the object predates our last write.
+    fn previous(&self, key: &ApiKey, uid: &str) -> Option<ApiKeyStatus> {
+        let seen = key.resource_version().and_then(|v| v.parse::<u64>().ok());
+        let mut entries = self.entries();
+        match (entries.get(uid), seen) {
+            (Some((written, status)), Some(seen)) if seen < *written => Some(status.clone()),
+            _ => {
+                entries.remove(uid);
+                key.status.clone()
+            }
+        }
+    }
+
+    fn record(&self, uid: &str, resource_version: Option<String>, status: ApiKeyStatus) {
+        if let Some(written) = resource_version.and_then(|v| v.parse::<u64>().ok()) {
+            self.entries().insert(uid.to_owned(), (written, status));
+        }
+    }
+
+    /// Drops what is known about a deleted ApiKey.
+    pub fn forget(&self, uid: &str) {
+        self.entries().remove(uid);
+    }
+
+    /// How many ApiKeys have an entry (for tests of the pruning).
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// Whether no ApiKey has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -258,6 +493,38 @@ struct ObservedSecret {
     view: SecretView,
     uid: Option<String>,
     resource_version: Option<String>,
+}
+
+/// How a reconcile ended, as far as status is concerned.
+struct Report<'a> {
+    current: Option<&'a KeyRecord>,
+    records: &'a [KeyRecord],
+    issued: Option<i64>,
+    policy: Option<&'a Policy>,
+    secret_version: Option<&'a str>,
+    outcome: Outcome,
+}
+
+impl Report<'_> {
+    /// A report that knows nothing but the outcome.
+    fn only(outcome: Outcome) -> Self {
+        Report {
+            current: None,
+            records: &[],
+            issued: None,
+            policy: None,
+            secret_version: None,
+            outcome,
+        }
+    }
+}
+
+/// What `issue` achieved.
+enum Issued {
+    /// The key is active in its Secret, which now has this resourceVersion.
+    Key(Box<KeyRecord>, Option<String>),
+    /// A foreign Secret took the name first; the new key was revoked unused.
+    SecretTaken,
 }
 
 /// Spaces out key issuance so a fleet of keys due at the same moment does not
@@ -296,8 +563,8 @@ impl RateLimiter {
     }
 }
 
-/// Carries out reconciles for ApiKeys; holds no state of its own, so a new one
-/// after a crash behaves exactly like the old one would have.
+/// Carries out reconciles for ApiKeys. It holds no state but a cache of its own
+/// status writes, so a new one after a crash behaves exactly like the old one.
 #[derive(Clone)]
 pub struct Reconciler {
     /// The Kubernetes side.
@@ -312,20 +579,21 @@ pub struct Reconciler {
     pub issue_limiter: Arc<RateLimiter>,
     /// Counters for issued and rotated keys and the next-rotation gauge.
     pub metrics: Arc<Metrics>,
+    /// Statuses written but maybe not yet seen by the watch cache.
+    pub status_memo: Arc<StatusMemo>,
 }
 
 impl Reconciler {
     /// Brings an ApiKey that is not being deleted to its desired state.
     #[tracing::instrument(skip_all, fields(apikey = %key.name_any(), namespace = key.namespace().unwrap_or_default()))]
     pub async fn apply(&self, key: &ApiKey) -> Result<Action> {
-        let target = Target::of(key)?;
+        let target = Target::of(key, &self.status_memo)?;
         let policy = match Policy::from_spec(&key.spec, key.annotations()) {
             Ok(policy) => policy,
             Err(message) => {
                 warn!(%message, "invalid spec");
                 let outcome = Outcome::InvalidSpec { message };
-                self.finish(&target, None, &[], None, None, &outcome)
-                    .await?;
+                self.finish(&target, Report::only(outcome)).await?;
                 return Ok(Action::requeue(RESYNC));
             }
         };
@@ -335,7 +603,7 @@ impl Reconciler {
             scopes: key.spec.scopes.clone(),
         };
         let set = self.store.load(&target.uid).await?;
-        let secret = self.observe_secret(&target).await?;
+        let secret = self.observe_secret(&target, &set.live).await?;
         let now = self.clock.now();
         let decision = core::decide(&Observation {
             desired: &desired,
@@ -346,14 +614,7 @@ impl Reconciler {
         });
         debug!(?decision, "decided");
         let (steps, held, requeue_after) = match decision {
-            Decision::SecretConflict => {
-                let outcome = Outcome::SecretConflict {
-                    secret_name: target.secret_name.clone(),
-                };
-                self.finish(&target, None, &[], Some(set.issued), None, &outcome)
-                    .await?;
-                return Ok(Action::requeue(CONFLICT_RECHECK));
-            }
+            Decision::SecretConflict => return self.conflict(&target, set.issued).await,
             Decision::Converge {
                 steps,
                 held,
@@ -364,13 +625,21 @@ impl Reconciler {
         let mut records = set.live;
         let mut issued = set.issued;
         let mut current_id = held;
+        let mut secret_version = secret.resource_version.clone();
         for step in steps {
             match step {
                 Step::Issue { reason, expires_at } => {
                     self.issue_limiter.acquire().await;
-                    let record = self
+                    let record = match self
                         .issue(&target, &desired, &policy, &secret, reason, expires_at)
-                        .await?;
+                        .await?
+                    {
+                        Issued::Key(record, version) => {
+                            secret_version = version;
+                            *record
+                        }
+                        Issued::SecretTaken => return self.conflict(&target, issued).await,
+                    };
                     issued += 1;
                     current_id = Some(record.key_id.clone());
                     records.push(record);
@@ -382,6 +651,7 @@ impl Reconciler {
                         r.state = KeyState::Active;
                         r.activated_at = Some(now);
                         r.expires_at = expires_at;
+                        self.metrics.count_issued(r.issue_reason);
                     }
                     info!(key_id, "activated a key its Secret already held");
                     let note = format!("key {key_id} is active in Secret {}", target.secret_name);
@@ -391,16 +661,16 @@ impl Reconciler {
                     self.store.retire(&key_id, expires_at, now).await?;
                     if let Some(r) = find(&mut records, &key_id) {
                         r.state = KeyState::Retiring;
-                        r.expires_at = Some(expires_at);
+                        r.expires_at = Some(r.expires_at.map_or(expires_at, |e| e.min(expires_at)));
                     }
                     info!(key_id, %expires_at, "previous key retiring");
                 }
-                Step::SetExpiry { key_id, expires_at } => {
-                    self.store.set_expiry(&key_id, expires_at, now).await?;
+                Step::ShortenExpiry { key_id, expires_at } => {
+                    self.store.shorten_expiry(&key_id, expires_at, now).await?;
                     if let Some(r) = find(&mut records, &key_id) {
-                        r.expires_at = expires_at;
+                        r.expires_at = Some(expires_at);
                     }
-                    info!(key_id, ?expires_at, "moved the key's expiry");
+                    info!(key_id, %expires_at, "brought the key's expiry forward");
                 }
                 Step::UpdateMetadata { key_id } => {
                     self.store.update_metadata(&key_id, &desired, now).await?;
@@ -417,6 +687,18 @@ impl Reconciler {
                         let note = format!("revoked key {key_id} ({})", reason.as_str());
                         self.notify(key, EventType::Normal, "Revoked", note).await;
                     }
+                }
+                Step::ConsumeRevokePrevious {
+                    rotation_request,
+                    value,
+                } => {
+                    self.cluster
+                        .consume_revoke_previous(key, &rotation_request, &value)
+                        .await?;
+                    info!(
+                        rotation_request,
+                        "emergency rotation done; removed {REVOKE_PREVIOUS_ANNOTATION}"
+                    );
                 }
             }
         }
@@ -435,11 +717,14 @@ impl Reconciler {
         };
         self.finish(
             &target,
-            current,
-            &records,
-            Some(issued),
-            Some(&policy),
-            &outcome,
+            Report {
+                current,
+                records: &records,
+                issued: Some(issued),
+                policy: Some(&policy),
+                secret_version: secret_version.as_deref(),
+                outcome,
+            },
         )
         .await?;
         Ok(Action::requeue(
@@ -449,11 +734,42 @@ impl Reconciler {
         ))
     }
 
+    /// Reports a foreign Secret under the target name and looks again later: the
+    /// Secret watch sees only keyward's Secrets, so its removal sends no event.
+    async fn conflict(&self, target: &Target<'_>, issued: i64) -> Result<Action> {
+        let outcome = Outcome::SecretConflict {
+            secret_name: target.secret_name.clone(),
+        };
+        let report = Report {
+            issued: Some(issued),
+            ..Report::only(outcome)
+        };
+        self.finish(target, report).await?;
+        Ok(Action::requeue(CONFLICT_RECHECK))
+    }
+
     /// Revokes every key of a deleted ApiKey, then deletes its Secret. Errors keep the finalizer.
     #[tracing::instrument(skip_all, fields(apikey = %key.name_any(), namespace = key.namespace().unwrap_or_default()))]
     pub async fn cleanup(&self, key: &ApiKey) -> Result<Action> {
-        let target = Target::of(key)?;
-        let set = self.store.load(&target.uid).await?;
+        let target = Target::of(key, &self.status_memo)?;
+        let set = self.revoke_all(key, &target.uid).await?;
+        let secret = self.observe_secret(&target, &set.live).await?;
+        if let (SecretView::Owned { .. }, Some(uid)) = (&secret.view, &secret.uid) {
+            self.cluster
+                .delete_secret(&target.namespace, &target.secret_name, uid)
+                .await?;
+            info!(secret = target.secret_name, "deleted the key's Secret");
+        }
+        self.metrics
+            .set_next_rotation(&target.namespace, &target.name, None);
+        self.status_memo.forget(&target.uid);
+        Ok(Action::await_change())
+    }
+
+    /// Revokes every live key of the ApiKey with this uid (it is being deleted)
+    /// and returns the records as they were.
+    pub async fn revoke_all(&self, key: &ApiKey, uid: &str) -> Result<KeySet> {
+        let set = self.store.load(uid).await?;
         let now = self.clock.now();
         for record in &set.live {
             self.store
@@ -469,21 +785,14 @@ impl Reconciler {
             );
             self.notify(key, EventType::Normal, "Revoked", note).await;
         }
-        let secret = self.observe_secret(&target).await?;
-        if let (SecretView::Owned { .. }, Some(uid)) = (&secret.view, &secret.uid) {
-            self.cluster
-                .delete_secret(&target.namespace, &target.secret_name, uid)
-                .await?;
-            info!(secret = target.secret_name, "deleted the key's Secret");
-        }
-        self.metrics
-            .set_next_rotation(&target.namespace, &target.name, None);
-        Ok(Action::await_change())
+        Ok(set)
     }
 
     /// Shows a failed reconcile in status and, on a change of reason, as a Warning Event.
     pub async fn report_failure(&self, key: &ApiKey, error: &Error) {
-        let Ok(target) = Target::of(key) else { return };
+        let Ok(target) = Target::of(key, &self.status_memo) else {
+            return;
+        };
         let message = if key.metadata.deletion_timestamp.is_some() {
             format!("the ApiKey is kept until its keys are revoked: {error}")
         } else {
@@ -493,7 +802,7 @@ impl Reconciler {
             reason: error.reason().to_owned(),
             message,
         };
-        if let Err(e) = self.finish(&target, None, &[], None, None, &outcome).await {
+        if let Err(e) = self.finish(&target, Report::only(outcome)).await {
             warn!(error = %e, "could not record the failure in status");
         }
     }
@@ -530,29 +839,22 @@ impl Reconciler {
     }
 
     /// Writes status if it changed, with a Warning Event when Ready turns to a new failure reason.
-    async fn finish(
-        &self,
-        target: &Target<'_>,
-        current: Option<&KeyRecord>,
-        records: &[KeyRecord],
-        issued: Option<i64>,
-        policy: Option<&Policy>,
-        outcome: &Outcome,
-    ) -> Result<()> {
+    async fn finish(&self, target: &Target<'_>, report: Report<'_>) -> Result<()> {
         let key = target.key;
-        let previous = key.status.as_ref();
+        let previous = target.previous.as_ref();
         let status = core::status_for(&StatusInput {
             previous,
             generation: key.metadata.generation,
             secret_name: &target.secret_name,
-            current,
-            records,
-            issued,
-            policy,
-            outcome,
+            current: report.current,
+            records: report.records,
+            issued: report.issued,
+            policy: report.policy,
+            secret_version: report.secret_version,
+            outcome: &report.outcome,
             now: self.clock.now(),
         });
-        if policy.is_some() {
+        if report.policy.is_some() {
             let next = status.next_rotation_at.as_ref().map(|t| t.0);
             self.metrics
                 .set_next_rotation(&target.namespace, &target.name, next);
@@ -560,7 +862,11 @@ impl Reconciler {
         if previous == Some(&status) {
             return Ok(());
         }
-        let previous_reason = key.ready_condition().map(|c| c.reason.as_str());
+        let previous_reason = previous
+            .iter()
+            .flat_map(|s| &s.conditions)
+            .find(|c| c.type_ == crate::crd::READY)
+            .map(|c| c.reason.as_str());
         let ready = status.conditions.last().expect("status_for sets Ready");
         if ready.status == "False" && previous_reason != Some(ready.reason.as_str()) {
             self.notify(
@@ -571,10 +877,14 @@ impl Reconciler {
             )
             .await;
         }
-        self.cluster.apply_status(key, &status).await
+        let version = self.cluster.apply_status(key, &status).await?;
+        self.status_memo.record(&target.uid, version, status);
+        Ok(())
     }
 
     /// Issues a key in the crash-safe order: pending record, Secret, active record.
+    /// A missing Secret is created with a create-only request, so a Secret someone
+    /// else made meanwhile is never merged into.
     async fn issue(
         &self,
         target: &Target<'_>,
@@ -583,7 +893,7 @@ impl Reconciler {
         secret: &ObservedSecret,
         reason: IssueReason,
         expires_at: Option<jiff::Timestamp>,
-    ) -> Result<KeyRecord> {
+    ) -> Result<Issued> {
         let now = self.clock.now();
         let plain = self.keys.new_key()?;
         let mut record = KeyRecord {
@@ -633,23 +943,40 @@ impl Reconciler {
             ..Secret::default()
         };
         drop(plain);
-        let written = self.cluster.apply_secret(&manifest).await;
+        let written = if secret.resource_version.is_some() {
+            self.cluster.apply_secret(&manifest).await
+        } else {
+            self.cluster.create_secret(&manifest).await
+        };
         wipe(&mut manifest);
-        written?;
+        let version = match written {
+            Ok(version) => version,
+            Err(Error::SecretWrite { code: 409, .. }) => {
+                // Nothing was written: the new key never reached a Secret.
+                self.store
+                    .revoke(&record.key_id, RevokeReason::Abandoned, now)
+                    .await?;
+                let now_there = self.read_secret(target).await?;
+                if now_there.view == SecretView::Foreign {
+                    warn!(
+                        secret = target.secret_name,
+                        "a foreign Secret took the name"
+                    );
+                    return Ok(Issued::SecretTaken);
+                }
+                return Err(Error::SecretChanged {
+                    namespace: target.namespace.clone(),
+                    name: target.secret_name.clone(),
+                });
+            }
+            Err(e) => return Err(e),
+        };
 
         self.store.activate(&record.key_id, now, expires_at).await?;
         record.state = KeyState::Active;
         record.activated_at = Some(now);
         record.expires_at = expires_at;
-        self.metrics
-            .keys_issued
-            .get_or_create(&ReasonLabel {
-                reason: reason.as_str(),
-            })
-            .inc();
-        if reason.is_rotation() {
-            self.metrics.keys_rotated.inc();
-        }
+        self.metrics.count_issued(reason);
 
         let key_id = &record.key_id;
         let secret_name = &target.secret_name;
@@ -692,11 +1019,60 @@ impl Reconciler {
             ),
         };
         self.notify(target.key, kind, event_reason, note).await;
-        Ok(record)
+        Ok(Issued::Key(Box::new(record), version))
+    }
+
+    /// The target Secret as the core needs it. A Secret whose cached
+    /// resourceVersion is the one the last status recorded still holds that
+    /// status's key, so it is not read again; otherwise it is read (GET).
+    async fn observe_secret(
+        &self,
+        target: &Target<'_>,
+        live: &[KeyRecord],
+    ) -> Result<ObservedSecret> {
+        match self
+            .cluster
+            .cached_secret(&target.namespace, &target.secret_name)
+        {
+            CachedSecret::Present(meta) => {
+                let unchanged = target.known_secret().and_then(|(key_id, version)| {
+                    let same = meta.resource_version.as_deref() == Some(version)
+                        && controlled_by(&meta, &target.uid)
+                        && meta
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(KEY_ID_ANNOTATION))
+                            .map(String::as_str)
+                            == Some(key_id);
+                    same.then(|| live.iter().find(|r| r.key_id == key_id))
+                        .flatten()
+                });
+                if let Some(record) = unchanged {
+                    return Ok(ObservedSecret {
+                        view: SecretView::Owned {
+                            key_hash: Some(record.key_hash.clone()),
+                        },
+                        uid: meta.uid,
+                        resource_version: meta.resource_version,
+                    });
+                }
+            }
+            // No keyward Secret by that name, and the status knows of none either:
+            // a foreign Secret, if any, makes the create-only write fail.
+            CachedSecret::Absent if target.known_secret().is_none() && !target.was_conflicted() => {
+                return Ok(ObservedSecret {
+                    view: SecretView::Absent,
+                    uid: None,
+                    resource_version: None,
+                });
+            }
+            _ => {}
+        }
+        self.read_secret(target).await
     }
 
     /// GETs the target Secret, hashes its key and wipes the plaintext at once.
-    async fn observe_secret(&self, target: &Target<'_>) -> Result<ObservedSecret> {
+    async fn read_secret(&self, target: &Target<'_>) -> Result<ObservedSecret> {
         let Some(mut secret) = self
             .cluster
             .get_secret(&target.namespace, &target.secret_name)
@@ -708,13 +1084,7 @@ impl Reconciler {
                 resource_version: None,
             });
         };
-        let controlled = secret
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.controller == Some(true) && o.uid == target.uid);
-        let view = if controlled {
+        let view = if controlled_by(&secret.metadata, &target.uid) {
             SecretView::Owned {
                 key_hash: secret
                     .data
@@ -751,6 +1121,14 @@ impl Reconciler {
 /// The record with this id, to keep the in-memory copy in step with the database.
 fn find<'a>(records: &'a mut [KeyRecord], key_id: &str) -> Option<&'a mut KeyRecord> {
     records.iter_mut().find(|r| r.key_id == key_id)
+}
+
+/// Whether this ApiKey (by uid) is the Secret's controller.
+fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 /// Overwrites every data value of a Secret in memory before it is dropped.

@@ -71,6 +71,8 @@ pub enum RevokeReason {
     Rotated,
     /// Rotated out by an emergency rotation: no grace period.
     Emergency,
+    /// Replaced after its own expiry had passed: it never verifies again.
+    Expired,
 }
 
 impl RevokeReason {
@@ -82,6 +84,7 @@ impl RevokeReason {
             RevokeReason::Abandoned => "abandoned",
             RevokeReason::Rotated => "rotated",
             RevokeReason::Emergency => "emergency",
+            RevokeReason::Expired => "expired",
         }
     }
 }
@@ -224,13 +227,15 @@ pub trait KeyStore: Send + Sync {
         at: Timestamp,
         expires_at: Option<Timestamp>,
     ) -> Result<()>;
-    /// Moves an `active` record to `retiring` until `expires_at`; a no-op if it is not active.
+    /// Moves an `active` record to `retiring` until `expires_at`, or until its own
+    /// earlier expiry; a no-op if it is not active.
     async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()>;
-    /// Changes when an `active` record expires (spec.expiresAfter changed).
-    async fn set_expiry(
+    /// Brings an `active` record's expiry forward to `expires_at` (spec.expiresAfter
+    /// was tightened); a no-op when it already expires at or before that.
+    async fn shorten_expiry(
         &self,
         key_id: &str,
-        expires_at: Option<Timestamp>,
+        expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<()>;
     /// Rewrites owner, team and scopes of a live record and audits `metadata_changed`.
@@ -554,7 +559,9 @@ impl KeyStore for SqlStore {
     async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'retiring', expires_at = $2 WHERE key_id = $1 AND state = 'active'",
+            "UPDATE api_keys SET state = 'retiring', \
+             expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $2 THEN expires_at ELSE $2 END \
+             WHERE key_id = $1 AND state = 'active'",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
@@ -569,23 +576,24 @@ impl KeyStore for SqlStore {
         Ok(())
     }
 
-    async fn set_expiry(
+    async fn shorten_expiry(
         &self,
         key_id: &str,
-        expires_at: Option<Timestamp>,
+        expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET expires_at = $2 WHERE key_id = $1 AND state = 'active'",
+            "UPDATE api_keys SET expires_at = $2 \
+             WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(key_id)
-        .bind(expires_at.map(|t| t.as_millisecond()))
+        .bind(expires_at.as_millisecond())
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated > 0 {
-            let detail = expires_at.map_or("no expiry".to_owned(), |t| format!("expires at {t}"));
+            let detail = format!("expires at {expires_at}");
             Self::audit_in(&mut tx, key_id, at, "expiry_changed", &detail).await?;
         }
         tx.commit().await?;

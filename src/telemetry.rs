@@ -8,7 +8,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -83,6 +83,10 @@ pub struct Metrics {
     pub keys_revoked: Family<ReasonLabel, Counter>,
     /// Key database call latency by operation.
     pub database_duration: Family<OperationLabel, Histogram>,
+    /// Kubernetes API call latency by operation (`get_secret`, `create_secret`, `apply_status`, …).
+    pub kube_duration: Family<OperationLabel, Histogram>,
+    /// How long an ApiKey waited between a watch event and the start of its reconcile.
+    pub queue_wait: Histogram,
     /// Keys in the database by state, refreshed on each scrape.
     pub keys_by_state: Family<StateLabel, Gauge>,
     /// Next scheduled rotation per ApiKey, as a Unix timestamp.
@@ -107,6 +111,8 @@ impl Default for Metrics {
             keys_rotated: Counter::default(),
             keys_revoked: Family::default(),
             database_duration: Family::new_with_constructor(latency_histogram),
+            kube_duration: Family::new_with_constructor(latency_histogram),
+            queue_wait: latency_histogram(),
             keys_by_state: Family::default(),
             next_rotation: Family::default(),
             leader: Gauge::default(),
@@ -121,6 +127,16 @@ impl Default for Metrics {
             "reconcile_duration_seconds",
             "ApiKey reconcile duration",
             metrics.reconcile_duration.clone(),
+        );
+        registry.register(
+            "kube_request_duration_seconds",
+            "Kubernetes API call latency by operation",
+            metrics.kube_duration.clone(),
+        );
+        registry.register(
+            "reconcile_queue_wait_seconds",
+            "Time from a watch event to the start of the ApiKey's reconcile",
+            metrics.queue_wait.clone(),
         );
         registry.register(
             "keys_issued",
@@ -175,6 +191,18 @@ impl Metrics {
         self.reconcile_duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts a key that became active, on the normal path or after a crash.
+    pub fn count_issued(&self, reason: crate::store::IssueReason) {
+        self.keys_issued
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str(),
+            })
+            .inc();
+        if reason.is_rotation() {
+            self.keys_rotated.inc();
+        }
     }
 
     /// Sets or clears an ApiKey's next rotation time.
@@ -250,14 +278,17 @@ impl KeyStore for InstrumentedStore {
         self.timed("retire", self.inner.retire(key_id, expires_at, at))
             .await
     }
-    async fn set_expiry(
+    async fn shorten_expiry(
         &self,
         key_id: &str,
-        expires_at: Option<Timestamp>,
+        expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<()> {
-        self.timed("set_expiry", self.inner.set_expiry(key_id, expires_at, at))
-            .await
+        self.timed(
+            "shorten_expiry",
+            self.inner.shorten_expiry(key_id, expires_at, at),
+        )
+        .await
     }
     async fn update_metadata(
         &self,
@@ -303,11 +334,30 @@ pub struct Health {
     pub standby: AtomicBool,
 }
 
+/// How long `/readyz` and `/metrics` wait for the key database. The pool's own
+/// acquire timeout (5 s, spent retrying a refused connection) is longer than a
+/// kubelet probe's timeout (1 s in the chart), which would then see a timeout
+/// instead of the reason.
+pub const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Runs a database call for an endpoint, giving up after [`DATABASE_CHECK_TIMEOUT`].
+async fn bounded<T>(call: impl Future<Output = Result<T>>) -> std::result::Result<T, String> {
+    match tokio::time::timeout(DATABASE_CHECK_TIMEOUT, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} ms",
+            DATABASE_CHECK_TIMEOUT.as_millis()
+        )),
+    }
+}
+
 /// Shared state of the HTTP endpoints.
 pub struct Endpoints {
     /// Metrics to expose.
     pub metrics: Arc<Metrics>,
-    /// The key database, pinged by `/readyz` and counted for `keyward_keys`.
+    /// The key database, pinged by `/readyz` and counted for `keyward_keys`,
+    /// each within [`DATABASE_CHECK_TIMEOUT`].
     pub store: Arc<SqlStore>,
     /// Sync and leadership flags.
     pub health: Arc<Health>,
@@ -319,11 +369,11 @@ impl Endpoints {
         match path {
             "/healthz" => (StatusCode::OK, TEXT, "ok\n".into()),
             "/readyz" => {
-                if let Err(e) = self.store.ping().await {
+                if let Err(why) = bounded(self.store.ping()).await {
                     return (
                         StatusCode::SERVICE_UNAVAILABLE,
                         TEXT,
-                        format!("key database unreachable: {e}\n"),
+                        format!("key database unreachable: {why}\n"),
                     );
                 }
                 let synced = self.health.watches_synced.load(Ordering::SeqCst);
@@ -338,7 +388,9 @@ impl Endpoints {
                 }
             }
             "/metrics" => {
-                match self.store.count_by_state().await {
+                // Every other series is served even when the database does not
+                // answer in time; `keyward_keys` is left out then, not stale.
+                match bounded(self.store.count_by_state()).await {
                     Ok(counts) => {
                         for (state, count) in counts {
                             self.metrics
@@ -347,7 +399,10 @@ impl Endpoints {
                                 .set(count);
                         }
                     }
-                    Err(e) => warn!(error = %e, "could not count keys for /metrics"),
+                    Err(why) => {
+                        self.metrics.keys_by_state.clear();
+                        warn!(error = %why, "could not count keys for /metrics");
+                    }
                 }
                 (
                     StatusCode::OK,

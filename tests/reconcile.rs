@@ -471,3 +471,62 @@ async fn an_abandoned_pending_key_is_revoked_after_the_timeout() {
         .unwrap();
     assert_eq!(abandoned.revoke_reason.as_deref(), Some("abandoned"));
 }
+
+#[tokio::test]
+async fn a_settled_key_is_confirmed_from_the_watch_cache_without_a_request() {
+    let (mut h, _dir) = Harness::sqlite().await;
+    h.cluster.enable_cache();
+    let mut key = api_key("inference", "uid-1");
+    h.converge(&mut key).await;
+    assert_settled(&h, &key).await;
+    assert_eq!(
+        h.cluster.gets(),
+        0,
+        "a new key needs no GET: the cache knows there is no Secret"
+    );
+    let status = key.status.clone().unwrap();
+    let secret = h.cluster.secret(NS, "inference").unwrap();
+    assert_eq!(
+        status.secret_resource_version,
+        secret.metadata.resource_version
+    );
+
+    // A restart (fresh reconciler and memo) over the settled key: no request at all.
+    let writes = h.cluster.writes();
+    h.reconcile(&mut key).await.unwrap();
+    assert_eq!((h.cluster.gets(), h.cluster.writes()), (0, writes));
+
+    // A changed Secret is read again and gets a new key.
+    let mut edited = secret.clone();
+    edited.data = Some(std::collections::BTreeMap::from([(
+        "api-key".to_owned(),
+        k8s_openapi::ByteString(b"edited".to_vec()),
+    )]));
+    h.cluster.put_secret(edited);
+    h.converge(&mut key).await;
+    assert_eq!(h.cluster.gets(), 1);
+    assert_settled(&h, &key).await;
+}
+
+#[tokio::test]
+async fn a_secret_made_by_someone_else_before_our_create_is_never_merged_into() {
+    let (mut h, _dir) = Harness::sqlite().await;
+    // The foreign Secret carries no keyward label, so the watch cache never saw it.
+    h.cluster.enable_cache();
+    h.cluster.put_secret(foreign_secret(NS, "inference"));
+    let before = h.cluster.secret(NS, "inference").unwrap();
+    let mut key = api_key("inference", "uid-1");
+    h.reconcile(&mut key).await.unwrap();
+    assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);
+    assert_eq!(key.ready_condition().unwrap().reason, "SecretConflict");
+    let set = h.store.inner.load("uid-1").await.unwrap();
+    assert!(
+        set.live.is_empty(),
+        "the unused key is revoked: {:?}",
+        set.live
+    );
+    // The next look reads the Secret (status says conflict) and issues nothing.
+    h.reconcile(&mut key).await.unwrap();
+    assert!(h.store.inner.load("uid-1").await.unwrap().live.is_empty());
+    assert_eq!(key.ready_condition().unwrap().reason, "SecretConflict");
+}

@@ -231,6 +231,87 @@ async fn expires_after_ends_validity_without_rotation() {
     h.converge(&mut key).await;
     assert_eq!(verdict(&h, &secret_key(&h)).await, Ok("active".into()));
     assert_eq!(key.ready_condition().unwrap().reason, "KeyActive");
+    // ... and the expired key stays dead: no grace period brings it back.
+    assert_eq!(verdict(&h, &plain).await, Err(Rejection::Revoked));
+    let hash = keyward::key::KeyHash::of(plain.as_bytes());
+    let old = h.store.inner.find_by_hash(&hash).await.unwrap().unwrap();
+    assert_eq!(old.revoke_reason.as_deref(), Some("expired"));
+}
+
+#[tokio::test]
+async fn a_key_rotated_just_before_its_expiry_keeps_its_own_expiry() {
+    let (mut h, _dir) = Harness::sqlite().await;
+    let mut key = rotating_key();
+    key.spec.rotation.as_mut().unwrap().grace_period = Some("1h".into());
+    key.spec.expires_after = Some("15s".into());
+    key.spec.rollout = None;
+    h.converge(&mut key).await;
+    let first = secret_key(&h);
+    let first_expiry = key.status.as_ref().unwrap().expires_at.clone().unwrap().0;
+
+    h.clock.advance(SignedDuration::from_secs(10));
+    key.metadata.annotations = Some(BTreeMap::from([(
+        "keyward.dev/rotate".to_owned(),
+        "before-expiry".to_owned(),
+    )]));
+    h.converge(&mut key).await;
+    assert_ne!(secret_key(&h), first);
+    assert_eq!(verdict(&h, &first).await, Ok("retiring".into()));
+    assert_eq!(
+        key.status
+            .as_ref()
+            .unwrap()
+            .previous_key_expires_at
+            .clone()
+            .unwrap()
+            .0,
+        first_expiry,
+        "the grace period ends at the old key's own expiry, not an hour later"
+    );
+    h.clock.advance(SignedDuration::from_secs(5));
+    assert_eq!(verdict(&h, &first).await, Err(Rejection::Expired));
+    h.converge(&mut key).await;
+    assert_eq!(verdict(&h, &first).await, Err(Rejection::Revoked));
+}
+
+#[tokio::test]
+async fn revoke_previous_makes_exactly_one_rotation_an_emergency() {
+    let (mut h, _dir) = Harness::sqlite().await;
+    let mut key = rotating_key();
+    key.spec.rotation.as_mut().unwrap().schedule = None;
+    key.spec.rollout = None;
+    h.converge(&mut key).await;
+    let first = secret_key(&h);
+
+    key.metadata.annotations = Some(BTreeMap::from([
+        ("keyward.dev/rotate".to_owned(), "leak-1".to_owned()),
+        ("keyward.dev/revoke-previous".to_owned(), "now".to_owned()),
+    ]));
+    h.converge(&mut key).await;
+    let second = secret_key(&h);
+    assert_eq!(verdict(&h, &first).await, Err(Rejection::Revoked));
+    assert_eq!(
+        h.cluster.consumed(),
+        vec![("leak-1".to_owned(), "now".to_owned())],
+        "the annotation is removed once the emergency is handled"
+    );
+    let status = key.status.clone().unwrap();
+    assert_eq!(status.last_emergency_request.as_deref(), Some("leak-1"));
+    assert_eq!(status.last_rotation_request.as_deref(), Some("leak-1"));
+
+    // The API server dropped the annotation; months later a routine request keeps a grace period.
+    key.metadata.annotations = Some(BTreeMap::from([(
+        "keyward.dev/rotate".to_owned(),
+        "routine-2".to_owned(),
+    )]));
+    h.clock.advance(SignedDuration::from_hours(24 * 90));
+    h.converge(&mut key).await;
+    assert_ne!(secret_key(&h), second);
+    assert_eq!(verdict(&h, &second).await, Ok("retiring".into()));
+    let status = key.status.clone().unwrap();
+    assert_eq!(status.last_emergency_request.as_deref(), Some("leak-1"));
+    assert_eq!(status.last_rotation_request.as_deref(), Some("routine-2"));
+    assert_eq!(h.cluster.consumed().len(), 1);
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ use keyward::{
     clock::ManualClock,
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
-    reconciler::{Cluster, RateLimiter, Reconciler},
+    reconciler::{CachedSecret, Cluster, RateLimiter, Reconciler, StatusMemo},
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
 };
@@ -87,6 +87,12 @@ struct ClusterState {
     /// Pod-template `keyward.dev/key-id` annotation per workload name, and restarts per workload.
     workloads: BTreeMap<String, (Option<String>, usize)>,
     next_version: u64,
+    /// Serve `cached_secret` from the stored Secrets, as a synced watch cache would.
+    cache: bool,
+    /// Secret GETs made so far.
+    gets: usize,
+    /// (rotate request, value) of each `keyward.dev/revoke-previous` removal.
+    consumed: Vec<(String, String)>,
 }
 
 /// An in-memory API server for Secrets, ApiKey status and Events.
@@ -111,6 +117,21 @@ impl FakeCluster {
             }
             _ => false,
         }
+    }
+
+    /// Serves Secret metadata from memory from now on, like a synced watch cache.
+    pub fn enable_cache(&self) {
+        self.state().cache = true;
+    }
+
+    /// Secret GETs made so far.
+    pub fn gets(&self) -> usize {
+        self.state().gets
+    }
+
+    /// The `keyward.dev/revoke-previous` removals so far, as (rotate request, value).
+    pub fn consumed(&self) -> Vec<(String, String)> {
+        self.state().consumed.clone()
     }
 
     /// Writes made so far: Secret applies and deletes, status applies. Events are not counted.
@@ -178,8 +199,12 @@ impl FakeCluster {
     }
 
     /// Copies the stored status into the object, as a watch event would.
+    /// The status goes through JSON, as it does through the API server (which
+    /// keeps times to the second), so a status that does not survive that shows.
     pub fn refresh(&self, key: &mut ApiKey) {
-        key.status = self.status(&key.name_any());
+        key.status = self
+            .status(&key.name_any())
+            .map(|status| serde_json::from_value(serde_json::to_value(status).unwrap()).unwrap());
     }
 }
 
@@ -189,15 +214,50 @@ fn injected(op: Op) -> Error {
 
 #[async_trait]
 impl Cluster for FakeCluster {
+    fn cached_secret(&self, namespace: &str, name: &str) -> CachedSecret {
+        let state = self.state();
+        if !state.cache {
+            return CachedSecret::Unavailable;
+        }
+        // The watch selects keyward's label, so foreign Secrets are not cached.
+        match state.secrets.get(&(namespace.into(), name.into())) {
+            Some(secret)
+                if secret.metadata.labels.as_ref().is_some_and(|l| {
+                    l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("keyward")
+                }) =>
+            {
+                CachedSecret::Present(Box::new(secret.metadata.clone()))
+            }
+            _ => CachedSecret::Absent,
+        }
+    }
+
     async fn get_secret(&self, namespace: &str, name: &str) -> Result<Option<Secret>> {
         let mut state = self.state();
         if Self::take_fault(&mut state, Op::GetSecret) {
             return Err(injected(Op::GetSecret));
         }
+        state.gets += 1;
         Ok(state.secrets.get(&(namespace.into(), name.into())).cloned())
     }
 
-    async fn apply_secret(&self, secret: &Secret) -> Result<()> {
+    async fn create_secret(&self, secret: &Secret) -> Result<Option<String>> {
+        let id = (
+            secret.namespace().unwrap(),
+            secret.metadata.name.clone().unwrap(),
+        );
+        if self.state().secrets.contains_key(&id) {
+            return Err(Error::SecretWrite {
+                namespace: id.0,
+                name: id.1,
+                code: 409,
+                reason: "AlreadyExists".into(),
+            });
+        }
+        self.apply_secret(secret).await
+    }
+
+    async fn apply_secret(&self, secret: &Secret) -> Result<Option<String>> {
         let mut state = self.state();
         if Self::take_fault(&mut state, Op::ApplySecret) {
             return Err(injected(Op::ApplySecret));
@@ -237,7 +297,7 @@ impl Cluster for FakeCluster {
         if Self::take_fault(&mut state, Op::ApplySecretThenFail) {
             return Err(injected(Op::ApplySecretThenFail));
         }
-        Ok(())
+        Ok(Some(state.next_version.to_string()))
     }
 
     async fn delete_secret(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
@@ -258,13 +318,27 @@ impl Cluster for FakeCluster {
         Ok(())
     }
 
-    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<()> {
+    async fn apply_status(&self, key: &ApiKey, status: &ApiKeyStatus) -> Result<Option<String>> {
         let mut state = self.state();
         if Self::take_fault(&mut state, Op::ApplyStatus) {
             return Err(injected(Op::ApplyStatus));
         }
         state.writes += 1;
         state.statuses.insert(key.name_any(), status.clone());
+        Ok(None)
+    }
+
+    async fn consume_revoke_previous(
+        &self,
+        _key: &ApiKey,
+        rotation_request: &str,
+        value: &str,
+    ) -> Result<()> {
+        let mut state = self.state();
+        state.writes += 1;
+        state
+            .consumed
+            .push((rotation_request.to_owned(), value.to_owned()));
         Ok(())
     }
 
@@ -398,14 +472,14 @@ impl KeyStore for FaultyStore {
         self.wrote();
         Ok(())
     }
-    async fn set_expiry(
+    async fn shorten_expiry(
         &self,
         key_id: &str,
-        expires_at: Option<Timestamp>,
+        expires_at: Timestamp,
         at: Timestamp,
     ) -> Result<()> {
         self.check(StoreOp::UpdateMetadata)?;
-        self.inner.set_expiry(key_id, expires_at, at).await?;
+        self.inner.shorten_expiry(key_id, expires_at, at).await?;
         self.wrote();
         Ok(())
     }
@@ -516,6 +590,7 @@ impl Harness {
             keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(self.seed))).unwrap(),
             issue_limiter: Arc::new(RateLimiter::per_second(0.0)),
             metrics: self.metrics.clone(),
+            status_memo: Arc::new(StatusMemo::default()),
         }
     }
 }
