@@ -396,15 +396,12 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
 /// The `status` output.
 pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
     let status = key.status.clone().unwrap_or_default();
-    let mut out = format!(
-        "Name:            {}\nNamespace:       {}\nOwner:           {}\nTeam:            {}\nScopes:          {}\n",
-        key.name_any(),
-        key.namespace().unwrap_or_default(),
-        key.spec.owner,
-        key.spec.team,
-        key.spec.scopes.join(", ")
-    );
     let fields = [
+        ("Name", Some(key.name_any())),
+        ("Namespace", Some(key.namespace().unwrap_or_default())),
+        ("Owner", Some(key.spec.owner.clone())),
+        ("Team", Some(key.spec.team.clone())),
+        ("Scopes", Some(key.spec.scopes.join(", "))),
         ("Key ID", status.key_id.clone()),
         ("Key hint", status.key_hint.clone()),
         ("Secret", status.secret_name.clone()),
@@ -438,9 +435,17 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
                 .map(|t| t.0.to_string()),
         ),
     ];
+    // Every label padded to one width: the longest label, its colon and a space.
+    let width = fields
+        .iter()
+        .map(|(label, _)| label.len())
+        .max()
+        .unwrap_or(0)
+        + 2;
+    let mut out = String::new();
     for (label, value) in fields {
         if let Some(value) = value {
-            out.push_str(&format!("{:<17}{value}\n", format!("{label}:")));
+            out.push_str(&format!("{:<width$}{value}\n", format!("{label}:")));
         }
     }
     out.push_str("Conditions:\n");
@@ -602,9 +607,59 @@ mod tests {
         assert_eq!(blocked_reason(&blocked), ": DatabaseUnavailable: m");
         assert_eq!(blocked_reason(&key("b", Some(("True", "KeyActive")))), "");
         let text = render_status(&blocked, &[]);
-        assert!(text.contains("Key hint:        kw_AbC1"), "{text}");
+        assert!(text.contains("Key hint:           kw_AbC1"), "{text}");
         assert!(text.contains("DatabaseUnavailable"));
-        assert!(text.contains("Revision:        3"));
+        assert!(text.contains("Revision:           3"));
+    }
+
+    #[test]
+    fn status_aligns_every_label() {
+        let mut rotated = key("inference", Some(("True", "KeyActive")));
+        let time = |at: &str| Some(Time(at.parse().unwrap()));
+        let status = rotated.status.as_mut().unwrap();
+        status.secret_name = Some("inference-api-key".into());
+        status.expires_at = time("2027-02-20T12:00:00Z");
+        status.last_rotated_at = time("2026-11-22T12:00:00Z");
+        status.next_rotation_at = time("2026-11-23T03:00:00Z");
+        status.previous_key_expires_at = time("2026-11-22T13:00:00Z");
+        status.last_rotation_request = Some("1795000000".into());
+        rotated.metadata.deletion_timestamp = time("2026-11-22T12:30:00Z");
+        let event = Event {
+            event_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+                "2026-11-22T12:00:01Z".parse().unwrap(),
+            )),
+            type_: Some("Normal".into()),
+            reason: Some("Rotated".into()),
+            note: Some("issued kid_abc".into()),
+            ..Event::default()
+        };
+        assert_eq!(
+            render_status(&rotated, &[event]),
+            "\
+Name:               inference
+Namespace:          team-ml
+Owner:              alice@example.com
+Team:               ml
+Scopes:             inference, models:read
+Key ID:             kid_abc
+Key hint:           kw_AbC1
+Secret:             inference-api-key
+Revision:           3
+Issued:             2026-11-22T12:00:00Z
+Expires:            2027-02-20T12:00:00Z
+Last rotated:       2026-11-22T12:00:00Z
+Next rotation:      2026-11-23T03:00:00Z
+Previous key until: 2026-11-22T13:00:00Z
+Rotate request:     1795000000
+Deleting since:     2026-11-22T12:30:00Z
+Conditions:
+  TYPE    STATUS   REASON      SINCE                  MESSAGE
+  Ready   True     KeyActive   2026-11-22T12:00:00Z   m
+Events:
+  TIME                   TYPE     REASON    MESSAGE
+  2026-11-22T12:00:01Z   Normal   Rotated   issued kid_abc
+"
+        );
     }
 
     #[test]

@@ -111,6 +111,25 @@ fn chart_and_config_grant_the_same_rules() {
     // Nothing broader than needed: no wildcards anywhere.
     let text = read("config/clusterrole.yaml");
     assert!(!text.contains("\"*\""), "no wildcard rules");
+
+    // The leader-election Role, too (the first document of each file).
+    let first = |text: &str| -> Value {
+        use serde::Deserialize;
+        let document = serde_yaml::Deserializer::from_str(text).next().unwrap();
+        Value::deserialize(document).unwrap()
+    };
+    let chart = first(&render_defaults(&read(
+        "charts/keyward/templates/role.yaml",
+    )));
+    let config = first(&read("config/leader-election.yaml"));
+    assert_eq!(chart["kind"], "Role");
+    assert_eq!(chart["rules"], config["rules"]);
+    // kube-lease-manager gets, creates and patches the Lease; it never updates,
+    // lists or watches it.
+    assert_eq!(
+        config["rules"][0]["verbs"],
+        serde_yaml::from_str::<Value>(r#"["get", "create", "patch"]"#).unwrap()
+    );
 }
 
 #[test]
@@ -179,4 +198,22 @@ fn every_value_is_documented_and_every_used_value_exists() {
             "templates use .Values.{path}, which values.yaml lacks"
         );
     }
+}
+
+#[test]
+fn argocd_health_check_is_an_argocd_cm_patch() {
+    let manifest: Value = serde_yaml::from_str(&read("examples/argocd-health.yaml")).unwrap();
+    assert_eq!(manifest["kind"], "ConfigMap");
+    assert_eq!(manifest["metadata"]["name"], "argocd-cm");
+    let lua = manifest["data"]["resource.customizations.health.keyward.dev_ApiKey"]
+        .as_str()
+        .expect("the health check key holds the Lua as a string");
+    // It reads the condition and the annotation keyward uses, and returns a status.
+    assert!(lua.contains(&format!("\"{}\"", keyward::crd::READY)));
+    assert!(lua.contains(&format!("[\"{}\"]", keyward::crd::ROTATE_ANNOTATION)));
+    assert!(lua.contains("lastRotationRequest") && lua.contains("observedGeneration"));
+    for status in ["Healthy", "Progressing", "Degraded"] {
+        assert!(lua.contains(&format!("\"{status}\"")), "{status}");
+    }
+    assert!(lua.trim_end().ends_with("return hs"));
 }
