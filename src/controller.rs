@@ -258,8 +258,10 @@ async fn add_finalizer(api: &Api<ApiKey>, key: &ApiKey) -> Result<ApiKey> {
 /// An object under the ApiKey kind that does not deserialize (stored before a
 /// schema change, or written past validation). It gets a Warning Event and a
 /// log line, and is otherwise left alone; the watch and the other ApiKeys go
-/// on. If it is being deleted, its keys are revoked all the same (found by uid),
-/// its Secrets deleted, and the finalizer removed, so deletion still fails closed.
+/// on. If it is being deleted, its keys are revoked all the same (found by uid)
+/// and its Secrets deleted, so a deletion still fails closed. The API server
+/// refuses any update of an object that fails its schema, so the finalizer can
+/// only go once someone fixes the field; the Event says so.
 async fn invalid_object(invalid: &InvalidObject, ctx: &Context) {
     let meta = &invalid.metadata;
     let (namespace, name) = (
@@ -271,6 +273,27 @@ async fn invalid_object(invalid: &InvalidObject, ctx: &Context) {
         "keyward cannot read this ApiKey ({}); fix the field with kubectl edit, or delete and recreate the ApiKey. Other ApiKeys are not affected.",
         invalid.error
     );
+    publish_about(meta, note, ctx).await;
+    let finalizing = meta.deletion_timestamp.is_some()
+        && meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
+    if !finalizing {
+        return;
+    }
+    match release_invalid(meta, ctx).await {
+        Ok(()) => {}
+        Err(Error::Kube(kube::Error::Api(status))) if status.code == 422 => {
+            let note = "keyward revoked this ApiKey's keys, but the API server refuses to remove the finalizer while the object fails its schema; fix the field with kubectl edit and the deletion completes.".to_owned();
+            publish_about(meta, note, ctx).await;
+        }
+        // Retried on the next change or resync; the finalizer stays meanwhile.
+        Err(e) => {
+            warn!(apikey = name, namespace, error = %e, "could not revoke the keys of an unreadable ApiKey")
+        }
+    }
+}
+
+/// Publishes a Warning Event `InvalidObject` about an object known only by its metadata.
+async fn publish_about(meta: &ObjectMeta, note: String, ctx: &Context) {
     let event = Event {
         type_: EventType::Warning,
         reason: "InvalidObject".into(),
@@ -290,12 +313,6 @@ async fn invalid_object(invalid: &InvalidObject, ctx: &Context) {
     let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
     if let Err(e) = recorder.publish(&event, &reference).await {
         warn!(error = %e, "could not publish an Event");
-    }
-    let finalizing = meta.deletion_timestamp.is_some()
-        && meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
-    if finalizing && let Err(e) = release_invalid(meta, ctx).await {
-        // Retried on the next change or resync; the finalizer stays meanwhile.
-        warn!(apikey = name, namespace, error = %e, "could not revoke the keys of an unreadable ApiKey");
     }
 }
 

@@ -121,7 +121,9 @@ pub struct RotationSpec {
         {"rule": "self.matches('^(@(hourly|daily|weekly|monthly|yearly|annually)|@every ([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+|[0-9A-Za-z*/,?#-]+( +[0-9A-Za-z*/,?#-]+){4})$')",
          "message": "schedule must be 5 cron fields (minute hour day-of-month month day-of-week), @hourly, @daily, @weekly, @monthly, @yearly or @every <duration> such as @every 720h"},
         {"rule": "!self.startsWith('@every ') || duration(self.substring(7)) >= duration('1s')",
-         "message": "the @every interval must be at least 1s"}
+         "message": "the @every interval must be at least 1s"},
+        {"rule": cron_fields_rule(),
+         "message": "a cron field is out of range: minute 0-59, hour 0-23, day of month 1-31 (or L, ?, 15W), month 1-12 or JAN-DEC, day of week 0-7 or SUN-SAT (or ?, 5L, 1#2)"}
     ]))]
     pub schedule: Option<String>,
 
@@ -140,6 +142,32 @@ pub struct RotationSpec {
          "message": "gracePeriod must be a non-negative duration such as 1h, 30m or 90s"}
     ]))]
     pub grace_period: Option<String>,
+}
+
+/// The CEL rule that checks each of the 5 cron fields against its range, so
+/// `61 * * * *` fails at admission rather than later as `InvalidSpec`. Macros
+/// and `@every` start with `@` and are checked by the other rules.
+fn cron_fields_rule() -> String {
+    /// A comma list of items: `*`, a value or a range, with an optional `/step`, or an extra form.
+    fn field(value: &str, extra: &[&str]) -> String {
+        let mut items = vec![format!("([*]|{value}(-{value})?)(/[0-9]{{1,2}})?")];
+        items.extend(extra.iter().map(|e| e.replace("V", value)));
+        let item = format!("({})", items.join("|"));
+        format!("{item}(,{item})*")
+    }
+    let minute = field("[0-5]?[0-9]", &[]);
+    let hour = field("(1?[0-9]|2[0-3])", &[]);
+    let day = field("(0?[1-9]|[12][0-9]|3[01])", &["[?]", "L", "VW"]);
+    let month = field(
+        "(0?[1-9]|1[0-2]|jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec)",
+        &[],
+    );
+    let weekday = field(
+        "([0-7]|sun|mon|tue|wed|thu|fri|sat)",
+        &["[?]", "VL", "V#[1-5]"],
+    );
+    let fields = [minute, hour, day, month, weekday].join(" +");
+    format!("self.startsWith('@') || self.matches('(?i)^{fields}$')")
 }
 
 /// Workloads that read the key and need a restart to pick up a new one.

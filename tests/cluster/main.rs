@@ -144,6 +144,39 @@ fn crd_admission_columns_and_explain() {
         &apikey("a", "inference", "  rotation: {schedule: \"* * *\"}\n"),
         "schedule must be 5 cron fields",
     );
+    for out_of_range in [
+        "61 * * * *",
+        "0 24 * * *",
+        "0 0 32 * *",
+        "0 0 * 13 *",
+        "0 0 * * 8",
+    ] {
+        reject(
+            &apikey(
+                "a",
+                "inference",
+                &format!("  rotation: {{schedule: \"{out_of_range}\"}}\n"),
+            ),
+            "a cron field is out of range",
+        );
+    }
+    for in_range in [
+        "59 23 31 12 7",
+        "*/15 9-17/2 L JAN-MAR MON-FRI",
+        "0 0 ? * 5L",
+        "0 0 15W * 1#2",
+    ] {
+        cluster
+            .try_kubectl_with_input(
+                &["apply", "--dry-run=server", "-f", "-"],
+                Some(&apikey(
+                    "a",
+                    "inference",
+                    &format!("  rotation: {{schedule: \"{in_range}\"}}\n"),
+                )),
+            )
+            .unwrap_or_else(|e| panic!("{in_range} was rejected: {e}"));
+    }
     reject(
         &apikey("a", "inference", "  rotation: {timeZone: Mars/Olympus}\n"),
         "IANA time zone",
@@ -875,4 +908,215 @@ fn the_operator_runs_with_exactly_the_packaged_permissions() {
         !log.to_lowercase().contains("forbidden"),
         "a call was forbidden:\n{log}"
     );
+}
+
+/// Waits until the Secret holds a key other than `old`; returns it.
+fn next_key(cluster: &Cluster, name: &str, old: &str) -> String {
+    wait_for(
+        &format!("a new key in {name}"),
+        Duration::from_secs(10),
+        || cluster.secret_key(NS, name).filter(|key| key != old),
+    )
+}
+
+#[test]
+fn an_expired_key_stays_dead_and_revoke_previous_is_used_once() {
+    let Some((cluster, url, _operator)) = start_with_operator(
+        "an_expired_key_stays_dead_and_revoke_previous_is_used_once",
+        "info",
+    ) else {
+        return;
+    };
+    cluster.apply(&apikey(
+        "short",
+        "inference",
+        "  expiresAfter: 15s\n  rotation: {gracePeriod: 1h}\n",
+    ));
+    let first = ready_key(&cluster, "short", "short", Duration::from_secs(5));
+    wait_for("the key to expire", Duration::from_secs(30), || {
+        let (code, answer) = verify(&url, &first);
+        (code == 1 && answer.contains("expired")).then_some(())
+    });
+    wait_for("Ready=False KeyExpired", Duration::from_secs(10), || {
+        let reason = cluster.field(
+            "apikey/short",
+            NS,
+            r#"{.status.conditions[?(@.type=="Ready")].reason}"#,
+        );
+        (reason == "KeyExpired").then_some(())
+    });
+
+    // Rotating an expired key issues a new one; the expired key never verifies again.
+    cluster.kubectl(&[
+        "annotate",
+        "apikey/short",
+        "-n",
+        NS,
+        "keyward.dev/rotate=renew",
+    ]);
+    let second = next_key(&cluster, "short", &first);
+    assert_eq!(verify(&url, &second).0, 0);
+    for _ in 0..5 {
+        let (code, answer) = verify(&url, &first);
+        assert_ne!(code, 0, "the expired key came back to life: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // An emergency rotation revokes the previous key at once, and keyward removes
+    // the revoke-previous annotation once it is handled.
+    cluster.kubectl(&[
+        "annotate",
+        "apikey/short",
+        "-n",
+        NS,
+        "--overwrite",
+        "keyward.dev/rotate=leak-1",
+        "keyward.dev/revoke-previous=now",
+    ]);
+    let third = next_key(&cluster, "short", &second);
+    let (code, answer) = verify(&url, &second);
+    assert!(code == 1 && answer.contains("revoked"), "{answer}");
+    wait_for(
+        "revoke-previous to be removed",
+        Duration::from_secs(10),
+        || {
+            let annotations = cluster.field("apikey/short", NS, "{.metadata.annotations}");
+            (!annotations.contains("revoke-previous")).then_some(())
+        },
+    );
+    assert_eq!(
+        cluster.field("apikey/short", NS, "{.status.lastEmergencyRequest}"),
+        "leak-1"
+    );
+
+    // A later routine request keeps the previous key for its grace period.
+    cluster.kubectl(&[
+        "annotate",
+        "apikey/short",
+        "-n",
+        NS,
+        "--overwrite",
+        "keyward.dev/rotate=routine-2",
+    ]);
+    let fourth = next_key(&cluster, "short", &third);
+    assert_eq!(verify(&url, &fourth).0, 0);
+    let (code, answer) = verify(&url, &third);
+    assert!(code == 0 && answer.contains("retiring"), "{answer}");
+    assert_eq!(
+        cluster.field("apikey/short", NS, "{.status.lastRotationRequest}"),
+        "routine-2"
+    );
+}
+
+#[test]
+fn an_unreadable_apikey_does_not_stall_the_others() {
+    let Some(cluster) = Cluster::start("an_unreadable_apikey_does_not_stall_the_others") else {
+        return;
+    };
+    let crd = keyward::crd::crd_yaml();
+    cluster
+        .try_kubectl_with_input(&["apply", "--server-side", "-f", "-"], Some(&crd))
+        .unwrap();
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    // Relax the schema, store an ApiKey whose owner is a number (with keyward's
+    // finalizer, as if it had been issued before), then restore the schema.
+    let relaxed = r#"[{"op":"replace","path":"/spec/versions/0/schema/openAPIV3Schema","value":{"type":"object","x-kubernetes-preserve-unknown-fields":true}}]"#;
+    cluster.kubectl(&[
+        "patch",
+        "crd",
+        "apikeys.keyward.dev",
+        "--type=json",
+        "-p",
+        relaxed,
+    ]);
+    wait_for("the relaxed schema", Duration::from_secs(30), || {
+        cluster
+            .try_kubectl_with_input(
+                &["apply", "-f", "-"],
+                Some(&format!(
+                    "apiVersion: keyward.dev/v1alpha1\nkind: ApiKey\nmetadata:\n  name: broken\n  namespace: {NS}\n  finalizers: [keyward.dev/revoke]\nspec:\n  owner: 42\n  team: ml\n  scopes: [inference]\n"
+                )),
+            )
+            .ok()
+    });
+    cluster
+        .try_kubectl_with_input(
+            &["apply", "--server-side", "--force-conflicts", "-f", "-"],
+            Some(&crd),
+        )
+        .unwrap();
+    wait_for("the strict schema again", Duration::from_secs(30), || {
+        cluster
+            .try_kubectl_with_input(
+                &["apply", "--dry-run=server", "-f", "-"],
+                Some(&apikey("probe", "inference", "").replace("alice@example.com", "7")),
+            )
+            .err()
+            .filter(|e| e.contains("owner"))
+    });
+    let names: Vec<String> = (0..20).map(|i| format!("valid-{i}")).collect();
+    let manifests: Vec<String> = names.iter().map(|n| apikey(n, "inference", "")).collect();
+    cluster.apply(&manifests.join("---\n"));
+
+    let url = sqlite_url(&cluster);
+    let operator = cluster.operator(&url, &[], "info");
+    for name in &names {
+        ready_key(&cluster, name, name, Duration::from_secs(60));
+    }
+    let log = operator.log_text();
+    assert!(log.contains("cannot read this ApiKey"), "{log}");
+    wait_for("an InvalidObject Event", Duration::from_secs(20), || {
+        let events = cluster.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "involvedObject.name=broken,reason=InvalidObject",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        (events.contains("cannot read this ApiKey") && events.contains("42")).then_some(())
+    });
+    // Deleting it revokes its keys; the API server refuses to update an object that
+    // fails its schema, so the finalizer goes once the field is fixed.
+    cluster.kubectl(&["delete", "apikey/broken", "-n", NS, "--wait=false"]);
+    wait_for("the finalizer explanation", Duration::from_secs(20), || {
+        let events = cluster.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "involvedObject.name=broken,reason=InvalidObject",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ]);
+        events
+            .contains("fix the field with kubectl edit and the deletion completes")
+            .then_some(())
+    });
+    cluster.kubectl(&[
+        "patch",
+        "apikey/broken",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"owner":"fixed@example.com"}}"#,
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while cluster
+        .try_kubectl(&["get", "apikey/broken", "-n", NS])
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unreadable ApiKey was not released:\n{}",
+            operator.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
