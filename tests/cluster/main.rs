@@ -1008,6 +1008,21 @@ fn an_expired_key_stays_dead_and_revoke_previous_is_used_once() {
     );
 }
 
+/// The messages of the `InvalidObject` Events about one ApiKey.
+fn invalid_object_events(cluster: &Cluster, name: &str) -> String {
+    let selector = format!("involvedObject.name={name},reason=InvalidObject");
+    cluster.kubectl(&[
+        "get",
+        "events",
+        "-n",
+        NS,
+        "--field-selector",
+        &selector,
+        "-o",
+        "jsonpath={.items[*].message}",
+    ])
+}
+
 #[test]
 fn an_unreadable_apikey_does_not_stall_the_others() {
     let Some(cluster) = Cluster::start("an_unreadable_apikey_does_not_stall_the_others") else {
@@ -1068,32 +1083,14 @@ fn an_unreadable_apikey_does_not_stall_the_others() {
     let log = operator.log_text();
     assert!(log.contains("cannot read this ApiKey"), "{log}");
     wait_for("an InvalidObject Event", Duration::from_secs(20), || {
-        let events = cluster.kubectl(&[
-            "get",
-            "events",
-            "-n",
-            NS,
-            "--field-selector",
-            "involvedObject.name=broken,reason=InvalidObject",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ]);
+        let events = invalid_object_events(&cluster, "broken");
         (events.contains("cannot read this ApiKey") && events.contains("42")).then_some(())
     });
     // Deleting it revokes its keys; the API server refuses to update an object that
     // fails its schema, so the finalizer goes once the field is fixed.
     cluster.kubectl(&["delete", "apikey/broken", "-n", NS, "--wait=false"]);
     wait_for("the finalizer explanation", Duration::from_secs(20), || {
-        let events = cluster.kubectl(&[
-            "get",
-            "events",
-            "-n",
-            NS,
-            "--field-selector",
-            "involvedObject.name=broken,reason=InvalidObject",
-            "-o",
-            "jsonpath={.items[*].message}",
-        ]);
+        let events = invalid_object_events(&cluster, "broken");
         events
             .contains("fix the field with kubectl edit and the deletion completes")
             .then_some(())
