@@ -27,7 +27,7 @@ use kube::{
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
         reflector,
-        wait::{await_condition, conditions},
+        wait::{Condition, await_condition, conditions},
         watcher,
     },
 };
@@ -53,6 +53,10 @@ const LEASE_GRACE_SECS: u64 = 5;
 
 /// Longest wait between retries of a failing ApiKey.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Objects per page of the watches' initial LIST. Each page is held whole
+/// (and for ApiKeys, parsed twice by `DeserializeGuard`) while it is decoded,
+/// so smaller pages lower the start-up peak at a few more round trips.
+const LIST_PAGE_SIZE: u32 = 100;
 /// How long a reconcile at start-up waits for the Secret cache's first list,
 /// so that a restart over a settled fleet reads no Secret; then it reads them.
 const SECRET_CACHE_WAIT: Duration = Duration::from_secs(30);
@@ -604,8 +608,9 @@ fn watch_secrets(
     client: Client,
     watches: Watches,
 ) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
-    let owned_secrets =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let owned_secrets = watcher::Config::default()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+        .page_size(LIST_PAGE_SIZE);
     let synced = watches.secrets.synced.clone();
     let (sender, receiver) = tokio::sync::mpsc::channel(1024);
     let changes = watcher(Api::<PartialObjectMeta<Secret>>::all(client), owned_secrets)
@@ -659,7 +664,7 @@ async fn run_controller(
     let queue = context.clone();
     let key_changes = watcher(
         Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
-        watcher::Config::default(),
+        watcher::Config::default().page_size(LIST_PAGE_SIZE),
     )
     .default_backoff()
     .modify(slim_apikey)
@@ -711,11 +716,29 @@ async fn run_controller(
     Ok(())
 }
 
-/// Applies the CRD with the `keyward` field manager and waits until it is established.
+/// Annotation on the installed CRD: the SHA-256 of the CRD this binary applied.
+const CRD_HASH_ANNOTATION: &str = "keyward.dev/crd-sha256";
+
+/// Applies the CRD with the `keyward` field manager and waits until it is
+/// established. A CRD this same binary already applied is left alone, so a
+/// restart makes no write.
 async fn install_crd(client: Client) -> Result<()> {
-    let crd = ApiKey::crd();
+    let mut crd = ApiKey::crd();
     let name = crd.name_any();
+    let bytes = serde_json::to_vec(&crd).map_err(|e| Error::Serialize(e.to_string()))?;
+    let hash = crate::key::KeyHash::of(&bytes).as_str().to_owned();
     let api: Api<CustomResourceDefinition> = Api::all(client);
+    let installed = api.get_opt(&name).await?;
+    let current = installed.as_ref().is_some_and(|c| {
+        c.annotations().get(CRD_HASH_ANNOTATION) == Some(&hash)
+            && conditions::is_crd_established().matches_object(Some(c))
+    });
+    if current {
+        info!(crd = name, "CRD already installed");
+        return Ok(());
+    }
+    crd.annotations_mut()
+        .insert(CRD_HASH_ANNOTATION.to_owned(), hash);
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),

@@ -315,6 +315,23 @@ impl SqlStore {
         let pool = AnyPoolOptions::new()
             .max_connections(8)
             .acquire_timeout(std::time::Duration::from_secs(5))
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL with a full sync: each commit is one WAL append and
+                        // one fsync (a rollback journal costs several), still
+                        // durable through a power loss, and readers (verify) never
+                        // wait for the writer.
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *connection)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous = FULL")
+                            .execute(&mut *connection)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await?;
         Ok(Self { pool, backend })
