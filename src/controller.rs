@@ -37,11 +37,10 @@ use tracing::{debug, error, info, warn};
 use crate::{
     Error, Result,
     clock::SystemClock,
-    crd::{
-        ApiKey, FIELD_MANAGER, FINALIZER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-    },
+    crd::{ApiKey, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
     key::{KeyFactory, OsEntropy},
-    reconciler::{KubeCluster, RateLimiter, Reconciler, SecretCache, StatusMemo},
+    reconciler::{KubeCluster, RateLimiter, Reconciler, StatusMemo},
+    secret_cache::SecretCache,
     store::SqlStore,
     telemetry::{Endpoints, Health, InstrumentedStore, Metrics},
 };
@@ -133,7 +132,7 @@ impl Context {
     async fn secret_cache_synced(&self) {
         let Some(cache) = &self.secrets else { return };
         let deadline = Instant::now() + SECRET_CACHE_WAIT;
-        while !cache.synced.load(Ordering::Acquire) && Instant::now() < deadline {
+        while !cache.is_synced() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -337,27 +336,15 @@ async fn release_invalid(meta: &ObjectMeta, ctx: &Context) -> Result<()> {
         ..meta.clone()
     };
     ctx.reconciler.revoke_all(&stand_in, &uid).await?;
-    if let Some(cache) = &ctx.secrets {
-        let owned = cache.store.state().into_iter().filter(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace.as_str())
-                && s.metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| o.controller == Some(true) && o.uid == uid)
-        });
-        for secret in owned {
-            let (Some(secret_name), Some(secret_uid)) = (
-                secret.metadata.name.as_deref(),
-                secret.metadata.uid.as_deref(),
-            ) else {
-                continue;
-            };
-            ctx.reconciler
-                .cluster
-                .delete_secret(&namespace, secret_name, secret_uid)
-                .await?;
-        }
+    let owned = ctx
+        .secrets
+        .iter()
+        .flat_map(|cache| cache.controlled_by(&namespace, &uid));
+    for (secret_name, secret_uid) in owned {
+        ctx.reconciler
+            .cluster
+            .delete_secret(&namespace, &secret_name, &secret_uid)
+            .await?;
     }
     let finalizers = meta.finalizers.clone().unwrap_or_default();
     let index = finalizers
@@ -459,11 +446,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         });
     }
 
-    let (secret_store, secret_writer) = reflector::store();
-    let secrets = SecretCache {
-        store: secret_store,
-        synced: Arc::default(),
-    };
+    let secrets = SecretCache::default();
     let reconciler = Reconciler {
         cluster: Arc::new(KubeCluster::new(
             client.clone(),
@@ -481,10 +464,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: metrics.clone(),
         status_memo: Arc::new(StatusMemo::default()),
     };
-    let watches = Watches {
-        secrets,
-        secret_writer,
-    };
+    let watches = Watches { secrets };
 
     let outcome = if config.leader_election {
         lead_then_run(&config, client, reconciler, watches, &metrics, health).await
@@ -572,10 +552,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// The Secret cache the shell reads and the writer its watch fills.
+/// The Secret cache the shell reads and the Secret watch fills.
 struct Watches {
     secrets: SecretCache,
-    secret_writer: reflector::store::Writer<PartialObjectMeta<Secret>>,
 }
 
 /// Keeps only what the operator reads of an ApiKey: no managedFields, no
@@ -589,20 +568,25 @@ fn slim_apikey(object: &mut DeserializeGuard<ApiKey>) {
     }
 }
 
-/// Keeps only what the operator reads of a Secret's metadata: name, uid,
-/// resourceVersion, owner references and the key-id annotation.
+/// Keeps only what finds a changed Secret's owner: name, namespace and the
+/// controller reference.
 fn slim_secret(secret: &mut PartialObjectMeta<Secret>) {
-    let meta = &mut secret.metadata;
-    meta.managed_fields = None;
-    meta.labels = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.retain(|k, _| k == KEY_ID_ANNOTATION);
-    }
+    let meta = std::mem::take(&mut secret.metadata);
+    secret.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        owner_references: meta.owner_references.map(|refs| {
+            refs.into_iter()
+                .filter(|o| o.controller == Some(true))
+                .collect()
+        }),
+        ..ObjectMeta::default()
+    };
 }
 
 /// Runs the metadata-only watch of keyward's Secrets in its own task: it fills
 /// the Secret cache (its data is never fetched, so no key is cached here) and
-/// forwards each changed Secret to the controller, which reconciles its owner.
+/// forwards each changed Secret, slimmed, to the controller, which reconciles its owner.
 /// Driving it apart from the controller lets reconciles wait for its first list.
 fn watch_secrets(
     client: Client,
@@ -611,17 +595,18 @@ fn watch_secrets(
     let owned_secrets = watcher::Config::default()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
         .page_size(LIST_PAGE_SIZE);
-    let synced = watches.secrets.synced.clone();
+    let cache = watches.secrets;
     let (sender, receiver) = tokio::sync::mpsc::channel(1024);
     let changes = watcher(Api::<PartialObjectMeta<Secret>>::all(client), owned_secrets)
         .default_backoff()
-        .modify(slim_secret)
-        .reflect(watches.secret_writer)
         .inspect_ok(move |event| {
-            if matches!(event, watcher::Event::InitDone) && !synced.swap(true, Ordering::AcqRel) {
-                info!("Secret watch synced");
+            let first = !cache.is_synced();
+            cache.apply(event);
+            if first && cache.is_synced() {
+                info!(secrets = cache.len(), "Secret watch synced");
             }
         })
+        .modify(slim_secret)
         .touched_objects();
     tokio::spawn(async move {
         let mut changes = std::pin::pin!(changes);
@@ -693,7 +678,7 @@ async fn run_controller(
         loop {
             let ready = tokio::time::timeout(Duration::from_secs(1), keys.wait_until_ready());
             match ready.await {
-                Ok(Ok(())) if secrets.synced.load(Ordering::Acquire) => {
+                Ok(Ok(())) if secrets.is_synced() => {
                     health.watches_synced.store(true, Ordering::SeqCst);
                     info!("ApiKey watch synced");
                     return;

@@ -20,6 +20,7 @@ pub mod key;
 pub mod plugin;
 pub mod reconciler;
 pub mod schedule;
+pub mod secret_cache;
 pub mod store;
 pub mod telemetry;
 pub mod verify;

@@ -4,10 +4,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -23,11 +20,10 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, PartialObjectMeta, Patch, PatchParams, PostParams, Preconditions},
+    api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::{ObjectRef, Store},
     },
 };
 use tracing::{debug, info, warn};
@@ -42,6 +38,7 @@ use crate::{
         REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
+    secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
     telemetry::{Metrics, OperationLabel},
 };
@@ -59,8 +56,8 @@ pub enum CachedSecret {
     Unavailable,
     /// The cache has no keyward Secret by that name (a foreign one may still exist).
     Absent,
-    /// The cached metadata.
-    Present(Box<ObjectMeta>),
+    /// What the cache knows of it.
+    Present(SecretFacts),
 }
 
 /// The Kubernetes calls the shell makes. Writes are server-side applies with the
@@ -101,16 +98,6 @@ pub trait Cluster: Send + Sync {
     ) -> Result<Option<Option<String>>>;
     /// Sets that annotation to `key_id`, which rolls the workload's pods.
     async fn restart(&self, namespace: &str, target: &RolloutTarget, key_id: &str) -> Result<()>;
-}
-
-/// The metadata-only Secret cache the controller's watch fills, and whether its
-/// first list is complete (before that, nothing can be concluded from a miss).
-#[derive(Clone)]
-pub struct SecretCache {
-    /// The reflector's store.
-    pub store: Store<PartialObjectMeta<Secret>>,
-    /// Set once the first list has been applied to the store.
-    pub synced: Arc<AtomicBool>,
 }
 
 /// [`Cluster`] over a real API server.
@@ -181,16 +168,10 @@ fn secret_write_error(namespace: String, name: String, error: kube::Error) -> Er
 #[async_trait]
 impl Cluster for KubeCluster {
     fn cached_secret(&self, namespace: &str, name: &str) -> CachedSecret {
-        let Some(cache) = self
-            .secrets
-            .as_ref()
-            .filter(|c| c.synced.load(Ordering::Acquire))
-        else {
-            return CachedSecret::Unavailable;
-        };
-        match cache.store.get(&ObjectRef::new(name).within(namespace)) {
-            Some(meta) => CachedSecret::Present(Box::new(meta.metadata.clone())),
-            None => CachedSecret::Absent,
+        match self.secrets.as_ref().and_then(|c| c.get(namespace, name)) {
+            None => CachedSecret::Unavailable,
+            Some(None) => CachedSecret::Absent,
+            Some(Some(facts)) => CachedSecret::Present(facts),
         }
     }
 
@@ -1034,16 +1015,11 @@ impl Reconciler {
             .cluster
             .cached_secret(&target.namespace, &target.secret_name)
         {
-            CachedSecret::Present(meta) => {
+            CachedSecret::Present(facts) => {
                 let unchanged = target.known_secret().and_then(|(key_id, version)| {
-                    let same = meta.resource_version.as_deref() == Some(version)
-                        && controlled_by(&meta, &target.uid)
-                        && meta
-                            .annotations
-                            .as_ref()
-                            .and_then(|a| a.get(KEY_ID_ANNOTATION))
-                            .map(String::as_str)
-                            == Some(key_id);
+                    let same = facts.resource_version.as_deref() == Some(version)
+                        && facts.controller_uid.as_deref() == Some(target.uid.as_str())
+                        && facts.key_id.as_deref() == Some(key_id);
                     same.then(|| live.iter().find(|r| r.key_id == key_id))
                         .flatten()
                 });
@@ -1052,8 +1028,8 @@ impl Reconciler {
                         view: SecretView::Owned {
                             key_hash: Some(record.key_hash.clone()),
                         },
-                        uid: meta.uid,
-                        resource_version: meta.resource_version,
+                        uid: facts.uid,
+                        resource_version: facts.resource_version,
                     });
                 }
             }

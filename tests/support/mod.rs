@@ -22,6 +22,7 @@ use keyward::{
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
     reconciler::{CachedSecret, Cluster, RateLimiter, Reconciler, StatusMemo},
+    secret_cache::SecretFacts,
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
 };
@@ -226,7 +227,7 @@ impl Cluster for FakeCluster {
                     l.get("app.kubernetes.io/managed-by").map(String::as_str) == Some("keyward")
                 }) =>
             {
-                CachedSecret::Present(Box::new(secret.metadata.clone()))
+                CachedSecret::Present(SecretFacts::of(&secret.metadata))
             }
             _ => CachedSecret::Absent,
         }
