@@ -131,3 +131,27 @@ fn finalizer_summary(error: &kube::runtime::finalizer::Error<Error>) -> String {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use kube::core::Status;
+
+    use super::*;
+
+    #[test]
+    fn kubernetes_errors_are_short_in_status_and_events() {
+        let status = Status::failure(&"x".repeat(2_000), "Conflict").with_code(409);
+        let error = Error::Kube(kube::Error::Api(Box::new(status)));
+        assert_eq!(error.to_string(), "Kubernetes API error: HTTP 409 Conflict");
+        let wrapped = Error::Finalizer(Box::new(kube::runtime::finalizer::Error::AddFinalizer(
+            kube::Error::Api(Box::new(
+                Status::failure("the object has been modified", "Conflict").with_code(409),
+            )),
+        )));
+        assert_eq!(
+            wrapped.to_string(),
+            "adding the finalizer failed: HTTP 409 Conflict"
+        );
+        assert_eq!(wrapped.reason(), "KubernetesApiError");
+    }
+}

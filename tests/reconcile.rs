@@ -355,6 +355,13 @@ async fn issuance_with_fault(inject: impl Fn(&Harness)) {
     h.clock.advance(PENDING_TIMEOUT);
     h.converge(&mut key).await;
     assert_settled(&h, &key).await;
+    // One key became active, on the normal path or on recovery after the fault.
+    let issued = h
+        .metrics
+        .keys_issued
+        .get_or_create(&keyward::telemetry::ReasonLabel { reason: "initial" })
+        .get();
+    assert_eq!(issued, 1);
 }
 
 /// Every verifying key of the ApiKey is the one in its Secret, or an active key being replaced.
