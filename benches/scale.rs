@@ -81,7 +81,7 @@ enum Database {
     Postgres,
 }
 
-/// Options; `cargo bench` appends `--bench`, which is dropped before parsing.
+/// Options; `cargo bench` appends `--bench`, which is not one of them.
 #[derive(Debug, Parser)]
 #[command(about = "keyward's fleet scale benchmark against a real kube-apiserver")]
 struct Args {
@@ -140,6 +140,12 @@ fn issue_limit(value: &str) -> Result<IssueLimit, String> {
 
 fn main() {
     let args = Args::parse_from(std::env::args().filter(|a| a != "--bench"));
+    // `cargo test --all-targets` runs bench binaries too, without `--bench`;
+    // a run of minutes does not belong there.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("SKIP: scale bench: run it with `cargo bench --bench scale`");
+        return;
+    }
     if let Some(missing) = missing_prerequisite(&args) {
         eprintln!("SKIP: scale bench: {missing}");
         return;
