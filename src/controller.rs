@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
@@ -23,7 +22,7 @@ use kube::{
     api::{PartialObjectMeta, Patch, PatchParams},
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
-        Controller, PredicateConfig, WatchStreamExt,
+        Controller, WatchStreamExt,
         controller::{Action, Config as ControllerConfig},
         events::{Event, EventType, Recorder, Reporter},
         finalizer::{Event as Finalizer, finalizer},
@@ -569,21 +568,6 @@ fn slim_apikey(object: &mut DeserializeGuard<ApiKey>) {
     }
 }
 
-/// What a change must touch to be worth a reconcile: the spec (generation),
-/// keyward's annotations, deletion, or whether the object reads at all. Our
-/// own status writes and the finalizer patch change none of these, so they
-/// cost the operator no reconcile; the hourly resync still looks at everything.
-fn needs_reconcile(object: &DeserializeGuard<ApiKey>) -> Option<u64> {
-    let meta = object.meta();
-    let mut hasher = std::hash::DefaultHasher::new();
-    meta.uid.hash(&mut hasher);
-    meta.generation.hash(&mut hasher);
-    meta.deletion_timestamp.is_some().hash(&mut hasher);
-    meta.annotations.hash(&mut hasher);
-    object.0.is_ok().hash(&mut hasher);
-    Some(hasher.finish())
-}
-
 /// Keeps only what finds a changed Secret's owner: name, namespace and the
 /// controller reference.
 fn slim_secret(secret: &mut PartialObjectMeta<Secret>) {
@@ -671,7 +655,6 @@ async fn run_controller(
     .modify(slim_apikey)
     .reflect(key_writer)
     .applied_objects()
-    .predicate_filter(needs_reconcile, PredicateConfig::default())
     .inspect_ok(move |key| queue.mark_queued(key.meta().namespace.as_deref(), &key.name_any()));
     let queue = context.clone();
     let secret_changes = watch_secrets(client, watches).inspect_ok(move |secret| {
