@@ -312,8 +312,14 @@ impl SqlStore {
             }
             _ => url.to_owned(),
         };
+        // SQLite takes one writer at a time: four connections serve the reads
+        // beside it, with half the page caches and worker threads of eight.
+        let connections = match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        };
         let pool = AnyPoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .after_connect(move |connection, _| {
                 Box::pin(async move {
