@@ -910,6 +910,14 @@ fn the_operator_runs_with_exactly_the_packaged_permissions() {
     );
 }
 
+/// `kubectl annotate --overwrite` of an ApiKey.
+fn annotate(cluster: &Cluster, name: &str, annotations: &[&str]) {
+    let object = format!("apikey/{name}");
+    let mut args = vec!["annotate", object.as_str(), "-n", NS, "--overwrite"];
+    args.extend_from_slice(annotations);
+    cluster.kubectl(&args);
+}
+
 /// Waits until the Secret holds a key other than `old`; returns it.
 fn next_key(cluster: &Cluster, name: &str, old: &str) -> String {
     wait_for(
@@ -947,13 +955,7 @@ fn an_expired_key_stays_dead_and_revoke_previous_is_used_once() {
     });
 
     // Rotating an expired key issues a new one; the expired key never verifies again.
-    cluster.kubectl(&[
-        "annotate",
-        "apikey/short",
-        "-n",
-        NS,
-        "keyward.dev/rotate=renew",
-    ]);
+    annotate(&cluster, "short", &["keyward.dev/rotate=renew"]);
     let second = next_key(&cluster, "short", &first);
     assert_eq!(verify(&url, &second).0, 0);
     for _ in 0..5 {
@@ -964,15 +966,14 @@ fn an_expired_key_stays_dead_and_revoke_previous_is_used_once() {
 
     // An emergency rotation revokes the previous key at once, and keyward removes
     // the revoke-previous annotation once it is handled.
-    cluster.kubectl(&[
-        "annotate",
-        "apikey/short",
-        "-n",
-        NS,
-        "--overwrite",
-        "keyward.dev/rotate=leak-1",
-        "keyward.dev/revoke-previous=now",
-    ]);
+    annotate(
+        &cluster,
+        "short",
+        &[
+            "keyward.dev/rotate=leak-1",
+            "keyward.dev/revoke-previous=now",
+        ],
+    );
     let third = next_key(&cluster, "short", &second);
     let (code, answer) = verify(&url, &second);
     assert!(code == 1 && answer.contains("revoked"), "{answer}");
@@ -990,14 +991,7 @@ fn an_expired_key_stays_dead_and_revoke_previous_is_used_once() {
     );
 
     // A later routine request keeps the previous key for its grace period.
-    cluster.kubectl(&[
-        "annotate",
-        "apikey/short",
-        "-n",
-        NS,
-        "--overwrite",
-        "keyward.dev/rotate=routine-2",
-    ]);
+    annotate(&cluster, "short", &["keyward.dev/rotate=routine-2"]);
     let fourth = next_key(&cluster, "short", &third);
     assert_eq!(verify(&url, &fourth).0, 0);
     let (code, answer) = verify(&url, &third);
