@@ -24,7 +24,7 @@ use kube::{
     runtime::{
         Controller, WatchStreamExt,
         controller::{Action, Config as ControllerConfig},
-        events::{Event, EventType, Recorder, Reporter},
+        events::{Event, EventType},
         finalizer::{Event as Finalizer, finalizer},
         reflector,
         wait::{Condition, await_condition, conditions},
@@ -66,8 +66,6 @@ pub struct Context {
     pub client: Client,
     /// The shell that does the work.
     pub reconciler: Reconciler,
-    /// Names Events about objects that cannot be read as an ApiKey.
-    reporter: Reporter,
     /// The metadata-only cache of keyward's Secrets, once it is filled.
     secrets: Option<SecretCache>,
     /// Consecutive failures per ApiKey uid, for exponential backoff.
@@ -79,19 +77,10 @@ pub struct Context {
 impl Context {
     /// A context with no failures recorded. Without a Secret cache every
     /// reconcile reads its Secret from the API server.
-    pub fn new(
-        client: Client,
-        reconciler: Reconciler,
-        instance: Option<String>,
-        secrets: Option<SecretCache>,
-    ) -> Self {
+    pub fn new(client: Client, reconciler: Reconciler, secrets: Option<SecretCache>) -> Self {
         Self {
             client,
             reconciler,
-            reporter: Reporter {
-                controller: "keyward".into(),
-                instance,
-            },
             secrets,
             failures: Mutex::default(),
             queued: Mutex::default(),
@@ -304,7 +293,19 @@ async fn publish_about(meta: &ObjectMeta, note: String, ctx: &Context) {
         action: "Reconcile".into(),
         secondary: None,
     };
-    let reference = ObjectReference {
+    if let Err(e) = ctx
+        .reconciler
+        .cluster
+        .publish(&reference_to(meta), event)
+        .await
+    {
+        warn!(error = %e, "could not publish an Event");
+    }
+}
+
+/// An object reference to an ApiKey known only by its metadata.
+fn reference_to(meta: &ObjectMeta) -> ObjectReference {
+    ObjectReference {
         api_version: Some(ApiKey::api_version(&()).into_owned()),
         kind: Some(ApiKey::kind(&()).into_owned()),
         name: meta.name.clone(),
@@ -312,10 +313,6 @@ async fn publish_about(meta: &ObjectMeta, note: String, ctx: &Context) {
         uid: meta.uid.clone(),
         resource_version: meta.resource_version.clone(),
         ..ObjectReference::default()
-    };
-    let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-    if let Err(e) = recorder.publish(&event, &reference).await {
-        warn!(error = %e, "could not publish an Event");
     }
 }
 
@@ -328,14 +325,7 @@ async fn release_invalid(meta: &ObjectMeta, ctx: &Context) -> Result<()> {
         .clone()
         .ok_or(Error::MissingMetadata("namespace"))?;
     let name = meta.name.clone().ok_or(Error::MissingMetadata("name"))?;
-    let mut stand_in = ApiKey::new(&name, crate::crd::ApiKeySpec::default());
-    stand_in.metadata = ObjectMeta {
-        annotations: None,
-        labels: None,
-        managed_fields: None,
-        ..meta.clone()
-    };
-    ctx.reconciler.revoke_all(&stand_in, &uid).await?;
+    ctx.reconciler.revoke_all(&reference_to(meta), &uid).await?;
     let owned = ctx
         .secrets
         .iter()
@@ -464,13 +454,12 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: metrics.clone(),
         status_memo: Arc::new(StatusMemo::default()),
     };
-    let watches = Watches { secrets };
 
     let outcome = if config.leader_election {
-        lead_then_run(&config, client, reconciler, watches, &metrics, health).await
+        lead_then_run(&config, client, reconciler, secrets, &metrics, health).await
     } else {
         metrics.leader.set(1);
-        run_controller(&config, client, reconciler, watches, health).await
+        run_controller(&config, client, reconciler, secrets, health).await
     };
     store.close().await;
     outcome
@@ -481,7 +470,7 @@ async fn lead_then_run(
     config: &RunConfig,
     client: Client,
     reconciler: Reconciler,
-    watches: Watches,
+    secrets: SecretCache,
     metrics: &Metrics,
     health: Arc<Health>,
 ) -> Result<()> {
@@ -514,7 +503,7 @@ async fn lead_then_run(
     health.standby.store(false, Ordering::SeqCst);
     metrics.leader.set(1);
     let outcome = tokio::select! {
-        ran = run_controller(config, client, reconciler, watches, health) => ran,
+        ran = run_controller(config, client, reconciler, secrets, health) => ran,
         lost = leading.wait_for(|is_leader| !*is_leader) => {
             metrics.leader.set(0);
             let why = if lost.is_ok() { "lost the leader lease" } else { "the lease manager stopped" };
@@ -552,11 +541,6 @@ async fn shutdown_signal() {
     }
 }
 
-/// The Secret cache the shell reads and the Secret watch fills.
-struct Watches {
-    secrets: SecretCache,
-}
-
 /// Keeps only what the operator reads of an ApiKey: no managedFields, no
 /// labels, and of the annotations only keyward's own.
 fn slim_apikey(object: &mut DeserializeGuard<ApiKey>) {
@@ -590,12 +574,11 @@ fn slim_secret(secret: &mut PartialObjectMeta<Secret>) {
 /// Driving it apart from the controller lets reconciles wait for its first list.
 fn watch_secrets(
     client: Client,
-    watches: Watches,
+    cache: SecretCache,
 ) -> impl Stream<Item = Result<PartialObjectMeta<Secret>, watcher::Error>> + Send + 'static {
     let owned_secrets = watcher::Config::default()
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
         .page_size(LIST_PAGE_SIZE);
-    let cache = watches.secrets;
     let (sender, receiver) = tokio::sync::mpsc::channel(1024);
     let changes = watcher(Api::<PartialObjectMeta<Secret>>::all(client), owned_secrets)
         .default_backoff()
@@ -617,7 +600,7 @@ fn watch_secrets(
                         return;
                     }
                 }
-                Err(e) => debug!(error = %e, "Secret watch error; retrying"),
+                Err(e) => warn!(error = %e, "Secret watch error; retrying with backoff"),
             }
         }
     });
@@ -631,17 +614,15 @@ async fn run_controller(
     config: &RunConfig,
     client: Client,
     reconciler: Reconciler,
-    watches: Watches,
+    secrets: SecretCache,
     health: Arc<Health>,
 ) -> Result<()> {
     if !config.skip_crd_install {
         install_crd(client.clone()).await?;
     }
-    let secrets = watches.secrets.clone();
     let context = Arc::new(Context::new(
         client.clone(),
         reconciler,
-        Some(config.identity.clone()),
         Some(secrets.clone()),
     ));
     info!("starting the ApiKey controller");
@@ -657,7 +638,7 @@ async fn run_controller(
     .applied_objects()
     .inspect_ok(move |key| queue.mark_queued(key.meta().namespace.as_deref(), &key.name_any()));
     let queue = context.clone();
-    let secret_changes = watch_secrets(client, watches).inspect_ok(move |secret| {
+    let secret_changes = watch_secrets(client, secrets.clone()).inspect_ok(move |secret| {
         let owner = secret
             .metadata
             .owner_references

@@ -29,7 +29,7 @@ pub const REVOKE_PREVIOUS_ANNOTATION: &str = "keyward.dev/revoke-previous";
 pub const DEFAULT_GRACE_PERIOD: &str = "1h";
 
 /// The key to issue: who owns it, what it may do, and which Secret receives it.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "keyward.dev",
     version = "v1alpha1",
@@ -263,6 +263,13 @@ pub struct ApiKeyStatus {
     pub last_emergency_request: Option<String>,
 }
 
+impl ApiKeyStatus {
+    /// The Ready condition, if there is one.
+    pub fn ready_condition(&self) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == READY)
+    }
+}
+
 impl ApiKey {
     /// The Secret name: `spec.secretName`, or the ApiKey's own name.
     pub fn target_secret_name(&self) -> Option<&str> {
@@ -274,11 +281,7 @@ impl ApiKey {
 
     /// The Ready condition, if status has one.
     pub fn ready_condition(&self) -> Option<&Condition> {
-        self.status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == READY)
+        self.status.as_ref()?.ready_condition()
     }
 }
 

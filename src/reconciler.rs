@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -14,7 +14,7 @@ use k8s_openapi::{
     ByteString,
     api::{
         apps::v1::{DaemonSet, Deployment, StatefulSet},
-        core::v1::Secret,
+        core::v1::{ObjectReference, Secret},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -40,7 +40,7 @@ use crate::{
     key::{KeyFactory, KeyHash},
     secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
-    telemetry::{Metrics, OperationLabel},
+    telemetry::{Metrics, timed},
 };
 
 /// How often a settled ApiKey is looked at again without any watch event.
@@ -87,8 +87,8 @@ pub trait Cluster: Send + Sync {
         rotation_request: &str,
         value: &str,
     ) -> Result<()>;
-    /// Publishes an Event about the ApiKey.
-    async fn publish(&self, key: &ApiKey, event: Event) -> Result<()>;
+    /// Publishes an Event about an object (an ApiKey, or an object stored as one).
+    async fn publish(&self, object: &ObjectReference, event: Event) -> Result<()>;
     /// The `keyward.dev/key-id` annotation on a workload's pod template;
     /// `None` when the workload does not exist.
     async fn rollout_key_id(
@@ -136,17 +136,15 @@ impl KubeCluster {
         operation: &'static str,
         call: impl Future<Output = kube::Result<T>>,
     ) -> kube::Result<T> {
-        let started = Instant::now();
-        let result = call.await;
-        self.metrics
-            .kube_duration
-            .get_or_create(&OperationLabel { operation })
-            .observe(started.elapsed().as_secs_f64());
-        result
+        timed(&self.metrics.kube_duration, operation, call).await
     }
 
     fn secrets(&self, namespace: &str) -> Api<Secret> {
         Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn api_keys(&self, key: &ApiKey) -> Api<ApiKey> {
+        Api::namespaced(self.client.clone(), &key.namespace().unwrap_or_default())
     }
 }
 
@@ -236,8 +234,7 @@ impl Cluster for KubeCluster {
             "kind": ApiKey::kind(&()),
             "status": status,
         });
-        let api =
-            Api::<ApiKey>::namespaced(self.client.clone(), &key.namespace().unwrap_or_default());
+        let api = self.api_keys(key);
         let name = key.name_any();
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let applied = self
@@ -270,8 +267,7 @@ impl Cluster for KubeCluster {
                 path: pointer(REVOKE_PREVIOUS_ANNOTATION),
             }),
         ]);
-        let api =
-            Api::<ApiKey>::namespaced(self.client.clone(), &key.namespace().unwrap_or_default());
+        let api = self.api_keys(key);
         let name = key.name_any();
         let params = PatchParams::default();
         match self
@@ -297,14 +293,13 @@ impl Cluster for KubeCluster {
         }
     }
 
-    async fn publish(&self, key: &ApiKey, event: Event) -> Result<()> {
+    async fn publish(&self, object: &ObjectReference, event: Event) -> Result<()> {
         // A fresh Recorder each time: a shared one folds Events with the same
         // reason into a series that keeps the first note, and every keyward
         // Event (published only on transitions) carries a different key id.
         let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        let reference = key.object_ref(&());
         Ok(self
-            .timed("publish_event", recorder.publish(&event, &reference))
+            .timed("publish_event", recorder.publish(&event, object))
             .await?)
     }
 
@@ -375,6 +370,8 @@ fn error_kind(error: &kube::Error) -> String {
 /// The facts about an ApiKey that every step needs.
 struct Target<'a> {
     key: &'a ApiKey,
+    /// Names the ApiKey in Events.
+    reference: ObjectReference,
     namespace: String,
     name: String,
     uid: String,
@@ -389,6 +386,7 @@ impl<'a> Target<'a> {
         let uid = key.uid().ok_or(Error::MissingMetadata("uid"))?;
         Ok(Self {
             key,
+            reference: key.object_ref(&()),
             namespace: key.namespace().ok_or(Error::MissingMetadata("namespace"))?,
             name: key
                 .metadata
@@ -416,9 +414,9 @@ impl<'a> Target<'a> {
     /// Whether the last status reported a foreign Secret under the target name.
     fn was_conflicted(&self) -> bool {
         self.previous
-            .iter()
-            .flat_map(|s| &s.conditions)
-            .any(|c| c.type_ == crate::crd::READY && c.reason == "SecretConflict")
+            .as_ref()
+            .and_then(ApiKeyStatus::ready_condition)
+            .is_some_and(|c| c.reason == "SecretConflict")
     }
 }
 
@@ -456,16 +454,6 @@ impl StatusMemo {
     /// Drops what is known about a deleted ApiKey.
     pub fn forget(&self, uid: &str) {
         self.entries().remove(uid);
-    }
-
-    /// How many ApiKeys have an entry (for tests of the pruning).
-    pub fn len(&self) -> usize {
-        self.entries().len()
-    }
-
-    /// Whether no ApiKey has an entry.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -636,13 +624,14 @@ impl Reconciler {
                     }
                     info!(key_id, "activated a key its Secret already held");
                     let note = format!("key {key_id} is active in Secret {}", target.secret_name);
-                    self.notify(key, EventType::Normal, "Issued", note).await;
+                    self.notify(&target.reference, EventType::Normal, "Issued", note)
+                        .await;
                 }
                 Step::Retire { key_id, expires_at } => {
                     self.store.retire(&key_id, expires_at, now).await?;
                     if let Some(r) = find(&mut records, &key_id) {
                         r.state = KeyState::Retiring;
-                        r.expires_at = Some(r.expires_at.map_or(expires_at, |e| e.min(expires_at)));
+                        r.expires_at = Some(expires_at);
                     }
                     info!(key_id, %expires_at, "previous key retiring");
                 }
@@ -666,7 +655,8 @@ impl Reconciler {
                     info!(key_id, reason = reason.as_str(), "revoked a key");
                     if reason != RevokeReason::Abandoned {
                         let note = format!("revoked key {key_id} ({})", reason.as_str());
-                        self.notify(key, EventType::Normal, "Revoked", note).await;
+                        self.notify(&target.reference, EventType::Normal, "Revoked", note)
+                            .await;
                     }
                 }
                 Step::ConsumeRevokePrevious {
@@ -733,7 +723,7 @@ impl Reconciler {
     #[tracing::instrument(skip_all, fields(apikey = %key.name_any(), namespace = key.namespace().unwrap_or_default()))]
     pub async fn cleanup(&self, key: &ApiKey) -> Result<Action> {
         let target = Target::of(key, &self.status_memo)?;
-        let set = self.revoke_all(key, &target.uid).await?;
+        let set = self.revoke_all(&target.reference, &target.uid).await?;
         let secret = self.observe_secret(&target, &set.live).await?;
         if let (SecretView::Owned { .. }, Some(uid)) = (&secret.view, &secret.uid) {
             self.cluster
@@ -743,13 +733,12 @@ impl Reconciler {
         }
         self.metrics
             .set_next_rotation(&target.namespace, &target.name, None);
-        self.status_memo.forget(&target.uid);
         Ok(Action::await_change())
     }
 
     /// Revokes every live key of the ApiKey with this uid (it is being deleted)
     /// and returns the records as they were.
-    pub async fn revoke_all(&self, key: &ApiKey, uid: &str) -> Result<KeySet> {
+    pub async fn revoke_all(&self, object: &ObjectReference, uid: &str) -> Result<KeySet> {
         let set = self.store.load(uid).await?;
         let now = self.clock.now();
         for record in &set.live {
@@ -764,7 +753,8 @@ impl Reconciler {
                 "revoked {} because the ApiKey is being deleted",
                 ids.join(", ")
             );
-            self.notify(key, EventType::Normal, "Revoked", note).await;
+            self.notify(object, EventType::Normal, "Revoked", note)
+                .await;
         }
         Ok(set)
     }
@@ -811,7 +801,7 @@ impl Reconciler {
                         "restarted {:?} {} to pick up key {}",
                         workload.kind, workload.name, current.key_id
                     );
-                    self.notify(target.key, EventType::Normal, "RolledOut", note)
+                    self.notify(&target.reference, EventType::Normal, "RolledOut", note)
                         .await;
                 }
             }
@@ -844,14 +834,12 @@ impl Reconciler {
             return Ok(());
         }
         let previous_reason = previous
-            .iter()
-            .flat_map(|s| &s.conditions)
-            .find(|c| c.type_ == crate::crd::READY)
+            .and_then(ApiKeyStatus::ready_condition)
             .map(|c| c.reason.as_str());
         let ready = status.conditions.last().expect("status_for sets Ready");
         if ready.status == "False" && previous_reason != Some(ready.reason.as_str()) {
             self.notify(
-                key,
+                &target.reference,
                 EventType::Warning,
                 &ready.reason,
                 ready.message.clone(),
@@ -999,7 +987,8 @@ impl Reconciler {
                 ),
             ),
         };
-        self.notify(target.key, kind, event_reason, note).await;
+        self.notify(&target.reference, kind, event_reason, note)
+            .await;
         Ok(Issued::Key(Box::new(record), version))
     }
 
@@ -1060,7 +1049,8 @@ impl Reconciler {
                 resource_version: None,
             });
         };
-        let view = if controlled_by(&secret.metadata, &target.uid) {
+        let controller = SecretFacts::of(&secret.metadata).controller_uid;
+        let view = if controller.as_deref() == Some(target.uid.as_str()) {
             SecretView::Owned {
                 key_hash: secret
                     .data
@@ -1080,7 +1070,7 @@ impl Reconciler {
     }
 
     /// Publishes an Event; a failure to publish is logged, never fatal.
-    async fn notify(&self, key: &ApiKey, kind: EventType, reason: &str, note: String) {
+    async fn notify(&self, object: &ObjectReference, kind: EventType, reason: &str, note: String) {
         let event = Event {
             type_: kind,
             reason: reason.to_owned(),
@@ -1088,7 +1078,7 @@ impl Reconciler {
             action: "Reconcile".to_owned(),
             secondary: None,
         };
-        if let Err(e) = self.cluster.publish(key, event).await {
+        if let Err(e) = self.cluster.publish(object, event).await {
             warn!(error = %e, reason, "could not publish an Event");
         }
     }
@@ -1097,14 +1087,6 @@ impl Reconciler {
 /// The record with this id, to keep the in-memory copy in step with the database.
 fn find<'a>(records: &'a mut [KeyRecord], key_id: &str) -> Option<&'a mut KeyRecord> {
     records.iter_mut().find(|r| r.key_id == key_id)
-}
-
-/// Whether this ApiKey (by uid) is the Secret's controller.
-fn controlled_by(meta: &ObjectMeta, uid: &str) -> bool {
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == uid)
 }
 
 /// Overwrites every data value of a Secret in memory before it is dropped.

@@ -29,6 +29,20 @@ use crate::{
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
 };
 
+/// Awaits `call` and records how long it took in `histograms` under `operation`.
+pub async fn timed<T>(
+    histograms: &Family<OperationLabel, Histogram>,
+    operation: &'static str,
+    call: impl Future<Output = T>,
+) -> T {
+    let started = Instant::now();
+    let result = call.await;
+    histograms
+        .get_or_create(&OperationLabel { operation })
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
 /// `result` and error `category` of a reconcile.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReconcileLabels {
@@ -246,13 +260,7 @@ impl InstrumentedStore {
         operation: &'static str,
         call: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        let started = Instant::now();
-        let result = call.await;
-        self.metrics
-            .database_duration
-            .get_or_create(&OperationLabel { operation })
-            .observe(started.elapsed().as_secs_f64());
-        result
+        timed(&self.metrics.database_duration, operation, call).await
     }
 }
 

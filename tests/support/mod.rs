@@ -14,7 +14,9 @@ use std::{
 use async_trait::async_trait;
 use jiff::Timestamp;
 use k8s_openapi::{
-    ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ByteString,
+    api::core::v1::{ObjectReference, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use keyward::{
     Error, Result,
@@ -370,7 +372,7 @@ impl Cluster for FakeCluster {
         Ok(())
     }
 
-    async fn publish(&self, _key: &ApiKey, event: Event) -> Result<()> {
+    async fn publish(&self, _object: &ObjectReference, event: Event) -> Result<()> {
         self.state().events.push(RecordedEvent {
             warning: event.type_ == EventType::Warning,
             reason: event.reason,
