@@ -9,7 +9,7 @@ use zeroize::Zeroizing;
 use crate::{
     Result,
     controller::{self, RunConfig},
-    crd::crd_yaml,
+    crd::{crd_yaml, policy_crd_yaml},
     store::{DEFAULT_DATABASE_URL, SqlStore},
 };
 
@@ -29,6 +29,15 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// The CRDs keyward defines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CrdName {
+    /// ApiKey (crds/apikey.yaml).
+    Apikey,
+    /// ApiKeyPolicy (crds/apikeypolicy.yaml).
+    Apikeypolicy,
 }
 
 /// The key database location, shared by the subcommands that need it.
@@ -79,8 +88,13 @@ pub enum Command {
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
     },
-    /// Print the ApiKey CRD as YAML (the bytes of crds/apikey.yaml).
-    Crd,
+    /// Print the CRDs as YAML: both by default (crds/apikey.yaml, then
+    /// crds/apikeypolicy.yaml), or the one named.
+    Crd {
+        /// `apikey` or `apikeypolicy`; unset prints both.
+        #[arg(value_enum)]
+        only: Option<CrdName>,
+    },
     /// Read one key from stdin and check it against the key database.
     /// Exit 0 and JSON when valid; exit 1 and the reason when not; exit 2 on errors.
     Verify {
@@ -163,8 +177,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Crd => {
-            print!("{}", crd_yaml());
+        Command::Crd { only } => {
+            match only {
+                Some(CrdName::Apikey) => print!("{}", crd_yaml()),
+                Some(CrdName::Apikeypolicy) => print!("{}", policy_crd_yaml()),
+                None => print!("{}{}", crd_yaml(), policy_crd_yaml()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify { database } => {

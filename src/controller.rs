@@ -18,7 +18,7 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api, Client, CustomResourceExt, Resource, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{PartialObjectMeta, Patch, PatchParams},
     core::{DeserializeGuard, error_boundary::InvalidObject},
     runtime::{
@@ -618,7 +618,7 @@ async fn run_controller(
     health: Arc<Health>,
 ) -> Result<()> {
     if !config.skip_crd_install {
-        install_crd(client.clone()).await?;
+        install_crds(client.clone()).await?;
     }
     let context = Arc::new(Context::new(
         client.clone(),
@@ -685,11 +685,17 @@ async fn run_controller(
 /// Annotation on the installed CRD: the SHA-256 of the CRD this binary applied.
 const CRD_HASH_ANNOTATION: &str = "keyward.dev/crd-sha256";
 
-/// Applies the CRD with the `keyward` field manager and waits until it is
-/// established. A CRD this same binary already applied is left alone, so a
+/// Applies keyward's CRDs with the `keyward` field manager and waits until they
+/// are established. A CRD this same binary already applied is left alone, so a
 /// restart makes no write.
-async fn install_crd(client: Client) -> Result<()> {
-    let mut crd = ApiKey::crd();
+async fn install_crds(client: Client) -> Result<()> {
+    for crd in crate::crd::all_crds() {
+        install_crd(client.clone(), crd).await?;
+    }
+    Ok(())
+}
+
+async fn install_crd(client: Client, mut crd: CustomResourceDefinition) -> Result<()> {
     let name = crd.name_any();
     let bytes = serde_json::to_vec(&crd).map_err(|e| Error::Serialize(e.to_string()))?;
     let hash = crate::key::KeyHash::of(&bytes).as_str().to_owned();

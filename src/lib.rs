@@ -8,6 +8,7 @@
 //! - [`controller`]: the kube-runtime controller around it, with leader election.
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`plugin`]: the `kubectl keyward` plugin.
+//! - [`policy`]: `ApiKeyPolicy`, which teams, scopes and lifetimes a namespace's keys may have.
 //! - [`verify`](mod@verify): checking a presented key, for services.
 
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod crd;
 mod error;
 pub mod key;
 pub mod plugin;
+pub mod policy;
 pub mod reconciler;
 pub mod schedule;
 pub mod secret_cache;

@@ -98,6 +98,41 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// Whether no two rotations from `from` on are more than `limit` apart, nor
+    /// the first more than `limit` away. Cron schedules are checked over the next
+    /// 366 days (at most 10,000 intervals), which covers every macro and the
+    /// yearly cycle of day and month fields.
+    pub fn rotates_within(&self, limit: SignedDuration, from: Timestamp) -> bool {
+        let (cron, zone) = match self {
+            Schedule::Every(every) => return *every <= limit,
+            Schedule::Cron { cron, zone } => (cron, zone),
+        };
+        if !limit.is_positive() {
+            return false;
+        }
+        let horizon = SignedDuration::from_hours(366 * 24).min(limit * 10_000);
+        let Ok(end) = from.checked_add(horizon) else {
+            return true;
+        };
+        let mut at = from;
+        while at < end {
+            // The latest rotation in (at, at + limit]; none means a gap longer than limit.
+            let Ok(window_end) = at.checked_add(limit) else {
+                return true;
+            };
+            let latest = cron
+                .find_previous_occurrence(&window_end.to_zoned(zone.clone()), true)
+                .map(|zoned| zoned.timestamp());
+            match latest {
+                Ok(latest) if latest > at => at = latest,
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
 /// Parses a Go-style duration as Kubernetes CEL's `duration()` does:
 /// one or more `<number><unit>` with units `h`, `m`, `s`, `ms`, `us`, `ns`, e.g. `720h`, `1h30m`, `1.5h`.
 pub fn parse_duration(text: &str) -> Result<SignedDuration, String> {

@@ -1,15 +1,21 @@
-//! crds/apikey.yaml must be exactly what the Rust types generate.
+//! crds/*.yaml must be exactly what the Rust types generate.
 
-use keyward::crd::crd_yaml;
+use keyward::crd::{crd_yaml, policy_crd_yaml};
+
+fn committed(file: &str) -> String {
+    std::fs::read_to_string(format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("crds/{file}: {e}"))
+}
 
 #[test]
-fn committed_crd_matches_the_rust_types() {
-    let committed =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/apikey.yaml"))
-            .expect("crds/apikey.yaml exists");
+fn committed_crds_match_the_rust_types() {
     assert!(
-        committed == crd_yaml(),
-        "crds/apikey.yaml is stale: run `cargo run -- crd > crds/apikey.yaml`"
+        committed("apikey.yaml") == crd_yaml(),
+        "crds/apikey.yaml is stale: run `cargo run -- crd apikey > crds/apikey.yaml`"
+    );
+    assert!(
+        committed("apikeypolicy.yaml") == policy_crd_yaml(),
+        "crds/apikeypolicy.yaml is stale: run `cargo run -- crd apikeypolicy > crds/apikeypolicy.yaml`"
     );
 }
 
@@ -20,21 +26,26 @@ fn keyward_crd_prints_the_committed_bytes() {
         .output()
         .unwrap();
     assert!(output.status.success());
-    let committed =
-        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/apikey.yaml")).unwrap();
-    assert_eq!(output.stdout, committed);
+    let both = committed("apikey.yaml") + &committed("apikeypolicy.yaml");
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), both);
 }
 
 #[test]
 fn every_spec_and_status_field_is_documented() {
-    let crd: serde_json::Value = serde_yaml::from_str(&crd_yaml()).unwrap();
-    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
-    for part in ["spec", "status"] {
-        let properties = schema[part]["properties"].as_object().unwrap();
-        assert!(!properties.is_empty());
-        for (field, body) in properties {
-            let description = body["description"].as_str().unwrap_or_default();
-            assert!(description.len() > 10, "{part}.{field} has no description");
+    for yaml in [crd_yaml(), policy_crd_yaml()] {
+        let crd: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+        let kind = crd["spec"]["names"]["kind"].as_str().unwrap().to_owned();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"];
+        for part in ["spec", "status"] {
+            let properties = schema[part]["properties"].as_object().unwrap();
+            assert!(!properties.is_empty());
+            for (field, body) in properties {
+                let description = body["description"].as_str().unwrap_or_default();
+                assert!(
+                    description.len() > 10,
+                    "{kind} {part}.{field} has no description"
+                );
+            }
         }
     }
 }

@@ -1,0 +1,385 @@
+//! The pure policy check: does an ApiKey's spec satisfy every ApiKeyPolicy that
+//! selects its namespace? No I/O; the caller passes the namespace's labels, the
+//! key's place among its namespace's ApiKeys, and `now`.
+
+use std::collections::BTreeMap;
+
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
+use regex::Regex;
+
+use super::crd::{ApiKeyPolicy, ApiKeyPolicySpec, ViolationAction};
+use crate::{
+    crd::{ApiKeySpec, DEFAULT_GRACE_PERIOD},
+    schedule::{Schedule, parse_duration},
+};
+
+/// The rule name for a namespace no policy selects while `--require-policy` is set.
+pub const REQUIRE_POLICY_RULE: &str = "requirePolicy";
+
+/// An ApiKeyPolicy with its pattern and durations parsed once.
+#[derive(Clone, Debug)]
+pub struct CompiledPolicy {
+    /// The policy's name.
+    pub name: String,
+    /// Its spec.
+    pub spec: ApiKeyPolicySpec,
+    owner: Option<Regex>,
+    max_expires_after: Option<SignedDuration>,
+    max_rotation_interval: Option<SignedDuration>,
+    max_grace_period: Option<SignedDuration>,
+    /// Why the policy cannot be applied as written, if it cannot. Such a policy
+    /// forbids every key in the namespaces it selects (it fails closed).
+    pub defect: Option<String>,
+}
+
+impl CompiledPolicy {
+    /// Parses the owner pattern and the durations. A part that does not parse
+    /// becomes `defect`; the schema's CEL rules normally reject it first.
+    pub fn new(policy: &ApiKeyPolicy) -> Self {
+        let spec = policy.spec.clone();
+        let mut defects = Vec::new();
+        let owner = spec.owner.as_ref().and_then(|rule| {
+            Regex::new(&format!("^(?:{})$", rule.pattern))
+                .map_err(|e| defects.push(format!("owner.pattern does not compile: {e}")))
+                .ok()
+        });
+        let mut duration = |field: &str, value: Option<&String>| {
+            value.and_then(|text| {
+                parse_duration(text)
+                    .map_err(|e| defects.push(format!("lifetime.{field}: {e}")))
+                    .ok()
+            })
+        };
+        let lifetime = spec.lifetime.clone().unwrap_or_default();
+        let max_expires_after = duration("maxExpiresAfter", lifetime.max_expires_after.as_ref());
+        let max_rotation_interval = duration(
+            "maxRotationInterval",
+            lifetime.max_rotation_interval.as_ref(),
+        );
+        let max_grace_period = duration("maxGracePeriod", lifetime.max_grace_period.as_ref());
+        if let Err(e) = selects(&spec.namespace_selector, &BTreeMap::new()) {
+            defects.push(format!("namespaceSelector: {e}"));
+        }
+        Self {
+            name: policy.name_any(),
+            spec,
+            owner,
+            max_expires_after,
+            max_rotation_interval,
+            max_grace_period,
+            defect: (!defects.is_empty()).then(|| defects.join("; ")),
+        }
+    }
+
+    /// Whether this policy governs a namespace with these labels. A selector
+    /// that cannot be read selects every namespace, so the policy fails closed.
+    pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
+        selects(&self.spec.namespace_selector, labels).unwrap_or(true)
+    }
+
+    /// The teams this policy allows, as one line for `kubectl get`.
+    pub fn teams_summary(&self) -> Option<String> {
+        let rule = self.spec.teams.as_ref()?;
+        let mut parts: Vec<String> = rule.allowed.clone().unwrap_or_default();
+        if let Some(label) = &rule.from_namespace_label {
+            parts.push(format!("ns:{label}"));
+        }
+        Some(parts.join(","))
+    }
+}
+
+/// Whether a label selector matches `labels`, as the API server reads it.
+pub fn selects(
+    selector: &LabelSelector,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, String> {
+    let by_labels = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let mut by_expressions = true;
+    for expression in selector.match_expressions.iter().flatten() {
+        let value = labels.get(&expression.key);
+        let values = expression.values.as_deref().unwrap_or_default();
+        let matched = match expression.operator.as_str() {
+            "In" if !values.is_empty() => value.is_some_and(|v| values.contains(v)),
+            "NotIn" if !values.is_empty() => value.is_none_or(|v| !values.contains(v)),
+            "Exists" if values.is_empty() => value.is_some(),
+            "DoesNotExist" if values.is_empty() => value.is_none(),
+            operator => {
+                return Err(format!(
+                    "operator {operator:?} on key {:?} with {} values is not a valid selector requirement",
+                    expression.key,
+                    values.len()
+                ));
+            }
+        };
+        by_expressions &= matched;
+    }
+    Ok(by_labels && by_expressions)
+}
+
+/// Whether a scope matches one allowed entry (`name`, `prefix*` or `*`).
+pub fn scope_allowed(scope: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|entry| match entry.strip_suffix('*') {
+        Some(prefix) => scope.starts_with(prefix),
+        None => entry == scope,
+    })
+}
+
+/// One rule of one policy that a key breaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The policy's name; `None` for `--require-policy` with no policy selecting the namespace.
+    pub policy: Option<String>,
+    /// The rule, as in the policy's spec: `teams`, `scopes`, `owner`, `lifetime.maxExpiresAfter`, ….
+    pub rule: &'static str,
+    /// What is wrong and what is allowed.
+    pub message: String,
+    /// What the policy does with keys already issued.
+    pub action: ViolationAction,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.policy {
+            Some(policy) => write!(
+                f,
+                "ApiKeyPolicy {policy} rule {}: {}",
+                self.rule, self.message
+            ),
+            None => write!(f, "{}", self.message),
+        }
+    }
+}
+
+/// The result of checking one key against every policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// The policies that select the key's namespace.
+    pub governing: Vec<String>,
+    /// Every broken rule; empty when the key is allowed.
+    pub violations: Vec<Violation>,
+}
+
+impl Verdict {
+    /// Whether every governing policy allows the key.
+    pub fn allowed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The strictest action among the broken policies; `None` when allowed.
+    pub fn action(&self) -> Option<ViolationAction> {
+        self.violations.iter().map(|v| v.action).max()
+    }
+
+    /// All violations in one line, for a condition message or an Event.
+    pub fn message(&self) -> String {
+        self.violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// What the check needs to know about the key besides its spec.
+#[derive(Clone, Copy)]
+pub struct KeyContext<'a> {
+    /// The key's namespace.
+    pub namespace: &'a str,
+    /// The namespace's labels.
+    pub namespace_labels: &'a BTreeMap<String, String>,
+    /// How many ApiKeys in the namespace are older than this one (by creation,
+    /// then name); only asked when a policy limits the count.
+    pub rank: &'a dyn Fn() -> usize,
+    /// The current time, for cron schedules.
+    pub now: Timestamp,
+}
+
+/// Checks `spec` against every policy that selects its namespace. With
+/// `require_policy`, a namespace that no policy selects forbids every key.
+pub fn evaluate(
+    policies: &[CompiledPolicy],
+    spec: &ApiKeySpec,
+    key: &KeyContext<'_>,
+    require_policy: bool,
+) -> Verdict {
+    let mut verdict = Verdict::default();
+    for policy in policies.iter().filter(|p| p.selects(key.namespace_labels)) {
+        verdict.governing.push(policy.name.clone());
+        let mut broken = |rule: &'static str, message: String| {
+            verdict.violations.push(Violation {
+                policy: Some(policy.name.clone()),
+                rule,
+                message,
+                action: policy.spec.on_violation,
+            });
+        };
+        if let Some(defect) = &policy.defect {
+            broken(
+                "spec",
+                format!("the policy cannot be applied ({defect}); fix it"),
+            );
+            continue;
+        }
+        check_team(policy, spec, key, &mut broken);
+        if let Some(rule) = &policy.spec.scopes {
+            let forbidden: Vec<&str> = spec
+                .scopes
+                .iter()
+                .filter(|s| !scope_allowed(s, &rule.allowed))
+                .map(String::as_str)
+                .collect();
+            if !forbidden.is_empty() {
+                broken(
+                    "scopes",
+                    format!(
+                        "scopes [{}] are not allowed; allowed: [{}]",
+                        forbidden.join(", "),
+                        rule.allowed.join(", ")
+                    ),
+                );
+            }
+        }
+        if let (Some(pattern), Some(rule)) = (&policy.owner, &policy.spec.owner)
+            && !pattern.is_match(&spec.owner)
+        {
+            broken(
+                "owner",
+                format!("owner {:?} does not match {:?}", spec.owner, rule.pattern),
+            );
+        }
+        check_lifetime(policy, spec, key.now, &mut broken);
+        if let Some(max) = policy.spec.max_keys_per_namespace {
+            let rank = (key.rank)();
+            if rank >= usize::try_from(max).unwrap_or(0) {
+                broken(
+                    "maxKeysPerNamespace",
+                    format!(
+                        "namespace {} may hold {max} ApiKeys and {rank} older ones exist",
+                        key.namespace
+                    ),
+                );
+            }
+        }
+    }
+    if require_policy && verdict.governing.is_empty() {
+        verdict.violations.push(Violation {
+            policy: None,
+            rule: REQUIRE_POLICY_RULE,
+            message: format!(
+                "no ApiKeyPolicy selects namespace {} and the operator runs with --require-policy",
+                key.namespace
+            ),
+            action: ViolationAction::Keep,
+        });
+    }
+    verdict
+}
+
+fn check_team(
+    policy: &CompiledPolicy,
+    spec: &ApiKeySpec,
+    key: &KeyContext<'_>,
+    broken: &mut impl FnMut(&'static str, String),
+) {
+    let Some(rule) = &policy.spec.teams else {
+        return;
+    };
+    let listed = rule.allowed.iter().flatten().any(|t| *t == spec.team);
+    let from_label = rule
+        .from_namespace_label
+        .as_ref()
+        .and_then(|label| key.namespace_labels.get(label));
+    if listed || from_label == Some(&spec.team) {
+        return;
+    }
+    let mut allowed: Vec<String> = rule.allowed.clone().unwrap_or_default();
+    if let Some(label) = &rule.from_namespace_label {
+        allowed.push(match from_label {
+            Some(value) => value.clone(),
+            None => format!("(namespace label {label} is not set)"),
+        });
+    }
+    broken(
+        "teams",
+        format!(
+            "team {:?} is not allowed in namespace {}; allowed: [{}]",
+            spec.team,
+            key.namespace,
+            allowed.join(", ")
+        ),
+    );
+}
+
+fn check_lifetime(
+    policy: &CompiledPolicy,
+    spec: &ApiKeySpec,
+    now: Timestamp,
+    broken: &mut impl FnMut(&'static str, String),
+) {
+    let rotation = spec.rotation.clone().unwrap_or_default();
+    if let Some(max) = policy.max_expires_after {
+        let expires_after = spec.expires_after.as_deref().map(parse_duration);
+        let within = matches!(expires_after, Some(Ok(d)) if d <= max);
+        if !within {
+            let limit = text(&policy.spec.lifetime, |l| &l.max_expires_after);
+            broken(
+                "lifetime.maxExpiresAfter",
+                match &spec.expires_after {
+                    Some(set) => format!("expiresAfter {set} is longer than {limit}"),
+                    None => format!("expiresAfter must be set, at most {limit}"),
+                },
+            );
+        }
+    }
+    if let Some(max) = policy.max_rotation_interval {
+        let limit = text(&policy.spec.lifetime, |l| &l.max_rotation_interval);
+        match rotation.schedule.as_deref() {
+            None => broken(
+                "lifetime.maxRotationInterval",
+                format!("rotation.schedule must be set, rotating at least every {limit}"),
+            ),
+            Some(schedule) => {
+                let within = Schedule::parse(schedule, rotation.time_zone.as_deref())
+                    .is_ok_and(|s| s.rotates_within(max, now));
+                if !within {
+                    broken(
+                        "lifetime.maxRotationInterval",
+                        format!(
+                            "rotation.schedule {schedule:?} does not rotate at least every {limit}"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    if let Some(max) = policy.max_grace_period {
+        let grace = rotation
+            .grace_period
+            .as_deref()
+            .unwrap_or(DEFAULT_GRACE_PERIOD);
+        if !parse_duration(grace).is_ok_and(|d| d <= max) {
+            let limit = text(&policy.spec.lifetime, |l| &l.max_grace_period);
+            broken(
+                "lifetime.maxGracePeriod",
+                format!("rotation.gracePeriod {grace} is longer than {limit}"),
+            );
+        }
+    }
+}
+
+/// A lifetime field's text as the policy wrote it.
+fn text(
+    lifetime: &Option<super::crd::LifetimeRule>,
+    field: impl Fn(&super::crd::LifetimeRule) -> &Option<String>,
+) -> String {
+    lifetime
+        .as_ref()
+        .and_then(|l| field(l).clone())
+        .unwrap_or_default()
+}
