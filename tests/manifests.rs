@@ -3,7 +3,10 @@
 //! documented. Helm is not available here, so templates are read as text: their
 //! guards wrap whole rules or single list items (see the templates' comments).
 
-use std::{collections::BTreeSet, fs};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+};
 
 use serde_yaml::Value;
 
@@ -216,4 +219,241 @@ fn argocd_health_check_is_an_argocd_cm_patch() {
         assert!(lua.contains(&format!("\"{status}\"")), "{status}");
     }
     assert!(lua.trim_end().ends_with("return hs"));
+}
+
+/// Every YAML document in a text (empty ones skipped).
+fn documents(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| Value::deserialize(document).unwrap())
+        .filter(|document| !document.is_null())
+        .collect()
+}
+
+const AGGREGATE_TO: &str = "rbac.authorization.k8s.io/aggregate-to-";
+
+/// The built-in roles a ClusterRole's labels aggregate it into, e.g. {"admin", "edit"}.
+fn aggregated_into(role: &Value) -> BTreeSet<String> {
+    role["metadata"]["labels"]
+        .as_mapping()
+        .into_iter()
+        .flatten()
+        .filter(|(_, value)| value.as_str() == Some("true"))
+        .filter_map(|(key, _)| key.as_str()?.strip_prefix(AGGREGATE_TO))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The ClusterRoles among some documents, by name without the `keyward` prefix: config/'s
+/// `keyward-view` and the chart's `{{ include "keyward.fullname" . }}-view` (which the text
+/// renderer leaves as `-view`) are both `view`.
+fn cluster_roles_by_suffix(documents: &[Value]) -> BTreeMap<String, Value> {
+    documents
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+        .map(|role| {
+            let name = role["metadata"]["name"].as_str().unwrap();
+            let suffix = name.strip_prefix("keyward").unwrap_or(name);
+            (suffix.trim_start_matches('-').to_owned(), role.clone())
+        })
+        .collect()
+}
+
+fn strings(value: &Value) -> BTreeSet<String> {
+    value
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|item| item.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|item| (*item).to_owned()).collect()
+}
+
+/// The verbs a role grants on one resource of keyward.dev.
+fn verbs_on(role: &Value, resource: &str) -> BTreeSet<String> {
+    role["rules"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|rule| strings(&rule["apiGroups"]).contains("keyward.dev"))
+        .filter(|rule| strings(&rule["resources"]).contains(resource))
+        .flat_map(|rule| strings(&rule["verbs"]))
+        .collect()
+}
+
+#[test]
+fn chart_and_config_ship_the_same_aggregated_roles() {
+    let config = cluster_roles_by_suffix(&documents(&read("config/aggregated-roles.yaml")));
+    let chart = cluster_roles_by_suffix(&documents(&render_defaults(&read(
+        "charts/keyward/templates/aggregated-roles.yaml",
+    ))));
+    assert_eq!(
+        config.keys().collect::<Vec<_>>(),
+        ["edit", "policy-admin", "view"]
+    );
+    assert_eq!(
+        chart.keys().collect::<Vec<_>>(),
+        config.keys().collect::<Vec<_>>()
+    );
+    for (suffix, role) in &config {
+        assert_eq!(role["metadata"]["name"], format!("keyward-{suffix}"));
+        assert_eq!(
+            chart[suffix]["rules"], role["rules"],
+            "keyward-{suffix}: rules"
+        );
+        assert_eq!(
+            aggregated_into(&chart[suffix]),
+            aggregated_into(role),
+            "keyward-{suffix}: aggregation labels"
+        );
+        assert!(
+            role.get("aggregationRule").is_none() && chart[suffix].get("aggregationRule").is_none()
+        );
+    }
+    // The chart names them after its other cluster-scoped objects.
+    let template = read("charts/keyward/templates/aggregated-roles.yaml");
+    for suffix in config.keys() {
+        assert!(template.contains(&format!(
+            "name: {{{{ include \"keyward.fullname\" . }}}}-{suffix}\n"
+        )));
+    }
+    assert!(
+        template.contains("{{- if .Values.aggregatedRoles.enabled }}"),
+        "aggregatedRoles.enabled guards the whole file"
+    );
+    assert!(
+        read("config/kustomization.yaml").contains("\n  - aggregated-roles.yaml\n"),
+        "config/kustomization.yaml lists aggregated-roles.yaml"
+    );
+
+    // view: reads, for everyone who holds view, edit or admin in a namespace.
+    let view = &config["view"];
+    assert_eq!(aggregated_into(view), set(&["view", "edit", "admin"]));
+    let reads = set(&["get", "list", "watch"]);
+    assert_eq!(verbs_on(view, "apikeys"), reads);
+    assert_eq!(verbs_on(view, "apikeys/status"), reads);
+    // edit: writes (rotation is an annotation, i.e. a patch) for edit and admin, never view;
+    // it reads too, so that it works when bound on its own.
+    let edit = &config["edit"];
+    assert_eq!(aggregated_into(edit), set(&["edit", "admin"]));
+    assert_eq!(
+        verbs_on(edit, "apikeys"),
+        set(&[
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection"
+        ])
+    );
+    assert_eq!(verbs_on(edit, "apikeys/status"), reads);
+    // Status and finalizers stay the operator's.
+    for role in [view, edit] {
+        assert!(verbs_on(role, "apikeys/finalizers").is_empty());
+        assert!(
+            verbs_on(role, "apikeys/status")
+                .iter()
+                .all(|v| reads.contains(v))
+        );
+    }
+    // policy-admin: for platform admins to bind; aggregated into nothing.
+    let policy_admin = &config["policy-admin"];
+    assert!(aggregated_into(policy_admin).is_empty());
+    assert!(verbs_on(policy_admin, "apikeypolicies").contains("create"));
+    assert!(verbs_on(policy_admin, "apikeys").is_empty());
+}
+
+#[test]
+fn no_aggregated_role_grants_anything_on_apikeypolicies() {
+    // Every ClusterRole keyward ships or shows: config/, the chart with default values, and
+    // the examples.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut roles = Vec::new();
+    for (dir, render) in [
+        ("config", false),
+        ("charts/keyward/templates", true),
+        ("examples", false),
+    ] {
+        for entry in fs::read_dir(format!("{root}/{dir}")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = fs::read_to_string(&path).unwrap();
+            if !text.contains("kind: ClusterRole\n") {
+                continue;
+            }
+            let text = if render { render_defaults(&text) } else { text };
+            for document in documents(&text) {
+                if document["kind"] == "ClusterRole" {
+                    roles.push((path.display().to_string(), document));
+                }
+            }
+        }
+    }
+    let aggregated: Vec<_> = roles
+        .iter()
+        .filter(|(_, role)| !aggregated_into(role).is_empty())
+        .collect();
+    // keyward-view and keyward-edit, in config/ and in the chart.
+    assert_eq!(aggregated.len(), 4, "{aggregated:?}");
+    for (path, role) in aggregated {
+        let name = &role["metadata"]["name"];
+        for rule in role["rules"].as_sequence().unwrap() {
+            let groups = strings(&rule["apiGroups"]);
+            assert!(
+                !groups.contains("*"),
+                "{path}: {name:?} grants every API group"
+            );
+            for resource in strings(&rule["resources"]) {
+                assert!(
+                    resource != "*" && !resource.starts_with("apikeypolicies"),
+                    "{path}: {name:?} is aggregated into the built-in roles and grants {resource}"
+                );
+            }
+        }
+    }
+    // The roles that do grant ApiKeyPolicies exist, so the check above is not vacuous.
+    assert!(
+        roles
+            .iter()
+            .any(|(_, role)| !verbs_on(role, "apikeypolicies").is_empty())
+    );
+}
+
+#[test]
+fn policy_examples_hold_policies_and_bind_packaged_roles() {
+    let packaged = cluster_roles_by_suffix(&documents(&read("config/aggregated-roles.yaml")));
+    for example in [
+        "examples/policy-platform-admin.yaml",
+        "examples/policy-team-admin.yaml",
+        "examples/policy-developer.yaml",
+    ] {
+        let documents = documents(&read(example));
+        let policies: Vec<keyward::policy::ApiKeyPolicy> = documents
+            .iter()
+            .filter(|d| d["kind"] == "ApiKeyPolicy")
+            .map(|d| serde_yaml::from_value(d.clone()).unwrap_or_else(|e| panic!("{example}: {e}")))
+            .collect();
+        assert!(!policies.is_empty(), "{example} has an ApiKeyPolicy");
+        // Every ClusterRole a binding names is in the same file or ships with keyward.
+        let local = cluster_roles_by_suffix(&documents);
+        for binding in documents
+            .iter()
+            .filter(|d| d["roleRef"]["kind"] == "ClusterRole")
+        {
+            let name = binding["roleRef"]["name"].as_str().unwrap();
+            let known = documents
+                .iter()
+                .any(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == name)
+                || packaged
+                    .values()
+                    .any(|role| role["metadata"]["name"] == name);
+            assert!(known, "{example}: binds {name}, which nothing defines");
+        }
+        assert!(local.values().all(|role| aggregated_into(role).is_empty()));
+    }
 }
