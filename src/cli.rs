@@ -1,4 +1,4 @@
-//! The `keyward` command line: `run`, `crd`, `verify`, `migrate`.
+//! The `keyward` command line: `run`, `crd`, `admission`, `verify`, `migrate`.
 
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use crate::{
     Result,
     controller::{self, RunConfig},
     crd::{crd_yaml, policy_crd_yaml},
+    policy::admission::{self, AdmissionVersion},
     store::{DEFAULT_DATABASE_URL, SqlStore},
 };
 
@@ -87,6 +88,10 @@ pub enum Command {
         /// This replica's identity in the Lease; defaults to the host name.
         #[arg(long, env = "POD_NAME")]
         identity: Option<String>,
+        /// Forbid keys in namespaces that no ApiKeyPolicy selects (by default such
+        /// namespaces are unrestricted, so a new install works without policies).
+        #[arg(long, env = "KEYWARD_REQUIRE_POLICY")]
+        require_policy: bool,
     },
     /// Print the CRDs as YAML: both by default (crds/apikey.yaml, then
     /// crds/apikeypolicy.yaml), or the one named.
@@ -101,6 +106,13 @@ pub enum Command {
         /// The key database.
         #[command(flatten)]
         database: DatabaseArgs,
+    },
+    /// Print the ValidatingAdmissionPolicy (and its binding) that enforces
+    /// ApiKeyPolicies at admission, as YAML (config/admission-policy.yaml).
+    Admission {
+        /// `v1` for Kubernetes 1.30 and later, `v1beta1` for 1.28 and 1.29.
+        #[arg(long, value_enum, default_value_t = AdmissionVersion::V1)]
+        api_version: AdmissionVersion,
     },
     /// Apply the key database migrations and exit.
     Migrate {
@@ -160,6 +172,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             lease_name,
             lease_namespace,
             identity,
+            require_policy,
         } => {
             init_logging(log_format);
             controller::run(RunConfig {
@@ -173,6 +186,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 lease_name,
                 lease_namespace,
                 identity: identity.unwrap_or_else(default_identity),
+                require_policy,
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -204,6 +218,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Admission { api_version } => {
+            print!("{}", admission::manifests(api_version));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { database } => {
             SqlStore::connect(&database.database_url)

@@ -39,6 +39,7 @@ use crate::{
     clock::SystemClock,
     crd::{ApiKey, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
     key::{KeyFactory, OsEntropy},
+    policy::{PolicyIndex, watch as policy_watch},
     reconciler::{KubeCluster, RateLimiter, Reconciler, StatusMemo},
     secret_cache::SecretCache,
     store::SqlStore,
@@ -68,6 +69,8 @@ pub struct Context {
     pub reconciler: Reconciler,
     /// The metadata-only cache of keyward's Secrets, once it is filled.
     secrets: Option<SecretCache>,
+    /// The ApiKeyPolicies and namespace labels, once listed.
+    policies: Option<PolicyIndex>,
     /// Consecutive failures per ApiKey uid, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
     /// When a watch event first asked for each ApiKey (namespace, name) to be reconciled.
@@ -77,11 +80,17 @@ pub struct Context {
 impl Context {
     /// A context with no failures recorded. Without a Secret cache every
     /// reconcile reads its Secret from the API server.
-    pub fn new(client: Client, reconciler: Reconciler, secrets: Option<SecretCache>) -> Self {
+    pub fn new(
+        client: Client,
+        reconciler: Reconciler,
+        secrets: Option<SecretCache>,
+        policies: Option<PolicyIndex>,
+    ) -> Self {
         Self {
             client,
             reconciler,
             secrets,
+            policies,
             failures: Mutex::default(),
             queued: Mutex::default(),
         }
@@ -126,6 +135,16 @@ impl Context {
         }
     }
 
+    /// Waits (bounded) until the ApiKeyPolicies and namespaces are listed; until
+    /// then the policy check fails and nothing is issued.
+    async fn policies_synced(&self) {
+        let Some(index) = &self.policies else { return };
+        let deadline = Instant::now() + SECRET_CACHE_WAIT;
+        while !index.is_synced() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Drops what is kept per ApiKey once it is gone.
     fn forget(&self, uid: &str, namespace: &str, name: &str) {
         self.failures().remove(uid);
@@ -164,6 +183,7 @@ async fn reconcile_inner(key: &Arc<ApiKey>, ctx: &Arc<Context>) -> Result<Action
     let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     ctx.observe_queue_wait(&namespace, &key.name_any());
     ctx.secret_cache_synced().await;
+    ctx.policies_synced().await;
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
     // Add the finalizer and go on in the same round: waiting for the watch to
     // bring the patched object back would cost every new ApiKey a second round.
@@ -406,6 +426,8 @@ pub struct RunConfig {
     pub lease_namespace: String,
     /// This replica's identity in the Lease (the pod name in a cluster).
     pub identity: String,
+    /// Forbid keys in namespaces that no ApiKeyPolicy selects.
+    pub require_policy: bool,
 }
 
 /// Runs the operator until SIGTERM or SIGINT, or until it loses the leader lease
@@ -437,6 +459,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
     }
 
     let secrets = SecretCache::default();
+    let policies = PolicyIndex::new(config.require_policy);
     let reconciler = Reconciler {
         cluster: Arc::new(KubeCluster::new(
             client.clone(),
@@ -453,13 +476,17 @@ pub async fn run(config: RunConfig) -> Result<()> {
         issue_limiter: Arc::new(RateLimiter::per_second(config.max_issues_per_second)),
         metrics: metrics.clone(),
         status_memo: Arc::new(StatusMemo::default()),
+        governance: Arc::new(policies.clone()),
     };
 
     let outcome = if config.leader_election {
-        lead_then_run(&config, client, reconciler, secrets, &metrics, health).await
+        lead_then_run(
+            &config, client, reconciler, secrets, policies, &metrics, health,
+        )
+        .await
     } else {
         metrics.leader.set(1);
-        run_controller(&config, client, reconciler, secrets, health).await
+        run_controller(&config, client, reconciler, secrets, policies, health).await
     };
     store.close().await;
     outcome
@@ -471,6 +498,7 @@ async fn lead_then_run(
     client: Client,
     reconciler: Reconciler,
     secrets: SecretCache,
+    policies: PolicyIndex,
     metrics: &Metrics,
     health: Arc<Health>,
 ) -> Result<()> {
@@ -503,7 +531,7 @@ async fn lead_then_run(
     health.standby.store(false, Ordering::SeqCst);
     metrics.leader.set(1);
     let outcome = tokio::select! {
-        ran = run_controller(config, client, reconciler, secrets, health) => ran,
+        ran = run_controller(config, client, reconciler, secrets, policies, health) => ran,
         lost = leading.wait_for(|is_leader| !*is_leader) => {
             metrics.leader.set(0);
             let why = if lost.is_ok() { "lost the leader lease" } else { "the lease manager stopped" };
@@ -615,18 +643,48 @@ async fn run_controller(
     client: Client,
     reconciler: Reconciler,
     secrets: SecretCache,
+    policies: PolicyIndex,
     health: Arc<Health>,
 ) -> Result<()> {
     if !config.skip_crd_install {
         install_crds(client.clone()).await?;
     }
+    let (clock, metrics) = (reconciler.clock.clone(), reconciler.metrics.clone());
     let context = Arc::new(Context::new(
         client.clone(),
         reconciler,
         Some(secrets.clone()),
+        Some(policies.clone()),
     ));
     info!("starting the ApiKey controller");
     let (keys, key_writer) = reflector::store();
+    policies.attach_keys(keys.clone());
+    let (requeue, requeued) = tokio::sync::mpsc::unbounded_channel();
+    let policy_changed = Arc::new(tokio::sync::Notify::new());
+    let policy_watches = [
+        policy_watch::watch_policies(
+            client.clone(),
+            policies.clone(),
+            requeue.clone(),
+            policy_changed.clone(),
+        ),
+        policy_watch::watch_namespaces(
+            client.clone(),
+            policies.clone(),
+            requeue,
+            policy_changed.clone(),
+        ),
+        tokio::spawn(policy_watch::maintain_status(
+            client.clone(),
+            policies,
+            policy_changed,
+            clock,
+            metrics,
+        )),
+    ];
+    let requeued = futures::stream::unfold(requeued, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    });
     let queue = context.clone();
     let key_changes = watcher(
         Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
@@ -651,6 +709,7 @@ async fn run_controller(
     });
     let controller = Controller::for_stream(key_changes, keys.clone())
         .owns_stream(secret_changes)
+        .reconcile_on(requeued)
         .with_config(ControllerConfig::default().concurrency(config.max_concurrent_reconciles))
         .shutdown_on_signal();
     tokio::spawn(async move {
@@ -678,6 +737,9 @@ async fn run_controller(
             }
         })
         .await;
+    for task in policy_watches {
+        task.abort();
+    }
     info!("stopped");
     Ok(())
 }

@@ -9,10 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
     crd::{
-        ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, READY, REVOKE_PREVIOUS_ANNOTATION,
-        ROTATE_ANNOTATION,
+        ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, POLICY_COMPLIANT, READY,
+        REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
     },
     key::KeyHash,
+    policy::{Verdict, ViolationAction},
     schedule::{Schedule, parse_duration},
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, RevokeReason},
 };
@@ -187,6 +188,9 @@ pub struct Observation<'a> {
     pub secret: &'a SecretView,
     /// The current time.
     pub now: Timestamp,
+    /// `Some` when an ApiKeyPolicy forbids the spec: no key is issued, rotated or
+    /// re-issued, and the strictest policy's action decides about issued keys.
+    pub forbidden: Option<ViolationAction>,
 }
 
 /// Collects the earliest future instant something is due.
@@ -203,7 +207,7 @@ impl Wakeup {
 
 /// Decides the steps that bring the database and Secret to the desired state.
 pub fn decide(obs: &Observation<'_>) -> Decision {
-    let (policy, now) = (obs.policy, obs.now);
+    let (policy, now, forbidden) = (obs.policy, obs.now, obs.forbidden);
     let held_hash = match obs.secret {
         SecretView::Foreign => return Decision::SecretConflict,
         SecretView::Absent => None,
@@ -220,6 +224,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
     // The record that stays in the Secret (None: a new key is issued), why it
     // was issued, and when it became (or becomes) active.
     let (current, current_reason, current_since) = match held {
+        // A forbidden key is never issued: a pending one is not activated, nothing
+        // new is issued, and `Revoke` takes the active one away too.
+        Some(record) if forbidden.is_some() && record.state == KeyState::Pending => {
+            (None, IssueReason::Initial, now)
+        }
+        None if forbidden.is_some() => (None, IssueReason::Initial, now),
+        Some(_) if forbidden == Some(ViolationAction::Revoke) => (None, IssueReason::Initial, now),
         Some(record) if record.state == KeyState::Pending => {
             // A crash after the Secret write: finish the issuance.
             steps.push(Step::Activate {
@@ -233,7 +244,11 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             let requested = policy.rotation_request.is_some()
                 && policy.rotation_request != record.rotation_request;
             let next_rotation = policy.next_rotation(since);
-            if requested || next_rotation.is_some_and(|next| next <= now) {
+            let due = requested || next_rotation.is_some_and(|next| next <= now);
+            if due && forbidden == Some(ViolationAction::RefuseRotation) {
+                // Revoked below instead of rotated.
+                (None, IssueReason::Initial, now)
+            } else if due && forbidden.is_none() {
                 let reason = match (requested, policy.revoke_previous.is_some()) {
                     (true, true) => IssueReason::Emergency,
                     (true, false) => IssueReason::Requested,
@@ -255,7 +270,9 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                     }
                     (_, current) => current,
                 };
-                wakeup.at(next_rotation);
+                if !due {
+                    wakeup.at(next_rotation);
+                }
                 wakeup.at(expires_at.filter(|t| *t > now));
                 (Some(record), record.issue_reason, since)
             }
@@ -274,11 +291,13 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
             (None, reason, now)
         }
     };
-    if current.is_none() {
+    if current.is_none() && forbidden.is_none() {
         wakeup.at(policy.next_rotation(now));
         wakeup.at(policy.expiry_from(now));
     }
+    // A forbidden owner, team or scope never reaches a live record.
     if let Some(record) = current
+        && forbidden.is_none()
         && record.metadata != *obs.desired
     {
         steps.push(Step::UpdateMetadata {
@@ -295,6 +314,7 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         IssueReason::Scheduled | IssueReason::Requested
     ) && grace_ends > now;
     let replaced_reason = match current_reason {
+        _ if forbidden.is_some() => RevokeReason::PolicyViolation,
         IssueReason::Emergency => RevokeReason::Emergency,
         reason if reason.is_rotation() => RevokeReason::Rotated,
         _ => RevokeReason::Replaced,
@@ -307,7 +327,14 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
         // A key's validity only ever shrinks: a grace period never outlives the
         // key's own expiry, and an expired key is never brought back.
         let expired = record.expires_at.is_some_and(|at| at <= now);
+        let revoke_all = forbidden == Some(ViolationAction::Revoke);
         match record.state {
+            KeyState::Active | KeyState::Retiring | KeyState::Pending if revoke_all => {
+                steps.push(Step::Revoke {
+                    key_id,
+                    reason: RevokeReason::PolicyViolation,
+                });
+            }
             KeyState::Active if expired => steps.push(Step::Revoke {
                 key_id,
                 reason: RevokeReason::Expired,
@@ -334,11 +361,15 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                     steps.push(Step::Revoke { key_id, reason });
                 } else {
                     wakeup.at(record.expires_at);
-                    if record.metadata != *obs.desired {
+                    if forbidden.is_none() && record.metadata != *obs.desired {
                         steps.push(Step::UpdateMetadata { key_id });
                     }
                 }
             }
+            KeyState::Pending if forbidden.is_some() => steps.push(Step::Revoke {
+                key_id,
+                reason: RevokeReason::PolicyViolation,
+            }),
             KeyState::Pending => {
                 let abandon_at = record
                     .created_at
@@ -394,6 +425,11 @@ pub enum Outcome {
         /// What is wrong and where.
         message: String,
     },
+    /// An ApiKeyPolicy forbids the key, and no key of it is working.
+    PolicyViolation {
+        /// Which policy and rule, and what to fix.
+        message: String,
+    },
     /// The target Secret belongs to someone else.
     SecretConflict {
         /// The Secret's name.
@@ -429,6 +465,8 @@ pub struct StatusInput<'a> {
     pub secret_version: Option<&'a str>,
     /// How the reconcile ended.
     pub outcome: &'a Outcome,
+    /// The policy check, when it ran; sets the `PolicyCompliant` condition.
+    pub verdict: Option<&'a Verdict>,
     /// The current time, used only when the Ready condition changes status.
     pub now: Timestamp,
 }
@@ -453,6 +491,9 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
             ),
         ),
         Outcome::InvalidSpec { message } => ("False", "InvalidSpec".to_owned(), message.clone()),
+        Outcome::PolicyViolation { message } => {
+            ("False", "PolicyViolation".to_owned(), message.clone())
+        }
         Outcome::SecretConflict { secret_name } => (
             "False",
             "SecretConflict".to_owned(),
@@ -463,27 +504,34 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         ),
         Outcome::Failed { reason, message } => ("False", reason.clone(), message.clone()),
     };
-    let last_transition_time = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(seconds(input.now));
-    let ready = Condition {
-        type_: READY.to_owned(),
+    let condition = |type_: &str, status: &str, reason: String, message: String| Condition {
+        last_transition_time: previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(seconds(input.now)),
+        type_: type_.to_owned(),
         status: status.to_owned(),
         reason,
         message,
         observed_generation: input.generation,
-        last_transition_time,
     };
-    let mut conditions: Vec<Condition> = previous
-        .conditions
-        .iter()
-        .filter(|c| c.type_ != READY)
-        .cloned()
-        .collect();
-    conditions.push(ready);
+    let mut replaced = vec![READY];
+    let mut conditions = vec![condition(READY, status, reason, message)];
+    if let Some(verdict) = input.verdict {
+        replaced.push(POLICY_COMPLIANT);
+        let (status, reason, message) = compliance(verdict);
+        conditions.push(condition(POLICY_COMPLIANT, status, reason.into(), message));
+    }
+    conditions.splice(
+        0..0,
+        previous
+            .conditions
+            .iter()
+            .filter(|c| !replaced.contains(&c.type_.as_str()))
+            .cloned(),
+    );
 
     let mut status = ApiKeyStatus {
         conditions,
@@ -524,7 +572,7 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
                 status.last_emergency_request = current.rotation_request.clone();
             }
         }
-        (Outcome::SecretConflict { .. }, _) => {
+        (Outcome::SecretConflict { .. } | Outcome::PolicyViolation { .. }, _) => {
             status.key_id = None;
             status.key_hint = None;
             status.secret_name = None;
@@ -537,6 +585,25 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         _ => {}
     }
     status
+}
+
+/// The `PolicyCompliant` condition's status, reason and message.
+fn compliance(verdict: &Verdict) -> (&'static str, &'static str, String) {
+    if !verdict.allowed() {
+        return ("False", "PolicyViolation", verdict.message());
+    }
+    if verdict.governing.is_empty() {
+        return (
+            "True",
+            "NoPolicy",
+            "no ApiKeyPolicy selects this namespace".into(),
+        );
+    }
+    (
+        "True",
+        "Allowed",
+        format!("allowed by ApiKeyPolicy {}", verdict.governing.join(", ")),
+    )
 }
 
 /// A status time as the API server stores it: whole seconds. Anything finer
@@ -621,6 +688,24 @@ mod tests {
             records,
             secret,
             now,
+            forbidden: None,
+        })
+    }
+
+    fn decide_forbidden(
+        policy: &Policy,
+        records: &[KeyRecord],
+        secret: &SecretView,
+        now: Timestamp,
+        action: ViolationAction,
+    ) -> Decision {
+        decide(&Observation {
+            desired: &meta(),
+            policy,
+            records,
+            secret,
+            now,
+            forbidden: Some(action),
         })
     }
 
@@ -814,6 +899,7 @@ mod tests {
             policy: Some(&no_rotation()),
             secret_version: None,
             outcome: &Outcome::Ready,
+            verdict: None,
             now,
         })
     }
@@ -852,6 +938,7 @@ mod tests {
                 reason: "DatabaseUnavailable".into(),
                 message: "key database error: connection refused".into(),
             },
+            verdict: None,
             now: t(20),
         });
         assert_eq!(failed.key_id, ready.key_id);
@@ -876,6 +963,7 @@ mod tests {
             outcome: &Outcome::SecretConflict {
                 secret_name: "key".into(),
             },
+            verdict: None,
             now: t(0),
         });
         let condition = &status.conditions[0];
@@ -1305,6 +1393,7 @@ mod tests {
             policy: Some(&p),
             secret_version: None,
             outcome: &Outcome::Ready,
+            verdict: None,
             now: t(21),
         });
         assert_eq!(status.last_rotated_at, Some(Time(t(20))));
@@ -1323,5 +1412,199 @@ mod tests {
         bad.rotation = Some(every("@daily", "soon"));
         let error = Policy::from_spec(&bad, &BTreeMap::new()).unwrap_err();
         assert!(error.starts_with("spec.rotation.gracePeriod"), "{error}");
+    }
+
+    fn decision_parts(decision: Decision) -> (Vec<Step>, Option<String>) {
+        match decision {
+            Decision::Converge { steps, held, .. } => (steps, held),
+            Decision::SecretConflict => panic!("unexpected conflict"),
+        }
+    }
+
+    fn revoked(id: &str) -> Step {
+        Step::Revoke {
+            key_id: id.into(),
+            reason: RevokeReason::PolicyViolation,
+        }
+    }
+
+    #[test]
+    fn a_forbidden_key_is_never_issued_whatever_the_action() {
+        for action in [
+            ViolationAction::Keep,
+            ViolationAction::RefuseRotation,
+            ViolationAction::Revoke,
+        ] {
+            let decision = decide_forbidden(&no_rotation(), &[], &SecretView::Absent, t(0), action);
+            assert_eq!(requeue(&decision), None);
+            assert_eq!(decision_parts(decision), (vec![], None), "{action:?}");
+        }
+    }
+
+    #[test]
+    fn a_forbidden_pending_key_is_revoked_not_activated() {
+        let records = [record("p", KeyState::Pending, t(0))];
+        let decision = decide_forbidden(
+            &no_rotation(),
+            &records,
+            &owned("p"),
+            t(1),
+            ViolationAction::Keep,
+        );
+        assert_eq!(decision_parts(decision), (vec![revoked("p")], None));
+    }
+
+    #[test]
+    fn keep_leaves_the_key_working_but_never_rotates_or_widens_it() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let mut a = record("a", KeyState::Active, t(0));
+        a.metadata.scopes = vec!["old".into()];
+        let decision = decide_forbidden(&p, &[a], &owned("a"), t(60), ViolationAction::Keep);
+        // Overdue for rotation and with changed scopes: no Issue, no UpdateMetadata,
+        // and no wake-up for a rotation that will not happen.
+        assert_eq!(requeue(&decision), None);
+        assert_eq!(decision_parts(decision), (vec![], Some("a".into())));
+    }
+
+    #[test]
+    fn keep_still_shortens_expiry_and_ends_grace_periods() {
+        let p = policy(every("@every 1h", "10s"), Some("30s"), &[]);
+        let mut old = record("old", KeyState::Retiring, t(0));
+        old.expires_at = Some(t(5));
+        let records = [record("a", KeyState::Active, t(0)), old];
+        let (steps, held) = decision_parts(decide_forbidden(
+            &p,
+            &records,
+            &owned("a"),
+            t(10),
+            ViolationAction::Keep,
+        ));
+        assert_eq!(held, Some("a".into()));
+        assert_eq!(
+            steps,
+            vec![
+                Step::ShortenExpiry {
+                    key_id: "a".into(),
+                    expires_at: t(30)
+                },
+                Step::Revoke {
+                    key_id: "old".into(),
+                    reason: RevokeReason::Rotated
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn refuse_rotation_keeps_the_key_until_rotation_is_due_then_revokes_it() {
+        let p = policy(every("@every 20s", "10s"), None, &[]);
+        let records = [record("a", KeyState::Active, t(0))];
+        let before = decide_forbidden(
+            &p,
+            &records,
+            &owned("a"),
+            t(10),
+            ViolationAction::RefuseRotation,
+        );
+        assert_eq!(requeue(&before), Some(SignedDuration::from_secs(10)));
+        assert_eq!(decision_parts(before), (vec![], Some("a".into())));
+        let due = decide_forbidden(
+            &p,
+            &records,
+            &owned("a"),
+            t(20),
+            ViolationAction::RefuseRotation,
+        );
+        assert_eq!(decision_parts(due), (vec![revoked("a")], None));
+        // A rotate request counts as a rotation too.
+        let requested = policy(every("@every 1h", "10s"), None, &[(ROTATE_ANNOTATION, "1")]);
+        let decision = decide_forbidden(
+            &requested,
+            &records,
+            &owned("a"),
+            t(10),
+            ViolationAction::RefuseRotation,
+        );
+        assert_eq!(decision_parts(decision), (vec![revoked("a")], None));
+    }
+
+    #[test]
+    fn revoke_takes_every_live_key_away_at_once() {
+        let mut retiring = record("old", KeyState::Retiring, t(0));
+        retiring.expires_at = Some(t(100));
+        let records = [record("a", KeyState::Active, t(0)), retiring];
+        let decision = decide_forbidden(
+            &no_rotation(),
+            &records,
+            &owned("a"),
+            t(10),
+            ViolationAction::Revoke,
+        );
+        assert_eq!(requeue(&decision), None);
+        assert_eq!(
+            decision_parts(decision),
+            (vec![revoked("a"), revoked("old")], None)
+        );
+    }
+
+    #[test]
+    fn the_policy_condition_says_who_allows_or_forbids() {
+        use crate::policy::{Verdict, Violation};
+        let input = |verdict| {
+            status_for(&StatusInput {
+                previous: None,
+                generation: Some(1),
+                secret_name: "key",
+                current: None,
+                records: &[],
+                issued: Some(0),
+                policy: None,
+                secret_version: None,
+                outcome: &Outcome::PolicyViolation {
+                    message: "forbidden".into(),
+                },
+                verdict: Some(verdict),
+                now: t(0),
+            })
+        };
+        let forbidden = Verdict {
+            governing: vec!["prod".into()],
+            violations: vec![Violation {
+                policy: Some("prod".into()),
+                rule: "teams",
+                message: "team \"x\" is not allowed".into(),
+                action: ViolationAction::Keep,
+            }],
+        };
+        let status = input(&forbidden);
+        let ready = status.ready_condition().unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "PolicyViolation")
+        );
+        let compliant = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == POLICY_COMPLIANT)
+            .unwrap();
+        assert_eq!(compliant.status, "False");
+        assert_eq!(
+            compliant.message,
+            "ApiKeyPolicy prod rule teams: team \"x\" is not allowed"
+        );
+        let allowed = Verdict {
+            governing: vec!["prod".into(), "base".into()],
+            violations: vec![],
+        };
+        let status = input(&allowed);
+        let compliant = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == POLICY_COMPLIANT)
+            .unwrap();
+        assert_eq!(
+            (compliant.status.as_str(), compliant.message.as_str()),
+            ("True", "allowed by ApiKeyPolicy prod, base")
+        );
     }
 }

@@ -20,6 +20,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "keyward";
 /// The condition type that says whether the key is usable.
 pub const READY: &str = "Ready";
+/// The condition type that says whether every ApiKeyPolicy allows the key.
+pub const POLICY_COMPLIANT: &str = "PolicyCompliant";
 /// Annotation on an ApiKey: a new value requests one rotation.
 pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
 /// Annotation on an ApiKey: the next new rotate request revokes the previous keys at

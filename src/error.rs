@@ -69,6 +69,11 @@ pub enum Error {
     #[error("leader election: {0}")]
     Leadership(String),
 
+    /// The ApiKeyPolicies or namespace labels are not known yet, so a key cannot
+    /// be checked against them; nothing is issued until they are.
+    #[error("ApiKeyPolicy check not possible yet: {0}; will retry")]
+    PolicyUnavailable(String),
+
     /// Bad flags or settings.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -93,6 +98,7 @@ impl Error {
             Error::MissingMetadata(_) => "invalid_object",
             Error::Entropy(_) => "entropy",
             Error::Config(_) => "config",
+            Error::PolicyUnavailable(_) => "policy",
             Error::Leadership(_) => "leadership",
             Error::Serialize(_) => "serialize",
         }
@@ -105,6 +111,7 @@ impl Error {
             "kubernetes" => "KubernetesApiError",
             "conflict" => "ConcurrentUpdate",
             "invalid_object" => "InvalidObject",
+            "policy" => "PolicyUnavailable",
             _ => "InternalError",
         }
     }

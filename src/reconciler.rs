@@ -35,9 +35,11 @@ use crate::{
     core::{self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step},
     crd::{
         ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-        REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, RolloutKind, RolloutTarget, SECRET_DATA_KEY,
+        POLICY_COMPLIANT, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, RolloutKind,
+        RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
+    policy::{Governance, Verdict},
     secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
     telemetry::{Metrics, timed},
@@ -472,6 +474,7 @@ struct Report<'a> {
     policy: Option<&'a Policy>,
     secret_version: Option<&'a str>,
     outcome: Outcome,
+    verdict: Option<&'a Verdict>,
 }
 
 impl Report<'_> {
@@ -484,6 +487,7 @@ impl Report<'_> {
             policy: None,
             secret_version: None,
             outcome,
+            verdict: None,
         }
     }
 }
@@ -550,6 +554,8 @@ pub struct Reconciler {
     pub metrics: Arc<Metrics>,
     /// Statuses written but maybe not yet seen by the watch cache.
     pub status_memo: Arc<StatusMemo>,
+    /// The ApiKeyPolicies every key is checked against before anything is issued.
+    pub governance: Arc<dyn Governance>,
 }
 
 impl Reconciler {
@@ -571,19 +577,30 @@ impl Reconciler {
             team: key.spec.team.clone(),
             scopes: key.spec.scopes.clone(),
         };
+        let now = self.clock.now();
+        let verdict = self.governance.check(key, now)?;
+        let forbidden = (!verdict.allowed()).then(|| verdict.action().unwrap_or_default());
+        if forbidden.is_some() {
+            warn!(
+                violations = verdict.message(),
+                "an ApiKeyPolicy forbids this key"
+            );
+        }
         let set = self.store.load(&target.uid).await?;
         let secret = self.observe_secret(&target, &set.live).await?;
-        let now = self.clock.now();
         let decision = core::decide(&Observation {
             desired: &desired,
             policy: &policy,
             records: &set.live,
             secret: &secret.view,
             now,
+            forbidden,
         });
         debug!(?decision, "decided");
         let (steps, held, requeue_after) = match decision {
-            Decision::SecretConflict => return self.conflict(&target, set.issued).await,
+            Decision::SecretConflict => {
+                return self.conflict(&target, set.issued, &verdict).await;
+            }
             Decision::Converge {
                 steps,
                 held,
@@ -607,7 +624,9 @@ impl Reconciler {
                             secret_version = version;
                             *record
                         }
-                        Issued::SecretTaken => return self.conflict(&target, issued).await,
+                        Issued::SecretTaken => {
+                            return self.conflict(&target, issued, &verdict).await;
+                        }
                     };
                     issued += 1;
                     current_id = Some(record.key_id.clone());
@@ -683,6 +702,12 @@ impl Reconciler {
             self.roll_out(&target, current).await?;
         }
         let outcome = match current.and_then(|c| c.expires_at) {
+            _ if current.is_none() && forbidden.is_some() => Outcome::PolicyViolation {
+                message: format!(
+                    "{}. No key is issued while a policy forbids it: change the ApiKey or the policy",
+                    verdict.message()
+                ),
+            },
             Some(expires_at) if expires_at <= now => Outcome::KeyExpired,
             _ => Outcome::Ready,
         };
@@ -695,6 +720,7 @@ impl Reconciler {
                 policy: Some(&policy),
                 secret_version: secret_version.as_deref(),
                 outcome,
+                verdict: Some(&verdict),
             },
         )
         .await?;
@@ -707,12 +733,18 @@ impl Reconciler {
 
     /// Reports a foreign Secret under the target name and looks again later: the
     /// Secret watch sees only keyward's Secrets, so its removal sends no event.
-    async fn conflict(&self, target: &Target<'_>, issued: i64) -> Result<Action> {
+    async fn conflict(
+        &self,
+        target: &Target<'_>,
+        issued: i64,
+        verdict: &Verdict,
+    ) -> Result<Action> {
         let outcome = Outcome::SecretConflict {
             secret_name: target.secret_name.clone(),
         };
         let report = Report {
             issued: Some(issued),
+            verdict: Some(verdict),
             ..Report::only(outcome)
         };
         self.finish(target, report).await?;
@@ -823,6 +855,7 @@ impl Reconciler {
             policy: report.policy,
             secret_version: report.secret_version,
             outcome: &report.outcome,
+            verdict: report.verdict,
             now: self.clock.now(),
         });
         if report.policy.is_some() {
@@ -836,13 +869,32 @@ impl Reconciler {
         let previous_reason = previous
             .and_then(ApiKeyStatus::ready_condition)
             .map(|c| c.reason.as_str());
-        let ready = status.conditions.last().expect("status_for sets Ready");
+        let ready = status.ready_condition().expect("status_for sets Ready");
         if ready.status == "False" && previous_reason != Some(ready.reason.as_str()) {
             self.notify(
                 &target.reference,
                 EventType::Warning,
                 &ready.reason,
                 ready.message.clone(),
+            )
+            .await;
+        }
+        // A key kept working while a policy forbids it is flagged once per change.
+        let compliance = |s: Option<&ApiKeyStatus>| {
+            s.and_then(|s| s.conditions.iter().find(|c| c.type_ == POLICY_COMPLIANT))
+                .map(|c| (c.status.clone(), c.message.clone()))
+        };
+        if let Some((state, message)) = compliance(Some(&status))
+            && state == "False"
+            && ready.status == "True"
+            && compliance(previous) != Some((state, message.clone()))
+        {
+            let note = format!("{message}. The key keeps working; no new key is issued for it");
+            self.notify(
+                &target.reference,
+                EventType::Warning,
+                "PolicyViolation",
+                note,
             )
             .await;
         }

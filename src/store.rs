@@ -73,6 +73,8 @@ pub enum RevokeReason {
     Emergency,
     /// Replaced after its own expiry had passed: it never verifies again.
     Expired,
+    /// An ApiKeyPolicy forbids the key (its `Revoke` or `RefuseRotation` action).
+    PolicyViolation,
 }
 
 impl RevokeReason {
@@ -85,6 +87,7 @@ impl RevokeReason {
             RevokeReason::Rotated => "rotated",
             RevokeReason::Emergency => "emergency",
             RevokeReason::Expired => "expired",
+            RevokeReason::PolicyViolation => "policy_violation",
         }
     }
 }

@@ -82,6 +82,13 @@ pub struct ApiKeyLabels {
     pub name: String,
 }
 
+/// An ApiKeyPolicy's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabel {
+    /// The policy.
+    pub policy: String,
+}
+
 /// Every metric keyward exports.
 pub struct Metrics {
     registry: Registry,
@@ -107,6 +114,8 @@ pub struct Metrics {
     pub next_rotation: Family<ApiKeyLabels, Gauge>,
     /// 1 while this replica holds the leader lease (or runs without election).
     pub leader: Gauge,
+    /// ApiKeys each ApiKeyPolicy forbids, as its status last counted them.
+    pub policy_violations: Family<PolicyLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -130,6 +139,7 @@ impl Default for Metrics {
             keys_by_state: Family::default(),
             next_rotation: Family::default(),
             leader: Gauge::default(),
+            policy_violations: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -186,6 +196,11 @@ impl Default for Metrics {
             "leader",
             "1 when this replica is the leader",
             metrics.leader.clone(),
+        );
+        registry.register(
+            "policy_violating_keys",
+            "ApiKeys that each ApiKeyPolicy forbids",
+            metrics.policy_violations.clone(),
         );
         Self {
             registry,

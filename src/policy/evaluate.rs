@@ -23,6 +23,10 @@ pub const REQUIRE_POLICY_RULE: &str = "requirePolicy";
 pub struct CompiledPolicy {
     /// The policy's name.
     pub name: String,
+    /// Its metadata.generation.
+    pub generation: Option<i64>,
+    /// Its status as last read.
+    pub status: Option<super::crd::ApiKeyPolicyStatus>,
     /// Its spec.
     pub spec: ApiKeyPolicySpec,
     owner: Option<Regex>,
@@ -64,6 +68,8 @@ impl CompiledPolicy {
         }
         Self {
             name: policy.name_any(),
+            generation: policy.metadata.generation,
+            status: policy.status.clone(),
             spec,
             owner,
             max_expires_after,
@@ -382,4 +388,291 @@ fn text(
         .as_ref()
         .and_then(|l| field(l).clone())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    use super::*;
+    use crate::{
+        crd::RotationSpec,
+        policy::crd::{LifetimeRule, OwnerRule, ScopeRule, TeamRule},
+    };
+
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn spec() -> ApiKeySpec {
+        ApiKeySpec {
+            owner: "alice@example.com".into(),
+            team: "payments".into(),
+            scopes: vec!["inference".into(), "models:read".into()],
+            secret_name: None,
+            description: None,
+            rotation: Some(RotationSpec {
+                schedule: Some("@every 720h".into()),
+                time_zone: None,
+                grace_period: None,
+            }),
+            expires_after: Some("2160h".into()),
+            rollout: None,
+        }
+    }
+
+    fn policy(name: &str, edit: impl FnOnce(&mut ApiKeyPolicySpec)) -> CompiledPolicy {
+        let mut spec = ApiKeyPolicySpec {
+            namespace_selector: LabelSelector::default(),
+            teams: None,
+            scopes: None,
+            owner: None,
+            lifetime: None,
+            max_keys_per_namespace: None,
+            on_violation: ViolationAction::Keep,
+        };
+        edit(&mut spec);
+        CompiledPolicy::new(&ApiKeyPolicy::new(name, spec))
+    }
+
+    fn check(policies: &[CompiledPolicy], spec: &ApiKeySpec, ns: &[(&str, &str)]) -> Verdict {
+        check_ranked(policies, spec, ns, 0, false)
+    }
+
+    fn check_ranked(
+        policies: &[CompiledPolicy],
+        spec: &ApiKeySpec,
+        ns: &[(&str, &str)],
+        rank: usize,
+        require_policy: bool,
+    ) -> Verdict {
+        let labels = labels(ns);
+        let rank = move || rank;
+        let context = KeyContext {
+            namespace: "team-a",
+            namespace_labels: &labels,
+            rank: &rank,
+            now: now(),
+        };
+        evaluate(policies, spec, &context, require_policy)
+    }
+
+    fn rules(verdict: &Verdict) -> Vec<&'static str> {
+        verdict.violations.iter().map(|v| v.rule).collect()
+    }
+
+    #[test]
+    fn no_policy_allows_and_require_policy_forbids() {
+        let verdict = check(&[], &spec(), &[]);
+        assert!(verdict.allowed() && verdict.governing.is_empty());
+        let strict = check_ranked(&[], &spec(), &[], 0, true);
+        assert_eq!(rules(&strict), vec![REQUIRE_POLICY_RULE]);
+        assert!(strict.message().contains("--require-policy"));
+    }
+
+    #[test]
+    fn teams_come_from_the_list_or_the_namespace_label() {
+        let listed = policy("listed", |s| {
+            s.teams = Some(TeamRule {
+                allowed: Some(vec!["search".into()]),
+                from_namespace_label: Some("keyward.dev/team".into()),
+            });
+        });
+        let mut key = spec();
+        assert!(check(&[listed.clone()], &key, &[("keyward.dev/team", "payments")]).allowed());
+        key.team = "search".into();
+        assert!(check(&[listed.clone()], &key, &[]).allowed());
+        key.team = "admin".into();
+        let verdict = check(&[listed], &key, &[("keyward.dev/team", "payments")]);
+        assert_eq!(rules(&verdict), vec!["teams"]);
+        assert_eq!(
+            verdict.message(),
+            "ApiKeyPolicy listed rule teams: team \"admin\" is not allowed in namespace team-a; allowed: [search, payments]"
+        );
+    }
+
+    #[test]
+    fn scope_wildcards_match_prefixes_only_at_the_end() {
+        let allowed = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert!(scope_allowed("models:read", &allowed(&["models:*"])));
+        assert!(scope_allowed("anything", &allowed(&["*"])));
+        assert!(scope_allowed("inference", &allowed(&["inference"])));
+        assert!(!scope_allowed("inference.admin", &allowed(&["inference"])));
+        assert!(!scope_allowed(
+            "admin",
+            &allowed(&["models:*", "inference"])
+        ));
+        let p = policy("scopes", |s| {
+            s.scopes = Some(ScopeRule {
+                allowed: vec!["inference".into(), "models:*".into()],
+            });
+        });
+        assert!(check(&[p.clone()], &spec(), &[]).allowed());
+        let mut key = spec();
+        key.scopes.push("admin".into());
+        let verdict = check(&[p], &key, &[]);
+        assert_eq!(rules(&verdict), vec!["scopes"]);
+        assert!(verdict.message().contains("scopes [admin] are not allowed"));
+    }
+
+    #[test]
+    fn owner_patterns_match_the_whole_owner() {
+        let p = policy("owners", |s| {
+            s.owner = Some(OwnerRule {
+                pattern: r".+@example\.com".into(),
+            });
+        });
+        assert!(check(&[p.clone()], &spec(), &[]).allowed());
+        let mut key = spec();
+        key.owner = "alice@example.com.evil.io".into();
+        assert_eq!(rules(&check(&[p.clone()], &key, &[])), vec!["owner"]);
+        key.owner = "svc-bot".into();
+        assert_eq!(rules(&check(&[p], &key, &[])), vec!["owner"]);
+    }
+
+    #[test]
+    fn lifetimes_bound_expiry_rotation_and_grace() {
+        let p = policy("lifetime", |s| {
+            s.lifetime = Some(LifetimeRule {
+                max_expires_after: Some("2160h".into()),
+                max_rotation_interval: Some("744h".into()),
+                max_grace_period: Some("30m".into()),
+            });
+        });
+        // The default grace period (1h) is longer than 30m.
+        assert_eq!(
+            rules(&check(&[p.clone()], &spec(), &[])),
+            vec!["lifetime.maxGracePeriod"]
+        );
+        let mut key = spec();
+        key.rotation.as_mut().unwrap().grace_period = Some("15m".into());
+        assert!(check(&[p.clone()], &key, &[]).allowed());
+        for schedule in ["@monthly", "0 3 * * 1", "0 0 1,15 * *", "@every 744h"] {
+            key.rotation.as_mut().unwrap().schedule = Some(schedule.into());
+            assert!(check(&[p.clone()], &key, &[]).allowed(), "{schedule}");
+        }
+        for schedule in ["@yearly", "0 0 1 1,6 *", "@every 745h"] {
+            key.rotation.as_mut().unwrap().schedule = Some(schedule.into());
+            assert_eq!(
+                rules(&check(&[p.clone()], &key, &[])),
+                vec!["lifetime.maxRotationInterval"],
+                "{schedule}"
+            );
+        }
+        key.rotation.as_mut().unwrap().schedule = None;
+        key.expires_after = None;
+        let verdict = check(&[p.clone()], &key, &[]);
+        assert_eq!(
+            rules(&verdict),
+            vec!["lifetime.maxExpiresAfter", "lifetime.maxRotationInterval"]
+        );
+        assert!(
+            verdict
+                .message()
+                .contains("expiresAfter must be set, at most 2160h")
+        );
+        key.expires_after = Some("2161h".into());
+        assert!(
+            check(&[p], &key, &[])
+                .message()
+                .contains("expiresAfter 2161h is longer than 2160h")
+        );
+    }
+
+    #[test]
+    fn every_selecting_policy_must_allow_and_the_strictest_action_wins() {
+        let prod = LabelSelector {
+            match_labels: Some(labels(&[("tier", "prod")])),
+            ..LabelSelector::default()
+        };
+        let teams = policy("teams", |s| {
+            s.teams = Some(TeamRule {
+                allowed: Some(vec!["search".into()]),
+                from_namespace_label: None,
+            });
+        });
+        let prod_scopes = policy("prod-scopes", |s| {
+            s.namespace_selector = prod.clone();
+            s.scopes = Some(ScopeRule {
+                allowed: vec!["metrics".into()],
+            });
+            s.on_violation = ViolationAction::Revoke;
+        });
+        let both = [teams, prod_scopes];
+        let dev = check(&both, &spec(), &[("tier", "dev")]);
+        assert_eq!(dev.governing, vec!["teams"]);
+        assert_eq!(rules(&dev), vec!["teams"]);
+        assert_eq!(dev.action(), Some(ViolationAction::Keep));
+        let prod = check(&both, &spec(), &[("tier", "prod")]);
+        assert_eq!(prod.governing, vec!["teams", "prod-scopes"]);
+        assert_eq!(rules(&prod), vec!["teams", "scopes"]);
+        assert_eq!(prod.action(), Some(ViolationAction::Revoke));
+    }
+
+    #[test]
+    fn selectors_follow_the_api_server() {
+        let requirement = |key: &str, operator: &str, values: &[&str]| LabelSelectorRequirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+        };
+        let selector = LabelSelector {
+            match_labels: Some(labels(&[("env", "prod")])),
+            match_expressions: Some(vec![
+                requirement("team", "In", &["a", "b"]),
+                requirement("frozen", "DoesNotExist", &[]),
+                requirement("tier", "NotIn", &["test"]),
+                requirement("owner", "Exists", &[]),
+            ]),
+        };
+        let ok = labels(&[("env", "prod"), ("team", "a"), ("owner", "x")]);
+        assert_eq!(selects(&selector, &ok), Ok(true));
+        for (key, value) in [
+            ("team", "c"),
+            ("frozen", "yes"),
+            ("tier", "test"),
+            ("env", "dev"),
+        ] {
+            let mut changed = ok.clone();
+            changed.insert(key.into(), value.into());
+            assert_eq!(selects(&selector, &changed), Ok(false), "{key}={value}");
+        }
+        let bad = LabelSelector {
+            match_expressions: Some(vec![requirement("team", "Matches", &["a"])]),
+            ..LabelSelector::default()
+        };
+        assert!(selects(&bad, &ok).is_err());
+    }
+
+    #[test]
+    fn a_policy_that_cannot_be_read_fails_closed() {
+        let broken = policy("broken", |s| {
+            s.owner = Some(OwnerRule {
+                pattern: "(unclosed".into(),
+            });
+        });
+        assert!(broken.defect.is_some());
+        let verdict = check(&[broken], &spec(), &[]);
+        assert_eq!(rules(&verdict), vec!["spec"]);
+    }
+
+    #[test]
+    fn the_count_limit_spares_the_oldest_keys() {
+        let p = policy("count", |s| s.max_keys_per_namespace = Some(2));
+        assert!(check_ranked(&[p.clone()], &spec(), &[], 1, false).allowed());
+        let third = check_ranked(&[p], &spec(), &[], 2, false);
+        assert_eq!(rules(&third), vec!["maxKeysPerNamespace"]);
+        assert!(
+            third
+                .message()
+                .contains("may hold 2 ApiKeys and 2 older ones exist")
+        );
+    }
 }

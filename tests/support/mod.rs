@@ -23,6 +23,7 @@ use keyward::{
     clock::ManualClock,
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
+    policy::PolicyIndex,
     reconciler::{CachedSecret, Cluster, RateLimiter, Reconciler, StatusMemo},
     secret_cache::SecretFacts,
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
@@ -569,6 +570,23 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     pub metrics: Arc<Metrics>,
     pub seed: u64,
+    /// The ApiKeyPolicies reconciles check against: none, and namespace
+    /// `team-ml` (labelled `team: ml`) known, until a test adds policies.
+    pub policies: PolicyIndex,
+}
+
+/// A policy index that has listed no policies and the namespace `team-ml`.
+pub fn synced_policies() -> PolicyIndex {
+    let index = PolicyIndex::new(false);
+    index.replace_policies(Vec::new());
+    index.replace_namespaces(
+        [(
+            "team-ml".to_owned(),
+            [("team".to_owned(), "ml".to_owned())].into(),
+        )]
+        .into(),
+    );
+    index
 }
 
 impl Harness {
@@ -579,6 +597,7 @@ impl Harness {
             clock: Arc::new(ManualClock::new(start_time())),
             metrics: Arc::new(Metrics::default()),
             seed: 1,
+            policies: synced_policies(),
         }
     }
 
@@ -594,6 +613,7 @@ impl Harness {
             issue_limiter: Arc::new(RateLimiter::per_second(0.0)),
             metrics: self.metrics.clone(),
             status_memo: Arc::new(StatusMemo::default()),
+            governance: Arc::new(self.policies.clone()),
         }
     }
 }

@@ -1,0 +1,184 @@
+//! What the operator knows about ApiKeyPolicies and namespace labels, filled by
+//! watches (src/policy/watch.rs) and read by every reconcile through [`Governance`].
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, RwLock},
+};
+
+use jiff::Timestamp;
+use kube::{ResourceExt, runtime::reflector::Store};
+
+use super::evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate};
+use crate::{Error, Result, crd::ApiKey};
+
+/// Where the reconciler learns whether ApiKeyPolicies allow a key.
+pub trait Governance: Send + Sync {
+    /// Checks the key against every policy that selects its namespace. Fails
+    /// while the policies or namespaces are not known yet: nothing is issued then.
+    fn check(&self, key: &ApiKey, now: Timestamp) -> Result<Verdict>;
+}
+
+/// The ApiKeyPolicies and namespace labels as last seen, shared by the watches,
+/// the reconciles and the policy status writer.
+#[derive(Clone, Default)]
+pub struct PolicyIndex {
+    state: Arc<RwLock<State>>,
+    /// The controller's ApiKey cache, for `maxKeysPerNamespace` and requeues.
+    keys: Arc<RwLock<Option<Store<kube::core::DeserializeGuard<ApiKey>>>>>,
+    require_policy: bool,
+}
+
+#[derive(Default)]
+struct State {
+    policies: BTreeMap<String, CompiledPolicy>,
+    namespaces: HashMap<String, BTreeMap<String, String>>,
+    policies_synced: bool,
+    namespaces_synced: bool,
+}
+
+impl PolicyIndex {
+    /// An empty index. With `require_policy`, a namespace that no policy selects
+    /// forbids every key (`--require-policy`).
+    pub fn new(require_policy: bool) -> Self {
+        Self {
+            require_policy,
+            ..Self::default()
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets the index count and list ApiKeys from the controller's cache.
+    pub fn attach_keys(&self, keys: Store<kube::core::DeserializeGuard<ApiKey>>) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(keys);
+    }
+
+    /// Every readable ApiKey in the cache that is not being deleted.
+    pub fn keys(&self) -> Vec<Arc<ApiKey>> {
+        let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let Some(store) = keys.as_ref() else {
+            return Vec::new();
+        };
+        store
+            .state()
+            .iter()
+            .filter_map(|guarded| guarded.0.as_ref().ok())
+            .filter(|key| key.metadata.deletion_timestamp.is_none())
+            .map(|key| Arc::new(key.clone()))
+            .collect()
+    }
+
+    /// Adds or replaces a policy; returns the one it replaced.
+    pub fn upsert_policy(&self, policy: CompiledPolicy) -> Option<CompiledPolicy> {
+        self.write().policies.insert(policy.name.clone(), policy)
+    }
+
+    /// Removes a policy; returns it.
+    pub fn remove_policy(&self, name: &str) -> Option<CompiledPolicy> {
+        self.write().policies.remove(name)
+    }
+
+    /// Replaces every policy at once (a watch's full list); marks policies synced.
+    pub fn replace_policies(&self, policies: Vec<CompiledPolicy>) -> Vec<CompiledPolicy> {
+        let mut state = self.write();
+        state.policies_synced = true;
+        let fresh = policies.into_iter().map(|p| (p.name.clone(), p)).collect();
+        std::mem::replace(&mut state.policies, fresh)
+            .into_values()
+            .collect()
+    }
+
+    /// Every policy, by name.
+    pub fn policies(&self) -> Vec<CompiledPolicy> {
+        self.read().policies.values().cloned().collect()
+    }
+
+    /// Sets a namespace's labels; returns the old ones.
+    pub fn upsert_namespace(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Option<BTreeMap<String, String>> {
+        self.write().namespaces.insert(name.to_owned(), labels)
+    }
+
+    /// Forgets a namespace.
+    pub fn remove_namespace(&self, name: &str) {
+        self.write().namespaces.remove(name);
+    }
+
+    /// Replaces every namespace at once (a watch's full list); marks namespaces synced.
+    pub fn replace_namespaces(&self, namespaces: HashMap<String, BTreeMap<String, String>>) {
+        let mut state = self.write();
+        state.namespaces = namespaces;
+        state.namespaces_synced = true;
+    }
+
+    /// Every namespace with its labels.
+    pub fn namespaces(&self) -> HashMap<String, BTreeMap<String, String>> {
+        self.read().namespaces.clone()
+    }
+
+    /// Whether both watches have delivered their first full list.
+    pub fn is_synced(&self) -> bool {
+        let state = self.read();
+        state.policies_synced && state.namespaces_synced
+    }
+
+    /// How many ApiKeys in `namespace` come before `key` (by creation time, then name).
+    fn rank(&self, key: &ApiKey) -> usize {
+        let namespace = key.namespace();
+        let order = |k: &ApiKey| {
+            (
+                k.metadata.creation_timestamp.clone().map(|t| t.0),
+                k.name_any(),
+            )
+        };
+        let mine = order(key);
+        self.keys()
+            .iter()
+            .filter(|other| other.namespace() == namespace && other.uid() != key.uid())
+            .filter(|other| order(other) < mine)
+            .count()
+    }
+}
+
+impl Governance for PolicyIndex {
+    fn check(&self, key: &ApiKey, now: Timestamp) -> Result<Verdict> {
+        let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
+        let state = self.read();
+        if !(state.policies_synced && state.namespaces_synced) {
+            return Err(Error::PolicyUnavailable(
+                "the ApiKeyPolicy and Namespace watches have not listed yet".into(),
+            ));
+        }
+        let Some(labels) = state.namespaces.get(&namespace) else {
+            return Err(Error::PolicyUnavailable(format!(
+                "namespace {namespace} has not been seen yet"
+            )));
+        };
+        let policies: Vec<CompiledPolicy> = state.policies.values().cloned().collect();
+        let labels = labels.clone();
+        drop(state);
+        let rank = || self.rank(key);
+        let context = KeyContext {
+            namespace: &namespace,
+            namespace_labels: &labels,
+            rank: &rank,
+            now,
+        };
+        Ok(evaluate(
+            &policies,
+            &key.spec,
+            &context,
+            self.require_policy,
+        ))
+    }
+}

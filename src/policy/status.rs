@@ -1,0 +1,113 @@
+//! The status of each ApiKeyPolicy: how many namespaces and keys it governs and
+//! which keys it forbids. Pure: computed from what the index holds and `now`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
+
+use super::{
+    crd::{ApiKeyPolicyStatus, PolicyViolationEntry},
+    evaluate::{CompiledPolicy, KeyContext, evaluate},
+};
+use crate::crd::{ApiKey, READY};
+
+/// At most this many violating keys are listed in a policy's status.
+pub const LISTED_VIOLATIONS: usize = 100;
+
+/// The status every policy should show. `previous` conditions keep their
+/// transition time while their status stays the same.
+pub fn summarize(
+    policies: &[CompiledPolicy],
+    namespaces: &HashMap<String, BTreeMap<String, String>>,
+    keys: &[std::sync::Arc<ApiKey>],
+    now: Timestamp,
+) -> BTreeMap<String, ApiKeyPolicyStatus> {
+    // Each namespace's keys, oldest first, for maxKeysPerNamespace.
+    let mut by_namespace: HashMap<String, Vec<&ApiKey>> = HashMap::new();
+    for key in keys {
+        by_namespace
+            .entry(key.namespace().unwrap_or_default())
+            .or_default()
+            .push(key);
+    }
+    for list in by_namespace.values_mut() {
+        list.sort_by_key(|k| {
+            (
+                k.metadata.creation_timestamp.clone().map(|t| t.0),
+                k.name_any(),
+            )
+        });
+    }
+    let empty = BTreeMap::new();
+    policies
+        .iter()
+        .map(|policy| {
+            let mut status = ApiKeyPolicyStatus {
+                observed_generation: policy.generation,
+                teams: policy.teams_summary(),
+                namespaces: count(namespaces.values().filter(|l| policy.selects(l)).count()),
+                ..ApiKeyPolicyStatus::default()
+            };
+            for (namespace, list) in &by_namespace {
+                let labels = namespaces.get(namespace).unwrap_or(&empty);
+                if !policy.selects(labels) {
+                    continue;
+                }
+                for (rank, key) in list.iter().enumerate() {
+                    status.governed_keys += 1;
+                    let rank = move || rank;
+                    let context = KeyContext {
+                        namespace,
+                        namespace_labels: labels,
+                        rank: &rank,
+                        now,
+                    };
+                    let verdict =
+                        evaluate(std::slice::from_ref(policy), &key.spec, &context, false);
+                    if verdict.allowed() {
+                        continue;
+                    }
+                    status.violating_keys += 1;
+                    for violation in verdict.violations {
+                        status.violations.push(PolicyViolationEntry {
+                            namespace: namespace.clone(),
+                            name: key.name_any(),
+                            rule: violation.rule.to_owned(),
+                            message: violation.message,
+                        });
+                    }
+                }
+            }
+            status.violations.sort_by(|a, b| {
+                (&a.namespace, &a.name, &a.rule).cmp(&(&b.namespace, &b.name, &b.rule))
+            });
+            status.violations.truncate(LISTED_VIOLATIONS);
+            let (state, reason, message) = match &policy.defect {
+                Some(defect) => ("False", "InvalidPolicy", defect.clone()),
+                None => ("True", "Active", "the policy is enforced".to_owned()),
+            };
+            let since = policy
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.type_ == READY && c.status == state)
+                .map(|c| c.last_transition_time.clone())
+                .unwrap_or(Time(Timestamp::from_second(now.as_second()).unwrap_or(now)));
+            status.conditions = vec![Condition {
+                type_: READY.to_owned(),
+                status: state.to_owned(),
+                reason: reason.to_owned(),
+                message,
+                observed_generation: policy.generation,
+                last_transition_time: since,
+            }];
+            (policy.name.clone(), status)
+        })
+        .collect()
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
