@@ -2,6 +2,8 @@
 //! found or started). Each test starts its own API server and operator.
 
 mod harness;
+mod policy;
+mod roles;
 
 use std::{collections::BTreeSet, time::Duration};
 
