@@ -13,7 +13,7 @@ use kube::{
 
 use crate::{
     Error, Result,
-    crd::{ApiKey, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION},
+    crd::{ApiKey, POLICY_COMPLIANT, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION},
 };
 
 /// Manage keyward ApiKeys.
@@ -348,6 +348,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
         "SCOPES",
         "KEY",
         "STATE",
+        "POLICY",
         "ISSUED",
         "NEXT-ROTATION",
     ];
@@ -374,6 +375,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
             key.spec.scopes.join(","),
             status.key_hint.clone().unwrap_or_else(|| "-".into()),
             state,
+            policy_column(&status),
             time(status.issued_at.as_ref()),
             time(status.next_rotation_at.as_ref()),
         ];
@@ -391,6 +393,29 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
         rows.push(row);
     }
     Ok(table(&rows))
+}
+
+/// `ok`, `violates:<policies>` from the PolicyCompliant condition, or `-` before
+/// the operator has checked the key.
+fn policy_column(status: &crate::crd::ApiKeyStatus) -> String {
+    let Some(condition) = status.conditions.iter().find(|c| c.type_ == POLICY_COMPLIANT) else {
+        return "-".into();
+    };
+    if condition.status == "True" {
+        return "ok".into();
+    }
+    // The message names each policy as "ApiKeyPolicy <name> rule …".
+    let mut names: Vec<&str> = condition
+        .message
+        .split("ApiKeyPolicy ")
+        .skip(1)
+        .filter_map(|part| part.split_whitespace().next())
+        .collect();
+    names.dedup();
+    if names.is_empty() {
+        return "violates".into();
+    }
+    format!("violates:{}", names.join(","))
 }
 
 /// The `status` output.
@@ -582,6 +607,7 @@ mod tests {
                 "SCOPES",
                 "KEY",
                 "STATE",
+                "POLICY",
                 "ISSUED",
                 "NEXT-ROTATION"
             ]
@@ -593,6 +619,7 @@ mod tests {
         );
         assert!(lines[2].contains("SecretConflict"));
         assert!(lines[3].contains("Pending"));
+        assert_eq!(lines[3].split_whitespace().nth(6), Some("-"));
         let wide = render_list(&keys, true, Output::Wide).unwrap();
         assert!(wide.starts_with("NAMESPACE"));
         assert!(wide.contains("KEY-ID") && wide.contains("kid_abc"));
@@ -671,5 +698,28 @@ Events:
         assert!(parse(&["-l", "team=ml", "--immediate"]).is_ok());
         assert!(parse(&["--all", "-A"]).is_ok());
         assert!(parse(&["--timeout", "-1s", "a"]).is_err());
+    }
+
+    #[test]
+    fn the_policy_column_names_the_violated_policies() {
+        let mut flagged = key("a", Some(("True", "KeyActive")));
+        let status = flagged.status.as_mut().unwrap();
+        let mut condition = status.conditions[0].clone();
+        condition.type_ = POLICY_COMPLIANT.into();
+        condition.status = "False".into();
+        condition.message = "ApiKeyPolicy prod rule scopes: no; ApiKeyPolicy prod rule teams: no; \
+                             ApiKeyPolicy base rule owner: no"
+            .into();
+        status.conditions.push(condition.clone());
+        let mut fine = key("b", Some(("True", "KeyActive")));
+        condition.status = "True".into();
+        fine.status.as_mut().unwrap().conditions.push(condition);
+        let text = render_list(&[flagged, fine], false, Output::Table).unwrap();
+        let column: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(6).unwrap())
+            .collect();
+        assert_eq!(column, ["violates:prod,base", "ok"]);
     }
 }
