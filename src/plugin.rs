@@ -5,7 +5,9 @@
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use k8s_openapi::api::events::v1::Event;
+// Core Events, not events.k8s.io: the built-in `view` role grants these, so any
+// user who may read an ApiKey can also read what happened to it.
+use k8s_openapi::api::core::v1::Event;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -196,10 +198,9 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
                 Output::Yaml => to_yaml(&key)?,
                 Output::Table | Output::Wide => {
                     let events = Api::<Event>::namespaced(client, &namespace)
-                        .list(
-                            &ListParams::default()
-                                .fields(&format!("regarding.kind=ApiKey,regarding.name={name}")),
-                        )
+                        .list(&ListParams::default().fields(&format!(
+                            "involvedObject.kind=ApiKey,involvedObject.name={name}"
+                        )))
                         .await?
                         .items;
                     render_status(&key, &events)
@@ -398,7 +399,11 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
 /// `ok`, `violates:<policies>` from the PolicyCompliant condition, or `-` before
 /// the operator has checked the key.
 fn policy_column(status: &crate::crd::ApiKeyStatus) -> String {
-    let Some(condition) = status.conditions.iter().find(|c| c.type_ == POLICY_COMPLIANT) else {
+    let Some(condition) = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == POLICY_COMPLIANT)
+    else {
         return "-".into();
     };
     if condition.status == "True" {
@@ -507,7 +512,7 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
                 .map_or("-".into(), |t| t.0.to_string()),
             e.type_.clone().unwrap_or_default(),
             e.reason.clone().unwrap_or_default(),
-            e.note.clone().unwrap_or_default(),
+            e.message.clone().unwrap_or_default(),
         ]);
     }
     out.push_str(&indent(&table(&rows)));
@@ -657,7 +662,7 @@ mod tests {
             )),
             type_: Some("Normal".into()),
             reason: Some("Rotated".into()),
-            note: Some("issued kid_abc".into()),
+            message: Some("issued kid_abc".into()),
             ..Event::default()
         };
         assert_eq!(
