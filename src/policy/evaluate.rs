@@ -486,9 +486,16 @@ mod tests {
             });
         });
         let mut key = spec();
-        assert!(check(&[listed.clone()], &key, &[("keyward.dev/team", "payments")]).allowed());
+        assert!(
+            check(
+                std::slice::from_ref(&listed),
+                &key,
+                &[("keyward.dev/team", "payments")]
+            )
+            .allowed()
+        );
         key.team = "search".into();
-        assert!(check(&[listed.clone()], &key, &[]).allowed());
+        assert!(check(std::slice::from_ref(&listed), &key, &[]).allowed());
         key.team = "admin".into();
         let verdict = check(&[listed], &key, &[("keyward.dev/team", "payments")]);
         assert_eq!(rules(&verdict), vec!["teams"]);
@@ -514,7 +521,7 @@ mod tests {
                 allowed: vec!["inference".into(), "models:*".into()],
             });
         });
-        assert!(check(&[p.clone()], &spec(), &[]).allowed());
+        assert!(check(std::slice::from_ref(&p), &spec(), &[]).allowed());
         let mut key = spec();
         key.scopes.push("admin".into());
         let verdict = check(&[p], &key, &[]);
@@ -529,10 +536,13 @@ mod tests {
                 pattern: r".+@example\.com".into(),
             });
         });
-        assert!(check(&[p.clone()], &spec(), &[]).allowed());
+        assert!(check(std::slice::from_ref(&p), &spec(), &[]).allowed());
         let mut key = spec();
         key.owner = "alice@example.com.evil.io".into();
-        assert_eq!(rules(&check(&[p.clone()], &key, &[])), vec!["owner"]);
+        assert_eq!(
+            rules(&check(std::slice::from_ref(&p), &key, &[])),
+            vec!["owner"]
+        );
         key.owner = "svc-bot".into();
         assert_eq!(rules(&check(&[p], &key, &[])), vec!["owner"]);
     }
@@ -548,27 +558,30 @@ mod tests {
         });
         // The default grace period (1h) is longer than 30m.
         assert_eq!(
-            rules(&check(&[p.clone()], &spec(), &[])),
+            rules(&check(std::slice::from_ref(&p), &spec(), &[])),
             vec!["lifetime.maxGracePeriod"]
         );
         let mut key = spec();
         key.rotation.as_mut().unwrap().grace_period = Some("15m".into());
-        assert!(check(&[p.clone()], &key, &[]).allowed());
+        assert!(check(std::slice::from_ref(&p), &key, &[]).allowed());
         for schedule in ["@monthly", "0 3 * * 1", "0 0 1,15 * *", "@every 744h"] {
             key.rotation.as_mut().unwrap().schedule = Some(schedule.into());
-            assert!(check(&[p.clone()], &key, &[]).allowed(), "{schedule}");
+            assert!(
+                check(std::slice::from_ref(&p), &key, &[]).allowed(),
+                "{schedule}"
+            );
         }
         for schedule in ["@yearly", "0 0 1 1,6 *", "@every 745h"] {
             key.rotation.as_mut().unwrap().schedule = Some(schedule.into());
             assert_eq!(
-                rules(&check(&[p.clone()], &key, &[])),
+                rules(&check(std::slice::from_ref(&p), &key, &[])),
                 vec!["lifetime.maxRotationInterval"],
                 "{schedule}"
             );
         }
         key.rotation.as_mut().unwrap().schedule = None;
         key.expires_after = None;
-        let verdict = check(&[p.clone()], &key, &[]);
+        let verdict = check(std::slice::from_ref(&p), &key, &[]);
         assert_eq!(
             rules(&verdict),
             vec!["lifetime.maxExpiresAfter", "lifetime.maxRotationInterval"]
@@ -666,7 +679,7 @@ mod tests {
     #[test]
     fn the_count_limit_spares_the_oldest_keys() {
         let p = policy("count", |s| s.max_keys_per_namespace = Some(2));
-        assert!(check_ranked(&[p.clone()], &spec(), &[], 1, false).allowed());
+        assert!(check_ranked(std::slice::from_ref(&p), &spec(), &[], 1, false).allowed());
         let third = check_ranked(&[p], &spec(), &[], 2, false);
         assert_eq!(rules(&third), vec!["maxKeysPerNamespace"]);
         assert!(

@@ -7,7 +7,7 @@ use std::{
 };
 
 use jiff::Timestamp;
-use kube::{ResourceExt, runtime::reflector::Store};
+use kube::{ResourceExt, core::DeserializeGuard, runtime::reflector::Store};
 
 use super::evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate};
 use crate::{Error, Result, crd::ApiKey};
@@ -25,7 +25,7 @@ pub trait Governance: Send + Sync {
 pub struct PolicyIndex {
     state: Arc<RwLock<State>>,
     /// The controller's ApiKey cache, for `maxKeysPerNamespace` and requeues.
-    keys: Arc<RwLock<Option<Store<kube::core::DeserializeGuard<ApiKey>>>>>,
+    keys: Arc<RwLock<Option<Store<DeserializeGuard<ApiKey>>>>>,
     require_policy: bool,
 }
 
@@ -56,23 +56,14 @@ impl PolicyIndex {
     }
 
     /// Lets the index count and list ApiKeys from the controller's cache.
-    pub fn attach_keys(&self, keys: Store<kube::core::DeserializeGuard<ApiKey>>) {
+    pub fn attach_keys(&self, keys: Store<DeserializeGuard<ApiKey>>) {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Some(keys);
     }
 
-    /// Every readable ApiKey in the cache that is not being deleted.
-    pub fn keys(&self) -> Vec<Arc<ApiKey>> {
+    /// The ApiKey cache's objects (shared, not copied); read them with [`live`].
+    pub fn keys(&self) -> Vec<Arc<DeserializeGuard<ApiKey>>> {
         let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
-        let Some(store) = keys.as_ref() else {
-            return Vec::new();
-        };
-        store
-            .state()
-            .iter()
-            .filter_map(|guarded| guarded.0.as_ref().ok())
-            .filter(|key| key.metadata.deletion_timestamp.is_none())
-            .map(|key| Arc::new(key.clone()))
-            .collect()
+        keys.as_ref().map(Store::state).unwrap_or_default()
     }
 
     /// Adds or replaces a policy; returns the one it replaced.
@@ -134,20 +125,32 @@ impl PolicyIndex {
 
     /// How many ApiKeys in `namespace` come before `key` (by creation time, then name).
     fn rank(&self, key: &ApiKey) -> usize {
-        let namespace = key.namespace();
-        let order = |k: &ApiKey| {
-            (
-                k.metadata.creation_timestamp.clone().map(|t| t.0),
-                k.name_any(),
-            )
-        };
-        let mine = order(key);
+        let namespace = key.metadata.namespace.as_deref();
+        let mine = age_order(key);
         self.keys()
             .iter()
-            .filter(|other| other.namespace() == namespace && other.uid() != key.uid())
-            .filter(|other| order(other) < mine)
+            .filter_map(|guarded| live(guarded))
+            .filter(|other| other.metadata.namespace.as_deref() == namespace)
+            .filter(|other| other.metadata.uid != key.metadata.uid && age_order(other) < mine)
             .count()
     }
+}
+
+/// A cached ApiKey that can be read and is not being deleted.
+pub fn live(guarded: &DeserializeGuard<ApiKey>) -> Option<&ApiKey> {
+    guarded
+        .0
+        .as_ref()
+        .ok()
+        .filter(|key| key.metadata.deletion_timestamp.is_none())
+}
+
+/// The order `maxKeysPerNamespace` keeps: oldest first, then by name.
+pub fn age_order(key: &ApiKey) -> (Option<Timestamp>, Option<&str>) {
+    (
+        key.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        key.metadata.name.as_deref(),
+    )
 }
 
 impl Governance for PolicyIndex {

@@ -10,6 +10,7 @@ use kube::ResourceExt;
 use super::{
     crd::{ApiKeyPolicyStatus, PolicyViolationEntry},
     evaluate::{CompiledPolicy, KeyContext, evaluate},
+    index::age_order,
 };
 use crate::crd::{ApiKey, READY};
 
@@ -21,7 +22,7 @@ pub const LISTED_VIOLATIONS: usize = 100;
 pub fn summarize(
     policies: &[CompiledPolicy],
     namespaces: &HashMap<String, BTreeMap<String, String>>,
-    keys: &[std::sync::Arc<ApiKey>],
+    keys: &[&ApiKey],
     now: Timestamp,
 ) -> BTreeMap<String, ApiKeyPolicyStatus> {
     // Each namespace's keys, oldest first, for maxKeysPerNamespace.
@@ -33,12 +34,7 @@ pub fn summarize(
             .push(key);
     }
     for list in by_namespace.values_mut() {
-        list.sort_by_key(|k| {
-            (
-                k.metadata.creation_timestamp.clone().map(|t| t.0),
-                k.name_any(),
-            )
-        });
+        list.sort_by(|a, b| age_order(a).cmp(&age_order(b)));
     }
     let empty = BTreeMap::new();
     policies

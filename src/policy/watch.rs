@@ -20,7 +20,12 @@ use serde_json::json;
 use tokio::sync::{Notify, mpsc::UnboundedSender};
 use tracing::{info, warn};
 
-use super::{crd::ApiKeyPolicy, evaluate::CompiledPolicy, index::PolicyIndex, status::summarize};
+use super::{
+    crd::ApiKeyPolicy,
+    evaluate::CompiledPolicy,
+    index::{PolicyIndex, live},
+    status::summarize,
+};
 use crate::{
     clock::Clock,
     crd::{ApiKey, FIELD_MANAGER},
@@ -38,7 +43,8 @@ const STATUS_RESYNC: Duration = Duration::from_secs(300);
 /// Requeues every ApiKey in a namespace that `selected` picks.
 fn requeue_where(index: &PolicyIndex, requeue: &Requeue, selected: impl Fn(&str) -> bool) {
     let mut count = 0;
-    for key in index.keys() {
+    for guarded in index.keys() {
+        let Some(key) = live(&guarded) else { continue };
         let namespace = key.namespace().unwrap_or_default();
         if selected(&namespace) {
             let reference = ObjectRef::new(&key.name_any()).within(&namespace);
@@ -187,7 +193,9 @@ pub async fn maintain_status(
             metrics.policy_violations.clear();
             continue;
         }
-        let statuses = summarize(&policies, &index.namespaces(), &index.keys(), clock.now());
+        let cached = index.keys();
+        let keys: Vec<&ApiKey> = cached.iter().filter_map(|k| live(k)).collect();
+        let statuses = summarize(&policies, &index.namespaces(), &keys, clock.now());
         metrics.policy_violations.clear();
         for policy in &policies {
             let Some(status) = statuses.get(&policy.name) else {
