@@ -39,7 +39,7 @@ use crate::{
         RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
-    policy::{Governance, Verdict},
+    policy::{Governance, Verdict, ViolationAction},
     secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
     telemetry::{Metrics, timed},
@@ -889,7 +889,13 @@ impl Reconciler {
             && ready.status == "True"
             && compliance(previous) != Some((state, message.clone()))
         {
-            let note = format!("{message}. The key keeps working; no new key is issued for it");
+            let next = match report.verdict.and_then(Verdict::action) {
+                Some(ViolationAction::RefuseRotation) => {
+                    "The key keeps working until its next rotation is due; then it is revoked, not rotated"
+                }
+                _ => "The key keeps working until it expires; no new key is issued for it",
+            };
+            let note = format!("{message}. {next}");
             self.notify(
                 &target.reference,
                 EventType::Warning,
