@@ -90,6 +90,9 @@ fn policy(version: AdmissionVersion) -> Value {
                     "apiVersions": ["*"],
                     "resources": ["apikeys"],
                     "operations": ["CREATE", "UPDATE"],
+                    // The API server's default is `*`; spelled out, a second
+                    // `kubectl apply` finds nothing to change.
+                    "scope": "Namespaced",
                 }],
             },
             "matchConditions": match_conditions(),
@@ -116,6 +119,12 @@ fn match_conditions() -> Value {
 /// the operator reads such a field as unset, and so does this policy.
 fn set(path: &str) -> String {
     format!("(has({path}) && type({path}) != null_type)")
+}
+
+/// CEL for the string `expr` in double quotes, with `\\` and `"` escaped: how the
+/// operator's messages quote a value (Rust's `{:?}`), so both say the same.
+fn quoted(expr: &str) -> String {
+    format!(r#"'"' + {expr}.replace('\\', '\\\\').replace('"', '\\"') + '"'"#)
 }
 
 /// Which selector requirements are invalid: `In` and `NotIn` need values,
@@ -264,8 +273,11 @@ fn validations() -> Value {
             "spec",
             "size(variables.invalidRequirements) == 0",
             &format!(
-                "'the policy cannot be applied (namespaceSelector: operator \"' + {first}.operator + '\" on key \"' + {first}.key + '\" with '
-  + string(has({first}.values) ? size({first}.values) : 0) + ' values is not a valid selector requirement); fix it'"
+                "'the policy cannot be applied (namespaceSelector: operator ' + {} + ' on key ' + {}
+  + ' with ' + string(has({first}.values) ? size({first}.values) : 0)
+  + ' values is not a valid selector requirement); fix it'",
+                quoted(&format!("{first}.operator")),
+                quoted(&format!("{first}.key")),
             ),
             false,
         ),
@@ -277,12 +289,15 @@ fn validations() -> Value {
       && variables.labels[variables.teamLabel] == object.spec.team)",
                 set("params.spec.teams")
             ),
-            "'team \"' + object.spec.team + '\" is not allowed in namespace ' + request.namespace + '; allowed: ['
+            &format!(
+                "'team ' + {} + ' is not allowed in namespace ' + request.namespace + '; allowed: ['
   + (variables.allowedTeams
      + (variables.teamLabel == '' ? []
         : variables.teamLabel in variables.labels ? [variables.labels[variables.teamLabel]]
         : ['(namespace label ' + variables.teamLabel + ' is not set)'])).join(', ')
   + ']'",
+                quoted("object.spec.team")
+            ),
             true,
         ),
         validation(
@@ -298,7 +313,11 @@ fn validations() -> Value {
                 "!{} || object.spec.owner.matches('^(?:' + params.spec.owner.pattern + ')$')",
                 set("params.spec.owner")
             ),
-            "'owner \"' + object.spec.owner + '\" does not match \"' + params.spec.owner.pattern + '\"'",
+            &format!(
+                "'owner ' + {} + ' does not match ' + {}",
+                quoted("object.spec.owner"),
+                quoted("params.spec.owner.pattern")
+            ),
             true,
         ),
         validation(
@@ -317,9 +336,12 @@ fn validations() -> Value {
             "variables.maxRotationInterval == ''
   || (variables.schedule != '' && (!variables.schedule.startsWith('@')
       || variables.rotationInterval <= duration(variables.maxRotationInterval)))",
-            "variables.schedule == ''
+            &format!(
+                "variables.schedule == ''
   ? 'rotation.schedule must be set, rotating at least every ' + variables.maxRotationInterval
-  : 'rotation.schedule \"' + variables.schedule + '\" does not rotate at least every ' + variables.maxRotationInterval",
+  : 'rotation.schedule ' + {} + ' does not rotate at least every ' + variables.maxRotationInterval",
+                quoted("variables.schedule")
+            ),
             true,
         ),
         validation(
