@@ -144,6 +144,12 @@ impl Cluster {
             .arg("--endpoint-reconciler-type=none")
             .arg("--allow-privileged=true")
             .arg("--disable-admission-plugins=ServiceAccount")
+            // ValidatingAdmissionPolicy (tests/cluster/admission.rs) is beta and
+            // off by default in the 1.28 and 1.29 API servers. It is GA from 1.30
+            // on, where the gate and v1beta1 go away in later releases: drop these
+            // two flags for such assets.
+            .arg("--feature-gates=ValidatingAdmissionPolicy=true")
+            .arg("--runtime-config=admissionregistration.k8s.io/v1beta1=true")
             .stdout(Stdio::null())
             .stderr(log("apiserver.log"))
             .spawn()

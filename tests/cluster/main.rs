@@ -1,6 +1,7 @@
 //! Cluster tests against a real API server (see harness.rs for how one is
 //! found or started). Each test starts its own API server and operator.
 
+mod admission;
 mod harness;
 mod policy;
 mod roles;
