@@ -843,10 +843,23 @@ fn the_operator_runs_with_exactly_the_packaged_permissions() {
         return;
     }
     let root = env!("CARGO_MANIFEST_DIR");
-    // The chart's CRDs and the kustomize base apply to a real API server.
-    let crds = format!("{root}/charts/keyward/crds/apikey.yaml");
+    // The chart's CRDs and the kustomize base apply to a real API server. This
+    // one is 1.28, so the admission objects are swapped for their v1beta1 form,
+    // as docs/install.md tells users of 1.28 and 1.29 to do.
+    let crds = format!("{root}/charts/keyward/crds/");
     cluster.kubectl(&["apply", "--server-side", "-f", &crds]);
-    let config = format!("{root}/config");
+    let config = cluster.dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    for entry in std::fs::read_dir(format!("{root}/config")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, config.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::rename(
+        config.join("admission-policy-v1beta1.yaml"),
+        config.join("admission-policy.yaml"),
+    )
+    .unwrap();
+    let config = config.display().to_string();
     cluster.kubectl(&["create", "namespace", "keyward-system"]);
     cluster.kubectl(&["apply", "--dry-run=server", "-k", &config]);
     cluster.kubectl(&["apply", "-k", &config]);
@@ -886,10 +899,18 @@ fn the_operator_runs_with_exactly_the_packaged_permissions() {
         operator.log_text().contains("became leader").then_some(())
     });
 
-    // The whole life cycle: issue, rotate with a rollout, re-issue, revoke.
+    // The whole life cycle under an ApiKeyPolicy (watched, its status written):
+    // issue, rotate with a rollout, re-issue, revoke.
+    cluster.apply(
+        "apiVersion: keyward.dev/v1alpha1\nkind: ApiKeyPolicy\nmetadata: {name: everywhere}\nspec:\n  namespaceSelector: {}\n  scopes: {allowed: [inference]}\n",
+    );
     let rollout = "  rollout: {targets: [{kind: Deployment, name: scorer}]}\n";
     cluster.apply(&apikey("rbac", "inference", rollout));
     let first = ready_key(&cluster, "rbac", "rbac", Duration::from_secs(10));
+    wait_for("the policy status", Duration::from_secs(20), || {
+        (cluster.field("apikeypolicy/everywhere", "", "{.status.governedKeys}") == "1")
+            .then_some(())
+    });
     cluster.kubectl(&["annotate", "apikey", "rbac", "keyward.dev/rotate=rbac-1"]);
     wait_for("the rollout", Duration::from_secs(10), || {
         (cluster.field("deployment/scorer", NS, "{.metadata.generation}") == "2").then_some(())
