@@ -140,7 +140,7 @@ pub struct RotationSpec {
     /// How long the previous key keeps working after a rotation, e.g. `1h` (the default) or `30m`. `0s` revokes it at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), extend("x-kubernetes-validations" = [
-        {"rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')",
+        {"rule": "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('0s')",
          "message": "gracePeriod must be a non-negative duration such as 1h, 30m or 90s"}
     ]))]
     pub grace_period: Option<String>,

@@ -8,7 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Go-style duration, as `duration()` in CEL reads it.
-const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$')";
+const DURATION_RULE: &str =
+    "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h))+$') && duration(self) >= duration('0s')";
 
 /// Rules for the ApiKeys in the namespaces this policy selects.
 #[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -33,6 +34,10 @@ const DURATION_RULE: &str = "self.matches('^([0-9]+(\\\\.[0-9]+)?(ns|us|ms|s|m|h
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyPolicySpec {
     /// The namespaces this policy governs, by label. `{}` selects every namespace; use the `kubernetes.io/metadata.name` label to pick namespaces by name.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn'] ? (has(e.values) && size(e.values) > 0) : (e.operator in ['Exists', 'DoesNotExist'] && (!has(e.values) || size(e.values) == 0)))",
+         "message": "each matchExpressions entry needs operator In or NotIn with values, or Exists or DoesNotExist without values"}
+    ]))]
     pub namespace_selector: LabelSelector,
 
     /// Which teams keys may name (`spec.team`). Unset allows any team.
