@@ -61,6 +61,9 @@ const LIST_PAGE_SIZE: u32 = 100;
 /// so that a restart over a settled fleet reads no Secret; then it reads them.
 const SECRET_CACHE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long a reconcile waits for the namespace watch to bring a new namespace.
+const NEW_NAMESPACE_WAIT: Duration = Duration::from_secs(5);
+
 /// What every reconcile shares.
 pub struct Context {
     /// Used for the finalizer patches.
@@ -135,12 +138,17 @@ impl Context {
         }
     }
 
-    /// Waits (bounded) until the ApiKeyPolicies and namespaces are listed; until
-    /// then the policy check fails and nothing is issued.
-    async fn policies_synced(&self) {
+    /// Waits (bounded) until the ApiKeyPolicies and namespaces are listed, and
+    /// briefly for a namespace created with its ApiKeys in one apply; until then
+    /// the policy check fails and nothing is issued.
+    async fn policies_synced(&self, namespace: &str) {
         let Some(index) = &self.policies else { return };
         let deadline = Instant::now() + SECRET_CACHE_WAIT;
         while !index.is_synced() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + NEW_NAMESPACE_WAIT;
+        while !index.knows_namespace(namespace) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -183,7 +191,7 @@ async fn reconcile_inner(key: &Arc<ApiKey>, ctx: &Arc<Context>) -> Result<Action
     let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     ctx.observe_queue_wait(&namespace, &key.name_any());
     ctx.secret_cache_synced().await;
-    ctx.policies_synced().await;
+    ctx.policies_synced(&namespace).await;
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &namespace);
     // Add the finalizer and go on in the same round: waiting for the watch to
     // bring the patched object back would cost every new ApiKey a second round.

@@ -117,6 +117,11 @@ impl PolicyIndex {
         self.read().namespaces.clone()
     }
 
+    /// Whether the namespace watch has seen this namespace.
+    pub fn knows_namespace(&self, name: &str) -> bool {
+        self.read().namespaces.contains_key(name)
+    }
+
     /// Whether both watches have delivered their first full list.
     pub fn is_synced(&self) -> bool {
         let state = self.read();

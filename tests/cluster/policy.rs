@@ -221,11 +221,10 @@ fn the_operator_alone_never_issues_a_forbidden_key() {
 }
 
 #[test]
-fn tightening_a_policy_flags_keys_and_revoke_mode_revokes_them() {
-    let Some((cluster, url, _operator)) = start(
-        "tightening_a_policy_flags_keys_and_revoke_mode_revokes_them",
-        &[],
-    ) else {
+fn tightening_a_policy_flags_keys_and_its_action_decides() {
+    let Some((cluster, url, _operator)) =
+        start("tightening_a_policy_flags_keys_and_its_action_decides", &[])
+    else {
         return;
     };
     cluster.apply(&prod_policy("inference", "Keep"));
@@ -276,10 +275,15 @@ fn tightening_a_policy_flags_keys_and_revoke_mode_revokes_them() {
     );
     assert_eq!(records(&url, &cluster, "issued"), (1, 1));
 
-    // Revoke mode takes it away at once.
-    cluster.apply(&prod_policy("metrics", "Revoke"));
+    // RefuseRotation: the requested rotation is now due, so the key is revoked
+    // instead of rotated.
+    cluster.apply(&prod_policy("metrics", "RefuseRotation"));
     ready_reason(&cluster, "issued", "PolicyViolation");
-    assert_ne!(verify(&url, &key).0, 0, "the key is revoked");
+    assert_ne!(
+        verify(&url, &key).0,
+        0,
+        "the key is revoked at its rotation"
+    );
     assert_eq!(records(&url, &cluster, "issued"), (0, 1));
 
     // Relaxed again: a new key is issued without a restart.
@@ -292,4 +296,10 @@ fn tightening_a_policy_flags_keys_and_revoke_mode_revokes_them() {
         condition(&cluster, "issued", "PolicyCompliant", "status"),
         "True"
     );
+
+    // Revoke mode takes a key away at once, without waiting for a rotation.
+    cluster.apply(&prod_policy("metrics", "Revoke"));
+    ready_reason(&cluster, "issued", "PolicyViolation");
+    assert_ne!(verify(&url, &fresh).0, 0, "the key is revoked");
+    assert_eq!(records(&url, &cluster, "issued"), (0, 2));
 }
