@@ -1,0 +1,550 @@
+//! The Helm chart as Helm itself renders it: scripts/helm-render lints and
+//! renders charts/keyward with Helm v4's engine (PyPI's helm-python-sdk), and
+//! these tests check the rendered objects for each values variant. The python
+//! with helm-python-sdk is `KEYWARD_HELM_PYTHON` (scripts/test sets it), else
+//! the venv scripts/test keeps in the cache; without either, each test prints a
+//! SKIP line. tests/manifests.rs checks the templates as text; this checks what
+//! they produce.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::PathBuf,
+    process::{Command, Output},
+};
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const NAMESPACE: &str = "keyward-system";
+
+/// The python that has helm-python-sdk, if any.
+fn helm_python() -> Option<PathBuf> {
+    if let Some(python) = std::env::var_os("KEYWARD_HELM_PYTHON") {
+        return Some(python.into());
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    let python = cache.join("keyward/helm-venv/bin/python");
+    python.exists().then_some(python)
+}
+
+/// Runs scripts/helm-render with `args`, or `None` after a SKIP line.
+fn helm_render(test: &str, args: &[&str]) -> Option<Output> {
+    let Some(python) = helm_python() else {
+        eprintln!(
+            "SKIP: {test}: no python with helm-python-sdk (scripts/test installs it and sets KEYWARD_HELM_PYTHON)"
+        );
+        return None;
+    };
+    let output = Command::new(&python)
+        .arg(format!("{ROOT}/scripts/helm-render"))
+        .args(["--strict", "--namespace", NAMESPACE])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    Some(output)
+}
+
+/// The objects the chart renders to with `args`, or `None` to skip.
+fn render(test: &str, args: &[&str]) -> Option<Rendering> {
+    let output = helm_render(test, args)?;
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        output.status.success(),
+        "helm-render {args:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Some(Rendering(documents(&stdout)))
+}
+
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|document| Value::deserialize(document).unwrap())
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+fn config(file: &str) -> Vec<Value> {
+    documents(&fs::read_to_string(format!("{ROOT}/config/{file}")).unwrap())
+}
+
+struct Rendering(Vec<Value>);
+
+impl Rendering {
+    fn kinds(&self) -> Vec<String> {
+        let mut kinds: Vec<String> = self
+            .0
+            .iter()
+            .map(|o| format!("{}/{}", o["kind"].as_str().unwrap(), name(o)))
+            .collect();
+        kinds.sort();
+        kinds
+    }
+
+    fn find(&self, kind: &str, name_: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|o| o["kind"] == kind && name(o) == name_)
+    }
+
+    fn get(&self, kind: &str, name_: &str) -> &Value {
+        self.find(kind, name_)
+            .unwrap_or_else(|| panic!("no {kind}/{name_} in {:?}", self.kinds()))
+    }
+
+    fn of_kind(&self, kind: &str) -> Vec<&Value> {
+        self.0.iter().filter(|o| o["kind"] == kind).collect()
+    }
+
+    fn container(&self) -> &Value {
+        let containers =
+            &self.get("Deployment", "keyward")["spec"]["template"]["spec"]["containers"];
+        assert_eq!(containers.as_sequence().unwrap().len(), 1);
+        &containers[0]
+    }
+
+    fn args(&self) -> Vec<String> {
+        strings(&self.container()["args"])
+    }
+
+    fn cluster_rules(&self) -> &Value {
+        &self.get("ClusterRole", "keyward")["rules"]
+    }
+
+    /// The apiVersion of the admission policy and of its binding.
+    fn admission_versions(&self) -> [&str; 2] {
+        [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ]
+        .map(|kind| {
+            self.get(kind, "keyward-apikey-policy")["apiVersion"]
+                .as_str()
+                .unwrap()
+        })
+    }
+}
+
+fn name(object: &Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap()
+}
+
+fn strings(list: &Value) -> Vec<String> {
+    list.as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn config_object<'a>(objects: &'a [Value], kind: &str, name_: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && name(o) == name_)
+        .unwrap_or_else(|| panic!("no {kind}/{name_} in config/"))
+}
+
+/// A rule granting `verbs` on `resources` of `group`, as the templates write it.
+fn rule(group: &str, resources: &[&str], verbs: &[&str]) -> Value {
+    serde_yaml::to_value(serde_json::json!({
+        "apiGroups": [group], "resources": resources, "verbs": verbs,
+    }))
+    .unwrap()
+}
+
+const APPS_RULE: (&str, &[&str], &[&str]) = (
+    "apps",
+    &["deployments", "statefulsets", "daemonsets"],
+    &["get", "patch"],
+);
+const CRD_RULE: (&str, &[&str], &[&str]) = (
+    "apiextensions.k8s.io",
+    &["customresourcedefinitions"],
+    &["get", "list", "watch", "patch"],
+);
+
+fn has_rule(rules: &Value, (group, resources, verbs): (&str, &[&str], &[&str])) -> bool {
+    rules
+        .as_sequence()
+        .unwrap()
+        .contains(&rule(group, resources, verbs))
+}
+
+#[test]
+fn lint_or_render_errors_fail_the_script() {
+    // A values mistake the chart refuses: the render fails with the chart's message.
+    let Some(output) = helm_render(
+        "lint_or_render_errors_fail_the_script",
+        &["--set", "admission.apiVersion=v2"],
+    ) else {
+        return;
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty());
+    assert!(
+        stderr.contains("admission.apiVersion must be v1, v1beta1, or empty"),
+        "{stderr}"
+    );
+
+    // A chart whose template is not YAML fails the lint.
+    let dir = tempfile::tempdir().unwrap();
+    let chart = dir.path().join("keyward");
+    copy_dir(&PathBuf::from(format!("{ROOT}/charts/keyward")), &chart);
+    fs::write(
+        chart.join("templates/broken.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: [broken\n",
+    )
+    .unwrap();
+    let output = helm_render(
+        "lint_or_render_errors_fail_the_script",
+        &["--chart", chart.to_str().unwrap()],
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("lint failed") && stderr.contains("broken.yaml"),
+        "{stderr}"
+    );
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn defaults_render_what_config_ships_with_embedded_sqlite() {
+    let Some(chart) = render(
+        "defaults_render_what_config_ships_with_embedded_sqlite",
+        &[],
+    ) else {
+        return;
+    };
+    assert_eq!(
+        chart.kinds(),
+        [
+            "ClusterRole/keyward",
+            "ClusterRole/keyward-edit",
+            "ClusterRole/keyward-policy-admin",
+            "ClusterRole/keyward-view",
+            "ClusterRoleBinding/keyward",
+            "Deployment/keyward",
+            "PersistentVolumeClaim/keyward-data",
+            "Role/keyward-leader-election",
+            "RoleBinding/keyward-leader-election",
+            "Service/keyward-metrics",
+            "ServiceAccount/keyward",
+            "ValidatingAdmissionPolicy/keyward-apikey-policy",
+            "ValidatingAdmissionPolicyBinding/keyward-apikey-policy",
+        ]
+    );
+    let cluster_scoped = ["ClusterRole", "ClusterRoleBinding"]
+        .into_iter()
+        .chain([
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ])
+        .collect::<BTreeSet<_>>();
+    for object in &chart.0 {
+        let kind = object["kind"].as_str().unwrap();
+        let namespace = object["metadata"]["namespace"].as_str();
+        if cluster_scoped.contains(kind) {
+            assert_eq!(namespace, None, "{kind} is cluster-scoped");
+        } else {
+            assert_eq!(namespace, Some(NAMESPACE), "{kind}/{}", name(object));
+        }
+        assert_eq!(
+            object["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "keyward",
+            "{kind}/{}",
+            name(object)
+        );
+    }
+
+    // The same RBAC as config/, compared as objects.
+    let cluster_role = config("clusterrole.yaml");
+    assert_eq!(
+        chart.cluster_rules(),
+        &config_object(&cluster_role, "ClusterRole", "keyward")["rules"]
+    );
+    let aggregated = config("aggregated-roles.yaml");
+    for role in ["keyward-view", "keyward-edit", "keyward-policy-admin"] {
+        let shipped = config_object(&aggregated, "ClusterRole", role);
+        let rendered = chart.get("ClusterRole", role);
+        assert_eq!(rendered["rules"], shipped["rules"], "{role}");
+        let aggregation = |object: &Value| -> BTreeSet<String> {
+            object["metadata"]["labels"]
+                .as_mapping()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| {
+                    k.as_str()
+                        .unwrap()
+                        .starts_with("rbac.authorization.k8s.io/")
+                })
+                .map(|(k, v)| format!("{}={}", k.as_str().unwrap(), v.as_str().unwrap()))
+                .collect()
+        };
+        assert_eq!(aggregation(rendered), aggregation(shipped), "{role}");
+    }
+    let election = config("leader-election.yaml");
+    for kind in ["Role", "RoleBinding"] {
+        let shipped = config_object(&election, kind, "keyward-leader-election");
+        let rendered = chart.get(kind, "keyward-leader-election");
+        for field in ["rules", "roleRef", "subjects"] {
+            assert_eq!(rendered[field], shipped[field], "{kind} {field}");
+        }
+    }
+    let binding = config("clusterrolebinding.yaml");
+    let shipped = config_object(&binding, "ClusterRoleBinding", "keyward");
+    let rendered = chart.get("ClusterRoleBinding", "keyward");
+    assert_eq!(rendered["roleRef"], shipped["roleRef"]);
+    assert_eq!(rendered["subjects"], shipped["subjects"]);
+    assert_eq!(
+        chart.get("Deployment", "keyward")["spec"]["template"]["spec"]["serviceAccountName"],
+        "keyward"
+    );
+
+    // The operator's flags are config/'s.
+    let deployment = config("deployment.yaml");
+    let shipped = &config_object(&deployment, "Deployment", "keyward")["spec"]["template"]["spec"]
+        ["containers"][0]["args"];
+    assert_eq!(chart.args(), strings(shipped));
+    assert!(chart.args().contains(&"--leader-election".to_owned()));
+    assert!(chart.args().contains(&"--skip-crd-install".to_owned()));
+    assert!(!chart.args().contains(&"--require-policy".to_owned()));
+
+    // No database Secret: embedded SQLite on a claim, one replica, recreated.
+    let spec = &chart.get("Deployment", "keyward")["spec"];
+    assert_eq!(spec["replicas"], 1);
+    assert_eq!(spec["strategy"]["type"], "Recreate");
+    let url = database_env(&chart);
+    assert_eq!(url["value"], "sqlite:///data/keyward.db");
+    assert!(url.get("valueFrom").is_none());
+    let volumes = &spec["template"]["spec"]["volumes"];
+    assert_eq!(
+        volumes[0]["persistentVolumeClaim"]["claimName"],
+        "keyward-data"
+    );
+    assert_eq!(chart.container()["volumeMounts"][0]["mountPath"], "/data");
+    let claim = chart.get("PersistentVolumeClaim", "keyward-data");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+    assert!(claim["spec"].get("storageClassName").is_none());
+}
+
+fn database_env(chart: &Rendering) -> &Value {
+    chart.container()["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KEYWARD_DATABASE_URL")
+        .expect("KEYWARD_DATABASE_URL")
+}
+
+#[test]
+fn with_a_database_secret_there_are_replicas_and_no_claim() {
+    let test = "with_a_database_secret_there_are_replicas_and_no_claim";
+    let Some(chart) = render(
+        test,
+        &[
+            "--set",
+            "database.existingSecret=keyward-database,database.existingSecretKey=dsn",
+            "--set",
+            "podDisruptionBudget.enabled=true,replicaCount=3",
+        ],
+    ) else {
+        return;
+    };
+    let spec = &chart.get("Deployment", "keyward")["spec"];
+    assert_eq!(spec["replicas"], 3);
+    assert!(spec.get("strategy").is_none());
+    assert!(spec["template"]["spec"].get("volumes").is_none());
+    assert!(chart.container().get("volumeMounts").is_none());
+    assert!(chart.of_kind("PersistentVolumeClaim").is_empty());
+    assert_eq!(
+        database_env(&chart)["valueFrom"]["secretKeyRef"],
+        serde_yaml::from_str::<Value>("{name: keyward-database, key: dsn}").unwrap()
+    );
+    assert_eq!(
+        chart.get("PodDisruptionBudget", "keyward")["spec"]["minAvailable"],
+        1
+    );
+
+    // With embedded SQLite the disruption budget is never rendered.
+    let Some(sqlite) = render(test, &["--set", "podDisruptionBudget.enabled=true"]) else {
+        return;
+    };
+    assert!(sqlite.of_kind("PodDisruptionBudget").is_empty());
+    assert_eq!(sqlite.of_kind("PersistentVolumeClaim").len(), 1);
+}
+
+#[test]
+fn require_policy_adds_the_flag() {
+    let Some(chart) = render(
+        "require_policy_adds_the_flag",
+        &["--set", "requirePolicy=true"],
+    ) else {
+        return;
+    };
+    let args = chart.args();
+    assert_eq!(
+        args.iter().filter(|a| *a == "--require-policy").count(),
+        1,
+        "{args:?}"
+    );
+}
+
+#[test]
+fn admission_disabled_renders_no_admission_objects() {
+    let test = "admission_disabled_renders_no_admission_objects";
+    let (Some(off), Some(on)) = (
+        render(test, &["--set", "admission.enabled=false"]),
+        render(test, &[]),
+    ) else {
+        return;
+    };
+    let admission = |chart: &Rendering| {
+        chart
+            .0
+            .iter()
+            .filter(|o| {
+                o["apiVersion"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("admissionregistration.k8s.io/")
+            })
+            .count()
+    };
+    assert_eq!(admission(&off), 0, "{:?}", off.kinds());
+    assert_eq!(admission(&on), 2);
+    assert_eq!(off.0.len(), on.0.len() - 2, "only the admission objects go");
+}
+
+#[test]
+fn aggregated_roles_disabled_leaves_the_operators_role_only() {
+    let Some(chart) = render(
+        "aggregated_roles_disabled_leaves_the_operators_role_only",
+        &["--set", "aggregatedRoles.enabled=false"],
+    ) else {
+        return;
+    };
+    let roles: Vec<&str> = chart.of_kind("ClusterRole").into_iter().map(name).collect();
+    assert_eq!(roles, ["keyward"]);
+}
+
+#[test]
+fn rollout_disabled_drops_the_workload_rule() {
+    let test = "rollout_disabled_drops_the_workload_rule";
+    let (Some(off), Some(on)) = (
+        render(test, &["--set", "rollout.enabled=false"]),
+        render(test, &[]),
+    ) else {
+        return;
+    };
+    assert!(has_rule(on.cluster_rules(), APPS_RULE));
+    assert!(!has_rule(off.cluster_rules(), APPS_RULE));
+    let mut expected = on.cluster_rules().as_sequence().unwrap().clone();
+    expected.retain(|r| r["apiGroups"][0] != "apps");
+    assert_eq!(off.cluster_rules().as_sequence().unwrap(), &expected);
+}
+
+#[test]
+fn self_install_crd_grants_crds_and_drops_the_skip_flag() {
+    let test = "self_install_crd_grants_crds_and_drops_the_skip_flag";
+    let (Some(on), Some(off)) = (
+        render(test, &["--set", "selfInstallCRD=true"]),
+        render(test, &[]),
+    ) else {
+        return;
+    };
+    assert!(has_rule(on.cluster_rules(), CRD_RULE));
+    assert!(!on.args().contains(&"--skip-crd-install".to_owned()));
+    assert!(!has_rule(off.cluster_rules(), CRD_RULE));
+    assert!(off.args().contains(&"--skip-crd-install".to_owned()));
+}
+
+#[test]
+fn leader_election_disabled_drops_the_flag_and_the_lease_role() {
+    let Some(chart) = render(
+        "leader_election_disabled_drops_the_flag_and_the_lease_role",
+        &["--set", "leaderElection.enabled=false"],
+    ) else {
+        return;
+    };
+    assert!(!chart.args().contains(&"--leader-election".to_owned()));
+    assert!(chart.of_kind("Role").is_empty(), "{:?}", chart.kinds());
+    assert!(chart.of_kind("RoleBinding").is_empty());
+}
+
+#[test]
+fn admission_api_version_follows_the_kubernetes_version() {
+    let test = "admission_api_version_follows_the_kubernetes_version";
+    let cases: [(&[&str], &str); 6] = [
+        (&["--kube-version", "1.28"], "v1beta1"),
+        (&["--kube-version", "1.29"], "v1beta1"),
+        (&["--kube-version", "1.30"], "v1"),
+        // A 1.28 cluster that serves v1 (the chart asks for the kind, as a real install does).
+        (
+            &[
+                "--kube-version",
+                "1.28",
+                "--api-versions",
+                "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+            ],
+            "v1",
+        ),
+        // An explicit version wins either way.
+        (
+            &[
+                "--kube-version",
+                "1.30",
+                "--set",
+                "admission.apiVersion=v1beta1",
+            ],
+            "v1beta1",
+        ),
+        (
+            &["--kube-version", "1.28", "--set", "admission.apiVersion=v1"],
+            "v1",
+        ),
+    ];
+    for (args, version) in cases {
+        let Some(chart) = render(test, args) else {
+            return;
+        };
+        let expected = format!("admissionregistration.k8s.io/{version}");
+        assert_eq!(
+            chart.admission_versions(),
+            [expected.as_str(); 2],
+            "{args:?}"
+        );
+        // The rendered objects are those `keyward admission` committed to config/.
+        let file = match version {
+            "v1" => "admission-policy.yaml",
+            _ => "admission-policy-v1beta1.yaml",
+        };
+        let shipped = config(file);
+        for kind in [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            let shipped = config_object(&shipped, kind, "keyward-apikey-policy");
+            let rendered = chart.get(kind, "keyward-apikey-policy");
+            assert_eq!(rendered["apiVersion"], shipped["apiVersion"], "{file}");
+            assert_eq!(rendered["spec"], shipped["spec"], "{kind} {args:?}");
+        }
+    }
+}
