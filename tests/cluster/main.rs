@@ -2,6 +2,7 @@
 //! found or started). Each test starts its own API server and operator.
 
 mod admission;
+mod chart;
 mod harness;
 mod policy;
 mod roles;

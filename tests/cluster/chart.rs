@@ -1,0 +1,147 @@
+//! The Helm chart as Helm renders it (scripts/helm-render, see tests/helm.rs),
+//! accepted by a real API server: the chart's CRDs applied, then the rendering
+//! applied with `--dry-run=server` (every object through validation, defaulting
+//! and admission) and for real into the release namespace.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::harness::{Cluster, wait_for};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const NAMESPACE: &str = "keyward-system";
+/// The harness's API server (kubebuilder assets) is 1.28; its binary reports
+/// v0.0.0-master, so the version is not read from the server.
+const KUBE_VERSION: &str = "1.28";
+
+/// The python with helm-python-sdk: KEYWARD_HELM_PYTHON (scripts/test), else
+/// the venv scripts/test keeps in the cache.
+fn helm_python() -> Option<PathBuf> {
+    if let Some(python) = std::env::var_os("KEYWARD_HELM_PYTHON") {
+        return Some(python.into());
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    let python = cache.join("keyward/helm-venv/bin/python");
+    python.exists().then_some(python)
+}
+
+fn render(python: &PathBuf, args: &[&str]) -> String {
+    let output = Command::new(python)
+        .arg(format!("{ROOT}/scripts/helm-render"))
+        .args([
+            "--strict",
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            KUBE_VERSION,
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "helm-render {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn the_rendered_chart_is_accepted_by_the_api_server() {
+    let test = "the_rendered_chart_is_accepted_by_the_api_server";
+    let Some(python) = helm_python() else {
+        eprintln!(
+            "SKIP: {test}: no python with helm-python-sdk (scripts/test installs it and sets KEYWARD_HELM_PYTHON)"
+        );
+        return;
+    };
+    if std::env::var("KEYWARD_E2E_KUBECONFIG").is_ok() {
+        eprintln!(
+            "SKIP: {test}: installs cluster-wide objects, needs the API server this harness starts"
+        );
+        return;
+    }
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    let defaults = render(&python, &[]);
+    assert_eq!(
+        defaults
+            .matches("apiVersion: admissionregistration.k8s.io/v1beta1\n")
+            .count(),
+        2,
+        "Kubernetes {KUBE_VERSION} gets the v1beta1 admission objects:\n{defaults}"
+    );
+    // Every optional object that needs no third-party CRD, with a database Secret.
+    let everything = render(
+        &python,
+        &[
+            "--set",
+            "database.existingSecret=keyward-database,requirePolicy=true,selfInstallCRD=true",
+            "--set",
+            "podDisruptionBudget.enabled=true,networkPolicy.enabled=true",
+        ],
+    );
+    for kind in ["PodDisruptionBudget", "NetworkPolicy"] {
+        assert!(everything.contains(&format!("kind: {kind}\n")), "{kind}");
+    }
+
+    cluster.kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &format!("{ROOT}/charts/keyward/crds/"),
+    ]);
+    wait_for("the CRDs to be served", Duration::from_secs(30), || {
+        cluster
+            .try_kubectl(&["get", "apikeys,apikeypolicies", "-A"])
+            .ok()
+    });
+    cluster.kubectl(&["create", "namespace", NAMESPACE]);
+    let apply = |manifest: &str, extra: &[&str]| {
+        let mut args = vec!["apply", "-n", NAMESPACE, "-f", "-"];
+        args.extend_from_slice(extra);
+        cluster
+            .try_kubectl_with_input(&args, Some(manifest))
+            .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}\n{manifest}"))
+    };
+    let accepted = apply(&everything, &["--dry-run=server"]);
+    assert!(
+        accepted.contains("poddisruptionbudget.policy/keyward created (server dry run)"),
+        "{accepted}"
+    );
+    let accepted = apply(&defaults, &["--dry-run=server"]);
+    for object in [
+        "validatingadmissionpolicy.admissionregistration.k8s.io/keyward-apikey-policy",
+        "validatingadmissionpolicybinding.admissionregistration.k8s.io/keyward-apikey-policy",
+        "deployment.apps/keyward",
+        "persistentvolumeclaim/keyward-data",
+        "clusterrole.rbac.authorization.k8s.io/keyward",
+        "role.rbac.authorization.k8s.io/keyward-leader-election",
+    ] {
+        assert!(
+            accepted.contains(&format!("{object} created (server dry run)")),
+            "{object}:\n{accepted}"
+        );
+    }
+
+    // Installed for real, the objects are there in the release namespace.
+    apply(&defaults, &[]);
+    assert_eq!(
+        cluster.field(
+            "deployment/keyward",
+            NAMESPACE,
+            "{.spec.template.spec.serviceAccountName}"
+        ),
+        "keyward"
+    );
+    assert_eq!(
+        cluster.field(
+            "validatingadmissionpolicybinding/keyward-apikey-policy",
+            "",
+            "{.spec.policyName}"
+        ),
+        "keyward-apikey-policy"
+    );
+}
