@@ -101,6 +101,10 @@ struct Args {
     /// Namespaces the ApiKeys are spread across.
     #[arg(long, default_value_t = 4)]
     namespaces: usize,
+    /// ApiKeyPolicies (each selecting every namespace, allowing every key) to
+    /// check each key against.
+    #[arg(long, default_value_t = 0)]
+    policies: usize,
     /// Connections (each a client of its own, one request at a time) of the floor.
     #[arg(long, default_value_t = 16)]
     floor_connections: usize,
@@ -230,6 +234,7 @@ async fn run(args: &Args, cluster: &Cluster, machine: Machine) -> Report {
     let server_version = server_version(&client).await;
     install_crd(cluster);
     create_namespaces(&client, args.namespaces).await;
+    create_policies(cluster, args.policies);
 
     eprintln!("scale: creating {} ApiKeys", args.keys);
     let started = Instant::now();
@@ -309,6 +314,7 @@ async fn run(args: &Args, cluster: &Cluster, machine: Machine) -> Report {
         server_version,
         keys: args.keys,
         namespaces: args.namespaces,
+        policies: args.policies,
         database,
         operator: format!(
             "keyward run {} (RUST_LOG={}, admin credentials)",
@@ -356,6 +362,7 @@ struct Report {
     server_version: String,
     keys: usize,
     namespaces: usize,
+    policies: usize,
     database: &'static str,
     operator: String,
     setup: Duration,
@@ -395,8 +402,8 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "keys               {} ApiKeys in {} namespaces",
-            self.keys, self.namespaces
+            "keys               {} ApiKeys in {} namespaces, {} ApiKeyPolicies",
+            self.keys, self.namespaces, self.policies
         )?;
         writeln!(f, "database           {}", self.database)?;
         writeln!(f, "operator           {}", self.operator)?;
@@ -523,7 +530,7 @@ async fn server_version(client: &Client) -> String {
         .map_or_else(|e| format!("(version unknown: {e})"), |v| v.git_version)
 }
 
-/// `keyward crd | kubectl apply --server-side -f -`, then waits until it is served.
+/// `keyward crd | kubectl apply --server-side -f -`, then waits until both are served.
 fn install_crd(cluster: &Cluster) {
     let crd = Command::new(OPERATOR)
         .arg("crd")
@@ -538,8 +545,20 @@ fn install_crd(cluster: &Cluster) {
         "wait",
         "--for=condition=Established",
         "crd/apikeys.keyward.dev",
+        "crd/apikeypolicies.keyward.dev",
         "--timeout=60s",
     ]);
+}
+
+/// `count` ApiKeyPolicies that select every namespace and allow the bench's
+/// keys, so every reconcile checks each rule kind (team, scope wildcard, owner
+/// pattern) against all of them.
+fn create_policies(cluster: &Cluster, count: usize) {
+    for i in 0..count {
+        cluster.apply(&format!(
+            "apiVersion: keyward.dev/v1alpha1\nkind: ApiKeyPolicy\nmetadata: {{name: bench-{i}}}\nspec:\n  namespaceSelector: {{matchExpressions: [{{key: kubernetes.io/metadata.name, operator: Exists}}]}}\n  teams: {{allowed: [bench, other]}}\n  scopes: {{allowed: [inference, \"models:*\"]}}\n  owner: {{pattern: '.+@example\\.com'}}\n"
+        ));
+    }
 }
 
 async fn create_namespaces(client: &Client, count: usize) {

@@ -682,14 +682,7 @@ mod tests {
         secret: &SecretView,
         now: Timestamp,
     ) -> Decision {
-        decide(&Observation {
-            desired: &meta(),
-            policy,
-            records,
-            secret,
-            now,
-            forbidden: None,
-        })
+        decide_forbidden(policy, records, secret, now, None)
     }
 
     fn decide_forbidden(
@@ -697,7 +690,7 @@ mod tests {
         records: &[KeyRecord],
         secret: &SecretView,
         now: Timestamp,
-        action: ViolationAction,
+        forbidden: impl Into<Option<ViolationAction>>,
     ) -> Decision {
         decide(&Observation {
             desired: &meta(),
@@ -705,7 +698,7 @@ mod tests {
             records,
             secret,
             now,
-            forbidden: Some(action),
+            forbidden: forbidden.into(),
         })
     }
 

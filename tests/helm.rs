@@ -16,20 +16,12 @@ use std::{
 use serde::Deserialize;
 use serde_yaml::Value;
 
+#[path = "support/helm_python.rs"]
+mod helm_python;
+use helm_python::helm_python;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const NAMESPACE: &str = "keyward-system";
-
-/// The python that has helm-python-sdk, if any.
-fn helm_python() -> Option<PathBuf> {
-    if let Some(python) = std::env::var_os("KEYWARD_HELM_PYTHON") {
-        return Some(python.into());
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-    let python = cache.join("keyward/helm-venv/bin/python");
-    python.exists().then_some(python)
-}
 
 /// Runs scripts/helm-render with `args`, or `None` after a SKIP line.
 fn helm_render(test: &str, args: &[&str]) -> Option<Output> {

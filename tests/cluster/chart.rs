@@ -7,24 +7,15 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use crate::harness::{Cluster, wait_for};
 
+#[path = "../support/helm_python.rs"]
+mod helm_python;
+use helm_python::helm_python;
+
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const NAMESPACE: &str = "keyward-system";
 /// The harness's API server (kubebuilder assets) is 1.28; its binary reports
 /// v0.0.0-master, so the version is not read from the server.
 const KUBE_VERSION: &str = "1.28";
-
-/// The python with helm-python-sdk: KEYWARD_HELM_PYTHON (scripts/test), else
-/// the venv scripts/test keeps in the cache.
-fn helm_python() -> Option<PathBuf> {
-    if let Some(python) = std::env::var_os("KEYWARD_HELM_PYTHON") {
-        return Some(python.into());
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-    let python = cache.join("keyward/helm-venv/bin/python");
-    python.exists().then_some(python)
-}
 
 fn render(python: &PathBuf, args: &[&str]) -> String {
     let output = Command::new(python)

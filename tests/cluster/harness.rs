@@ -355,6 +355,21 @@ impl Operator {
     }
 }
 
+/// The key records of the ApiKey with this uid, read from the key database.
+pub fn key_set(database_url: &str, uid: &str) -> keyward::store::KeySet {
+    use keyward::store::{KeyStore, SqlStore};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = SqlStore::connect(database_url).await.unwrap();
+        let set = store.load(uid).await.unwrap();
+        store.close().await;
+        set
+    })
+}
+
 /// `keyward verify`: (exit code, stdout).
 pub fn verify(database_url: &str, key: &str) -> (i32, String) {
     let mut child = Command::new(OPERATOR)

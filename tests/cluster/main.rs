@@ -44,16 +44,7 @@ fn live_records(url: &str, cluster: &Cluster, name: &str, uid: Option<&str>) -> 
         || cluster.field(&format!("apikey/{name}"), NS, "{.metadata.uid}"),
         str::to_owned,
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let store = SqlStore::connect(url).await.unwrap();
-        let live = store.load(&uid).await.unwrap().live.len();
-        store.close().await;
-        live
-    })
+    harness::key_set(url, &uid).live.len()
 }
 
 /// A cluster with one operator on an SQLite key database, once the CRD is served.

@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use keyward::store::{KeyStore, SqlStore};
-
-use crate::harness::{Cluster, verify, wait_for};
+use crate::harness::{Cluster, key_set, verify, wait_for};
 
 const NS: &str = "team-a";
 
@@ -49,16 +47,8 @@ fn ready_reason(cluster: &Cluster, name: &str, reason: &str) -> String {
 fn records(url: &str, cluster: &Cluster, name: &str) -> (usize, i64) {
     let uid = cluster.field(&format!("apikey/{name}"), NS, "{.metadata.uid}");
     assert!(!uid.is_empty(), "apikey/{name} exists");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let store = SqlStore::connect(url).await.unwrap();
-        let set = store.load(&uid).await.unwrap();
-        store.close().await;
-        (set.live.len(), set.issued)
-    })
+    let set = key_set(url, &uid);
+    (set.live.len(), set.issued)
 }
 
 fn start(test: &str, extra: &[&str]) -> Option<(Cluster, String, crate::harness::Operator)> {
