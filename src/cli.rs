@@ -1,6 +1,6 @@
 //! The `keyward` command line: `run`, `crd`, `admission`, `verify`, `migrate`.
 
-use std::process::ExitCode;
+use std::{process::ExitCode, sync::Arc};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::io::AsyncReadExt;
@@ -12,6 +12,10 @@ use crate::{
     crd::{crd_yaml, policy_crd_yaml},
     policy::admission::{self, AdmissionVersion},
     store::{DEFAULT_DATABASE_URL, SqlStore},
+    verifier::{
+        VerifierConfig,
+        listen::{self, VerifierSettings},
+    },
 };
 
 /// keyward: API keys as Kubernetes resources.
@@ -39,6 +43,35 @@ pub enum CrdName {
     Apikey,
     /// ApiKeyPolicy (crds/apikeypolicy.yaml).
     Apikeypolicy,
+}
+
+/// Verifier tuning shared by `keyward verifier` and `keyward run --verifier-address`.
+#[derive(Debug, clap::Args)]
+pub struct VerifierArgs {
+    /// The header that may carry a key besides `Authorization: Bearer`.
+    #[arg(long, env = "KEYWARD_KEY_HEADER", default_value = "x-api-key")]
+    pub key_header: String,
+    /// Seconds to keep answering from memory while the key database cannot be
+    /// reached; past it every check fails closed (503) and /readyz fails.
+    #[arg(long, env = "KEYWARD_MAX_STALENESS", default_value_t = 30)]
+    pub max_staleness: u64,
+    /// Database lookups in flight at most for keys not in memory.
+    #[arg(long, env = "KEYWARD_MAX_FALLBACKS", default_value_t = 16)]
+    pub max_fallbacks: usize,
+}
+
+impl VerifierArgs {
+    fn settings(&self, address: std::net::SocketAddr) -> VerifierSettings {
+        VerifierSettings {
+            address,
+            key_header: self.key_header.clone(),
+            config: VerifierConfig {
+                max_staleness: std::time::Duration::from_secs(self.max_staleness),
+                max_fallbacks: self.max_fallbacks.max(1),
+                ..VerifierConfig::default()
+            },
+        }
+    }
 }
 
 /// The key database location, shared by the subcommands that need it.
@@ -92,6 +125,30 @@ pub enum Command {
         /// namespaces are unrestricted, so a new install works without policies).
         #[arg(long, env = "KEYWARD_REQUIRE_POLICY")]
         require_policy: bool,
+        /// Also serve the verifier endpoints (gRPC ext_authz, /check, /v1/verify)
+        /// on this address, from this process: the one-machine setup with SQLite.
+        #[arg(long, env = "KEYWARD_VERIFIER_ADDRESS")]
+        verifier_address: Option<std::net::SocketAddr>,
+        /// Verifier tuning, used with --verifier-address.
+        #[command(flatten)]
+        verifier: VerifierArgs,
+    },
+    /// Serve the verifier for gateways and services: Envoy ext_authz over gRPC,
+    /// the HTTP check (/check), POST /v1/verify, /metrics, /healthz and /readyz,
+    /// all on one port, from an in-memory key set that follows the key database.
+    Verifier {
+        /// The key database (read-only, except last-used times).
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Where to listen, e.g. 0.0.0.0:9000.
+        #[arg(long, env = "KEYWARD_VERIFIER_ADDRESS", default_value = "0.0.0.0:9000")]
+        address: std::net::SocketAddr,
+        /// Log format.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+        /// Verifier tuning.
+        #[command(flatten)]
+        verifier: VerifierArgs,
     },
     /// Print the CRDs as YAML: both by default (crds/apikey.yaml, then
     /// crds/apikeypolicy.yaml), or the one named.
@@ -173,6 +230,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             lease_namespace,
             identity,
             require_policy,
+            verifier_address,
+            verifier,
         } => {
             init_logging(log_format);
             controller::run(RunConfig {
@@ -187,6 +246,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 lease_namespace,
                 identity: identity.unwrap_or_else(default_identity),
                 require_policy,
+                verifier: verifier_address.map(|address| verifier.settings(address)),
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -218,6 +278,25 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                     Ok(ExitCode::FAILURE)
                 }
             }
+        }
+        Command::Verifier {
+            database,
+            address,
+            log_format,
+            verifier,
+        } => {
+            init_logging(log_format);
+            let store = Arc::new(SqlStore::connect(&database.database_url).await?);
+            let metrics = Arc::new(crate::telemetry::Metrics::default());
+            listen::start(
+                store,
+                &database.database_url,
+                verifier.settings(address),
+                metrics,
+            )
+            .await?;
+            crate::controller::shutdown_signal().await;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Admission { api_version } => {
             print!("{}", admission::manifests(api_version));

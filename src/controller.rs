@@ -436,6 +436,8 @@ pub struct RunConfig {
     pub identity: String,
     /// Forbid keys in namespaces that no ApiKeyPolicy selects.
     pub require_policy: bool,
+    /// Also serve the verifier from this process (`--verifier-address`).
+    pub verifier: Option<crate::verifier::listen::VerifierSettings>,
 }
 
 /// Runs the operator until SIGTERM or SIGINT, or until it loses the leader lease
@@ -464,6 +466,16 @@ pub async fn run(config: RunConfig) -> Result<()> {
                 error!(error = %e, "HTTP endpoints stopped");
             }
         });
+    }
+
+    if let Some(settings) = config.verifier.clone() {
+        crate::verifier::listen::start(
+            store.clone(),
+            &config.database_url,
+            settings,
+            metrics.clone(),
+        )
+        .await?;
     }
 
     let secrets = SecretCache::default();
@@ -562,7 +574,7 @@ async fn lead_then_run(
 }
 
 /// Waits for SIGTERM or SIGINT.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -9,7 +9,8 @@
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`plugin`]: the `kubectl keyward` plugin.
 //! - [`policy`]: `ApiKeyPolicy`, which teams, scopes and lifetimes a namespace's keys may have.
-//! - [`verify`](mod@verify): checking a presented key, for services.
+//! - [`verify`](mod@verify): checking a presented key against the database, for one-off checks.
+//! - [`verifier`]: the verifier for gateways and services: an in-memory key set that follows the database.
 
 pub mod cli;
 pub mod clock;
@@ -25,6 +26,7 @@ pub mod schedule;
 pub mod secret_cache;
 pub mod store;
 pub mod telemetry;
+pub mod verifier;
 pub mod verify;
 
 pub use error::{Error, Result};

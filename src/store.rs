@@ -200,6 +200,8 @@ pub struct KeySet {
     pub live: Vec<KeyRecord>,
     /// Keys ever activated for this ApiKey: `status.revision`.
     pub issued: i64,
+    /// The latest minute any of its keys was presented to a verifier.
+    pub last_used_at: Option<Timestamp>,
 }
 
 /// One row of the append-only audit trail.
@@ -279,17 +281,33 @@ impl Backend {
     }
 
     fn migrator(self) -> Migrator {
-        let sql = match self {
-            Backend::Sqlite => include_str!("../migrations/sqlite/0001_keys.sql"),
-            Backend::Postgres => include_str!("../migrations/postgres/0001_keys.sql"),
+        let scripts = match self {
+            Backend::Sqlite => [
+                include_str!("../migrations/sqlite/0001_keys.sql"),
+                include_str!("../migrations/sqlite/0002_changes.sql"),
+            ],
+            Backend::Postgres => [
+                include_str!("../migrations/postgres/0001_keys.sql"),
+                include_str!("../migrations/postgres/0002_changes.sql"),
+            ],
         };
-        Migrator::with_migrations(vec![Migration::new(
-            1,
-            Cow::Borrowed("keys"),
-            MigrationType::Simple,
-            sqlx::SqlSafeStr::into_sql_str(sql),
-            false,
-        )])
+        let names = ["keys", "changes"];
+        Migrator::with_migrations(
+            scripts
+                .into_iter()
+                .zip(names)
+                .zip(1..)
+                .map(|((sql, name), version)| {
+                    Migration::new(
+                        version,
+                        Cow::Borrowed(name),
+                        MigrationType::Simple,
+                        sqlx::SqlSafeStr::into_sql_str(sql),
+                        false,
+                    )
+                })
+                .collect(),
+        )
     }
 }
 
@@ -299,6 +317,9 @@ pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
 }
+
+/// The PostgreSQL NOTIFY channel that carries each change number at commit.
+pub const CHANGE_CHANNEL: &str = "keyward_key_changes";
 
 /// The URL used when none is given: `keyward.db` in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
@@ -435,6 +456,80 @@ impl SqlStore {
         Ok(dump)
     }
 
+    /// Takes the next change sequence number inside `tx`. On PostgreSQL the
+    /// counter row stays locked until the commit, so numbers follow commit order,
+    /// and a NOTIFY (delivered at commit) wakes the verifiers.
+    async fn next_change(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
+        let change: i64 =
+            sqlx::query("UPDATE key_change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+                .fetch_one(&mut **tx)
+                .await?
+                .try_get("seq")?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGE_CHANNEL)
+                .bind(change.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(change)
+    }
+
+    /// Every key that is not revoked, with the change number they are current
+    /// to: the verifier's full load. The counter is read first, so no change
+    /// after it can be missed by a reader that goes on from it.
+    pub async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
+        let seq: i64 = sqlx::query("SELECT seq FROM key_change_counter WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("seq")?;
+        let query = format!("SELECT {RECORD_COLUMNS} FROM api_keys WHERE state <> 'revoked'");
+        let records = sqlx::query(sqlx::AssertSqlSafe(query))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(record_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        Ok((seq, records))
+    }
+
+    /// The rows written after change `after`, in change order, at most `limit`,
+    /// each with its change number. Revoked rows are included: they tell a
+    /// verifier to forget the key.
+    pub async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>> {
+        let query = format!(
+            "SELECT change_seq, {RECORD_COLUMNS} FROM api_keys WHERE change_seq > $1 ORDER BY change_seq LIMIT $2"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(query))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get("change_seq")?, record_from_row(row)?)))
+            .collect()
+    }
+
+    /// Records when keys were last used, in one transaction. Forward-only: a
+    /// row keeps a later time it already has. Not a change: verifiers do not
+    /// care, so the change number stays. Returns the rows moved forward.
+    pub async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let mut moved = 0;
+        for (key_id, at) in uses {
+            moved += sqlx::query(
+                "UPDATE api_keys SET last_used_at = $2 WHERE key_id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+            )
+            .bind(key_id)
+            .bind(at.as_millisecond())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
     async fn audit_in(
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         key_id: &str,
@@ -506,21 +601,30 @@ impl KeyStore for SqlStore {
             .iter()
             .map(record_from_row)
             .collect::<Result<Vec<_>>>()?;
-        let issued: i64 = sqlx::query(
-            "SELECT COUNT(*) AS issued FROM api_keys WHERE apikey_uid = $1 AND activated_at IS NOT NULL",
+        let row = sqlx::query(
+            "SELECT COUNT(activated_at) AS issued, MAX(last_used_at) AS last_used_at FROM api_keys WHERE apikey_uid = $1",
         )
         .bind(apikey_uid)
         .fetch_one(&self.pool)
-        .await?
-        .try_get("issued")?;
-        Ok(KeySet { live, issued })
+        .await?;
+        let issued: i64 = row.try_get("issued")?;
+        let last_used_at = row
+            .try_get::<Option<i64>, _>("last_used_at")?
+            .map(from_millis)
+            .transpose()?;
+        Ok(KeySet {
+            live,
+            issued,
+            last_used_at,
+        })
     }
 
     async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         sqlx::query(
-            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12)",
+            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request, change_seq) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13)",
         )
         .bind(&record.key_id)
         .bind(record.key_hash.as_str())
@@ -534,6 +638,7 @@ impl KeyStore for SqlStore {
         .bind(record.created_at.as_millisecond())
         .bind(record.issue_reason.as_str())
         .bind(record.rotation_request.as_deref())
+        .bind(change)
         .execute(&mut *tx)
         .await?;
         let detail = format!(
@@ -561,12 +666,14 @@ impl KeyStore for SqlStore {
         expires_at: Option<Timestamp>,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3 WHERE key_id = $1 AND state = 'pending'",
+            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3, change_seq = $4 WHERE key_id = $1 AND state = 'pending'",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(expires_at.map(|t| t.as_millisecond()))
+        .bind(change)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -590,13 +697,15 @@ impl KeyStore for SqlStore {
 
     async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'retiring', \
+            "UPDATE api_keys SET state = 'retiring', change_seq = $3, \
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $2 THEN expires_at ELSE $2 END \
              WHERE key_id = $1 AND state = 'active'",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
+        .bind(change)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -615,12 +724,14 @@ impl KeyStore for SqlStore {
         at: Timestamp,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET expires_at = $2 \
+            "UPDATE api_keys SET expires_at = $2, change_seq = $3 \
              WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2)",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
+        .bind(change)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -639,15 +750,17 @@ impl KeyStore for SqlStore {
         at: Timestamp,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         let scopes = metadata.scopes.join(" ");
         let updated = sqlx::query(
-            "UPDATE api_keys SET owner = $2, team = $3, scopes = $4 \
+            "UPDATE api_keys SET owner = $2, team = $3, scopes = $4, change_seq = $5 \
              WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4)",
         )
         .bind(key_id)
         .bind(&metadata.owner)
         .bind(&metadata.team)
         .bind(&scopes)
+        .bind(change)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -664,13 +777,15 @@ impl KeyStore for SqlStore {
 
     async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3 \
+            "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3, change_seq = $4 \
              WHERE key_id = $1 AND state <> 'revoked'",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(reason.as_str())
+        .bind(change)
         .execute(&mut *tx)
         .await?
         .rows_affected();

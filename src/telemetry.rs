@@ -89,6 +89,22 @@ pub struct PolicyLabel {
     pub policy: String,
 }
 
+/// A verifier check's protocol and result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerifyLabels {
+    /// `grpc`, `http` or `json`.
+    pub protocol: &'static str,
+    /// The answer's code in lower case, or `unavailable`.
+    pub result: &'static str,
+}
+
+/// A database fallback's outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `found`, `unknown`, `cached`, `shed` or `error`.
+    pub outcome: &'static str,
+}
+
 /// Every metric keyward exports.
 pub struct Metrics {
     registry: Registry,
@@ -116,6 +132,33 @@ pub struct Metrics {
     pub leader: Gauge,
     /// ApiKeys each ApiKeyPolicy forbids, as its status last counted them.
     pub policy_violations: Family<PolicyLabel, Gauge>,
+    /// Verifier checks by protocol and result.
+    pub verify_total: Family<VerifyLabels, Counter>,
+    /// Verifier check latency, from 10 µs.
+    pub verify_duration: Family<VerifyLabels, Histogram>,
+    /// Keys in the verifier's memory.
+    pub verifier_keys: Gauge,
+    /// The change sequence number the verifier's key set is current to.
+    pub verifier_change_seq: Gauge,
+    /// Seconds since the key database last answered the verifier.
+    pub verifier_snapshot_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Database fallbacks for keys not in memory, by outcome.
+    pub verifier_fallbacks: Family<OutcomeLabel, Counter>,
+    /// Reconnects of the PostgreSQL change listener.
+    pub verifier_listener_reconnects: Counter,
+    /// Keys whose last use waits for the next flush.
+    pub verifier_last_used_pending: Gauge,
+    /// Last-used times written to the database.
+    pub verifier_last_used_flushed: Counter,
+    /// Last-used times dropped because the pending map was full.
+    pub verifier_last_used_dropped: Counter,
+}
+
+fn verify_histogram() -> Histogram {
+    Histogram::new([
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+        0.25, 1.0,
+    ])
 }
 
 fn latency_histogram() -> Histogram {
@@ -140,6 +183,16 @@ impl Default for Metrics {
             next_rotation: Family::default(),
             leader: Gauge::default(),
             policy_violations: Family::default(),
+            verify_total: Family::default(),
+            verify_duration: Family::new_with_constructor(verify_histogram),
+            verifier_keys: Gauge::default(),
+            verifier_change_seq: Gauge::default(),
+            verifier_snapshot_age: Gauge::default(),
+            verifier_fallbacks: Family::default(),
+            verifier_listener_reconnects: Counter::default(),
+            verifier_last_used_pending: Gauge::default(),
+            verifier_last_used_flushed: Counter::default(),
+            verifier_last_used_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +255,56 @@ impl Default for Metrics {
             "ApiKeys that each ApiKeyPolicy forbids",
             metrics.policy_violations.clone(),
         );
+        registry.register(
+            "verify",
+            "Verifier checks by protocol and result",
+            metrics.verify_total.clone(),
+        );
+        registry.register(
+            "verify_duration_seconds",
+            "Verifier check latency",
+            metrics.verify_duration.clone(),
+        );
+        registry.register(
+            "verifier_keys",
+            "Keys in the verifier's memory",
+            metrics.verifier_keys.clone(),
+        );
+        registry.register(
+            "verifier_change_sequence",
+            "The change number the verifier's key set is current to",
+            metrics.verifier_change_seq.clone(),
+        );
+        registry.register(
+            "verifier_snapshot_age_seconds",
+            "Seconds since the key database last answered the verifier",
+            metrics.verifier_snapshot_age.clone(),
+        );
+        registry.register(
+            "verifier_fallbacks",
+            "Database lookups for keys not in memory, by outcome",
+            metrics.verifier_fallbacks.clone(),
+        );
+        registry.register(
+            "verifier_listener_reconnects",
+            "Reconnects of the PostgreSQL change listener",
+            metrics.verifier_listener_reconnects.clone(),
+        );
+        registry.register(
+            "verifier_last_used_pending",
+            "Keys whose last use waits for the next flush",
+            metrics.verifier_last_used_pending.clone(),
+        );
+        registry.register(
+            "verifier_last_used_flushed",
+            "Last-used times written to the key database",
+            metrics.verifier_last_used_flushed.clone(),
+        );
+        registry.register(
+            "verifier_last_used_dropped",
+            "Last-used times dropped because the pending map was full",
+            metrics.verifier_last_used_dropped.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -250,6 +353,22 @@ impl Metrics {
                 self.next_rotation.remove(&labels);
             }
         }
+    }
+
+    /// Counts a verifier database fallback.
+    pub fn count_fallback(&self, outcome: &'static str) {
+        self.verifier_fallbacks
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Records one verifier check.
+    pub fn observe_verify(&self, protocol: &'static str, result: &'static str, started: Instant) {
+        let labels = VerifyLabels { protocol, result };
+        self.verify_total.get_or_create(&labels).inc();
+        self.verify_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
     }
 
     /// The OpenMetrics text exposition.

@@ -1,0 +1,440 @@
+//! [`Verifier`]: the in-memory key set with everything around it that a service
+//! embedding it needs: the database fallback for keys not yet in memory (one
+//! query per hash in flight, bounded), a short negative cache, the staleness
+//! limit, and the last-used recorder. It follows the database through
+//! [`Verifier::catch_up`] and [`Verifier::reload`], which `follow` drives.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use tokio::sync::{OnceCell, Semaphore};
+use tracing::{info, warn};
+
+use super::snapshot::{Code, Digest32, Snapshot, Verdict, answer, answer_from_record, digest};
+use crate::{
+    Result,
+    clock::Clock,
+    key::KeyHash,
+    store::{KeyRecord, SqlStore},
+    telemetry::Metrics,
+};
+
+/// What a verifier reads from, and the one thing it writes (last used).
+#[async_trait]
+pub trait KeySource: Send + Sync {
+    /// Every key that is not revoked, and the change number they are current to.
+    async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)>;
+    /// Rows written after change `after`, in change order, at most `limit`.
+    async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>>;
+    /// The record with this hash, in any state.
+    async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
+    /// Moves `last_used_at` forward for these keys.
+    async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64>;
+}
+
+#[async_trait]
+impl KeySource for SqlStore {
+    async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
+        SqlStore::live_keys(self).await
+    }
+    async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>> {
+        SqlStore::changes_since(self, after, limit).await
+    }
+    async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        crate::store::KeyStore::find_by_hash(self, hash).await
+    }
+    async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+        SqlStore::record_last_used(self, uses).await
+    }
+}
+
+/// Tuning of a [`Verifier`].
+#[derive(Clone, Debug)]
+pub struct VerifierConfig {
+    /// How long to keep answering from memory when the database cannot be
+    /// reached; past it every check fails closed.
+    pub max_staleness: Duration,
+    /// How long an "unknown" answer from the database is reused (a change clears it).
+    pub negative_ttl: Duration,
+    /// Database fallbacks in flight at most; more wait up to `fallback_wait`.
+    pub max_fallbacks: usize,
+    /// How long a fallback waits for a slot before the key is refused.
+    pub fallback_wait: Duration,
+    /// Keys whose last use is remembered between flushes; more are dropped (counted).
+    pub max_last_used: usize,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        Self {
+            max_staleness: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(2),
+            max_fallbacks: 16,
+            fallback_wait: Duration::from_millis(100),
+            max_last_used: 100_000,
+        }
+    }
+}
+
+/// The answer to a check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// A definite answer.
+    Answer(Verdict),
+    /// No answer can be trusted (never loaded, or stale past the limit): fail closed.
+    Unavailable(&'static str),
+}
+
+/// Changes read per query while catching up.
+const CHANGE_BATCH: i64 = 5_000;
+/// Negative answers remembered at most; beyond, the oldest half goes.
+const MAX_NEGATIVE: usize = 10_000;
+
+/// An in-memory key set that answers checks in microseconds and follows the key
+/// database. Cheap to share: wrap it in an `Arc`.
+pub struct Verifier {
+    source: Arc<dyn KeySource>,
+    clock: Arc<dyn Clock>,
+    config: VerifierConfig,
+    metrics: Arc<Metrics>,
+    snapshot: RwLock<Option<Snapshot>>,
+    /// When the database last answered a catch-up or reload.
+    synced_at: Mutex<Option<Instant>>,
+    negative: Mutex<HashMap<Digest32, (Instant, Code)>>,
+    in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Option<Verdict>>>>>,
+    fallbacks: Semaphore,
+    last_used: Mutex<HashMap<Arc<str>, Timestamp>>,
+}
+
+impl Verifier {
+    /// A verifier with nothing loaded yet: it answers `Unavailable` until the first [`reload`](Self::reload).
+    pub fn new(
+        source: Arc<dyn KeySource>,
+        clock: Arc<dyn Clock>,
+        config: VerifierConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            fallbacks: Semaphore::new(config.max_fallbacks),
+            source,
+            clock,
+            config,
+            metrics,
+            snapshot: RwLock::new(None),
+            synced_at: Mutex::new(None),
+            negative: Mutex::default(),
+            in_flight: Mutex::default(),
+            last_used: Mutex::default(),
+        }
+    }
+
+    fn synced(&self) {
+        *self.synced_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long since the database last answered; `None` before the first load.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.synced_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|at| at.elapsed())
+    }
+
+    /// Whether checks are answered: loaded, and not stale past the limit.
+    pub fn is_ready(&self) -> std::result::Result<(), &'static str> {
+        match self.staleness() {
+            None => Err("the key set has not been loaded yet"),
+            Some(age) if age > self.config.max_staleness => {
+                Err("the key database has not answered within --max-staleness")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// The change number the key set is current to, and how many keys it holds.
+    pub fn position(&self) -> Option<(i64, usize)> {
+        let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        snapshot.as_ref().map(|s| (s.seq(), s.len()))
+    }
+
+    /// Replaces the key set with a full load from the database.
+    pub async fn reload(&self) -> Result<usize> {
+        let (seq, records) = self.source.live_keys().await?;
+        let fresh = Snapshot::load(seq, records);
+        let count = fresh.len();
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        self.negative
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.synced();
+        self.observe_position();
+        Ok(count)
+    }
+
+    /// Applies every change since the last one seen; returns how many were applied.
+    pub async fn catch_up(&self) -> Result<usize> {
+        let mut applied = 0;
+        loop {
+            let Some(after) = self.position().map(|(seq, _)| seq) else {
+                return Ok(applied);
+            };
+            let changes = self.source.changes_since(after, CHANGE_BATCH).await?;
+            let batch = changes.len();
+            {
+                let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+                let Some(snapshot) = guard.as_mut() else {
+                    return Ok(applied);
+                };
+                for (seq, record) in changes {
+                    if snapshot.apply(seq, record).is_some() {
+                        applied += 1;
+                    }
+                }
+            }
+            if batch < usize::try_from(CHANGE_BATCH).unwrap_or(usize::MAX) {
+                break;
+            }
+        }
+        if applied > 0 {
+            // A change may have made an "unknown" key known.
+            self.negative
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        self.synced();
+        self.observe_position();
+        Ok(applied)
+    }
+
+    fn observe_position(&self) {
+        if let Some((seq, keys)) = self.position() {
+            self.metrics.verifier_change_seq.set(seq);
+            self.metrics
+                .verifier_keys
+                .set(i64::try_from(keys).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Checks a presented key for the required scopes.
+    pub async fn check(&self, presented: &str, required: &[&str]) -> Checked {
+        if let Err(why) = self.is_ready() {
+            return Checked::Unavailable(why);
+        }
+        let now = self.clock.now();
+        let known = {
+            let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+            match snapshot.as_ref() {
+                Some(snapshot) => answer(snapshot, presented, required, now),
+                None => return Checked::Unavailable("the key set has not been loaded yet"),
+            }
+        };
+        let verdict = match known {
+            Some(verdict) => verdict,
+            None => self.fall_back(presented, required, now).await,
+        };
+        if let Some(identity) = &verdict.identity {
+            self.note_use(&identity.key_id, now);
+        }
+        Checked::Answer(verdict)
+    }
+
+    /// Asks the database about a well-formed key that is not in memory: once per
+    /// hash however many requests carry it, bounded, with a short negative cache.
+    async fn fall_back(&self, presented: &str, required: &[&str], now: Timestamp) -> Verdict {
+        let hash = digest(presented);
+        let cached = {
+            let negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+            negative
+                .get(&hash)
+                .filter(|(at, _)| at.elapsed() < self.config.negative_ttl)
+                .map(|(_, code)| *code)
+        };
+        if let Some(code) = cached {
+            self.metrics.count_fallback("cached");
+            return Verdict {
+                code,
+                identity: None,
+            };
+        }
+        let cell = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            in_flight.entry(hash).or_default().clone()
+        };
+        let record = cell
+            .get_or_init(|| async {
+                let permit =
+                    tokio::time::timeout(self.config.fallback_wait, self.fallbacks.acquire()).await;
+                let Ok(Ok(_permit)) = permit else {
+                    self.metrics.count_fallback("shed");
+                    return None;
+                };
+                match self.source.find(&KeyHash::of(presented.as_bytes())).await {
+                    Ok(record) => {
+                        self.metrics.count_fallback(if record.is_some() {
+                            "found"
+                        } else {
+                            "unknown"
+                        });
+                        Some(answer_from_record(record.as_ref(), &[], now))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "key database fallback failed");
+                        self.metrics.count_fallback("error");
+                        None
+                    }
+                }
+            })
+            .await
+            .clone();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hash);
+        let Some(base) = record else {
+            // Shed or failed: refuse rather than guess.
+            return Verdict {
+                code: Code::Unknown,
+                identity: None,
+            };
+        };
+        if matches!(base.code, Code::Unknown | Code::Revoked) {
+            let mut negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+            if negative.len() >= MAX_NEGATIVE {
+                negative.clear();
+            }
+            negative.insert(hash, (Instant::now(), base.code));
+        }
+        // The record was judged without scopes; judge the scopes of this request.
+        match base.identity {
+            Some(identity) if base.code == Code::Valid => {
+                let granted = |scope: &&str| identity.scopes.iter().any(|s| &**s == *scope);
+                let code = if required.iter().all(granted) {
+                    Code::Valid
+                } else {
+                    Code::InsufficientScope
+                };
+                Verdict {
+                    code,
+                    identity: Some(identity),
+                }
+            }
+            _ => base,
+        }
+    }
+
+    /// Remembers that a key was used this minute, for the next flush.
+    fn note_use(&self, key_id: &Arc<str>, now: Timestamp) {
+        let minute =
+            Timestamp::from_second(now.as_second() - now.as_second().rem_euclid(60)).unwrap_or(now);
+        let mut uses = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(seen) = uses.get_mut(key_id) {
+            if *seen < minute {
+                *seen = minute;
+            }
+            return;
+        }
+        if uses.len() >= self.config.max_last_used {
+            self.metrics.verifier_last_used_dropped.inc();
+            return;
+        }
+        uses.insert(Arc::clone(key_id), minute);
+        self.metrics
+            .verifier_last_used_pending
+            .set(i64::try_from(uses.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Writes the remembered last uses in one batched, forward-only update.
+    /// On failure they are kept for the next flush.
+    pub async fn flush_last_used(&self) -> Result<usize> {
+        let uses: Vec<(String, Timestamp)> = {
+            let mut uses = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+            uses.drain().map(|(k, t)| (k.to_string(), t)).collect()
+        };
+        self.metrics.verifier_last_used_pending.set(0);
+        if uses.is_empty() {
+            return Ok(0);
+        }
+        match self.source.record_last_used(&uses).await {
+            Ok(_) => {
+                self.metrics
+                    .verifier_last_used_flushed
+                    .inc_by(u64::try_from(uses.len()).unwrap_or(u64::MAX));
+                Ok(uses.len())
+            }
+            Err(e) => {
+                let now = self.clock.now();
+                for (key_id, at) in uses {
+                    let key_id: Arc<str> = Arc::from(key_id);
+                    let mut map = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = map.entry(key_id).or_insert(at);
+                    *slot = (*slot).max(at).min(now);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// How the follower learns that something changed.
+pub struct Follow {
+    /// Poll for changes this often even without a wake-up.
+    pub poll: Duration,
+    /// Reload everything this often, as a safety net.
+    pub full_reload: Duration,
+    /// Flush last-used times this often.
+    pub flush: Duration,
+}
+
+/// Keeps a verifier current until the process ends: the first full load (retried
+/// until the database answers), then a catch-up on every wake-up and poll, a
+/// full reload now and then, and the last-used flush.
+pub async fn follow(
+    verifier: Arc<Verifier>,
+    timing: Follow,
+    mut wake: tokio::sync::mpsc::Receiver<()>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match verifier.reload().await {
+            Ok(keys) => {
+                info!(keys, "key set loaded");
+                break;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot load the key set; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    let mut last_reload = Instant::now();
+    let mut last_flush = Instant::now();
+    loop {
+        tokio::select! {
+            _ = wake.recv() => {}
+            () = tokio::time::sleep(timing.poll) => {}
+        }
+        let outcome = if last_reload.elapsed() >= timing.full_reload {
+            last_reload = Instant::now();
+            verifier.reload().await.map(|_| 0)
+        } else {
+            verifier.catch_up().await
+        };
+        if let Err(e) = outcome {
+            warn!(error = %e, "cannot reach the key database; answering from memory");
+        }
+        if last_flush.elapsed() >= timing.flush {
+            last_flush = Instant::now();
+            if let Err(e) = verifier.flush_last_used().await {
+                warn!(error = %e, "could not record last-used times; will retry");
+            }
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The verifier's endpoints on one port: Envoy ext_authz over gRPC (HTTP/2),
+//! the plain HTTP check that nginx `auth_request`, Traefik ForwardAuth, Envoy's
+//! and Istio's HTTP mode and Gateway API ExternalAuth call, `POST /v1/verify`
+//! for services, and `/metrics`, `/healthz`, `/readyz`.
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{any, get, post},
+};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    core::{Checked, Verifier},
+    grpc::ExtAuthz,
+    snapshot::{Code, Identity, Verdict},
+};
+use crate::telemetry::Metrics;
+
+/// The longest header value that can hold a key; longer ones are refused unread.
+pub const MAX_KEY_HEADER: usize = 256;
+
+/// Identity headers on an allowed request.
+pub const IDENTITY_HEADERS: [&str; 6] = [
+    "x-keyward-key-id",
+    "x-keyward-owner",
+    "x-keyward-team",
+    "x-keyward-scopes",
+    "x-keyward-namespace",
+    "x-keyward-name",
+];
+
+/// The header a gateway may set instead of `?scope=`: required scopes,
+/// separated by spaces or commas.
+pub const SCOPES_HEADER: &str = "x-keyward-required-scopes";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// The key set.
+    pub verifier: Arc<Verifier>,
+    /// Metrics for `/metrics` and the check counters.
+    pub metrics: Arc<Metrics>,
+    /// The header that carries a key besides `Authorization: Bearer`, e.g. `x-api-key`.
+    pub key_header: HeaderName,
+}
+
+/// Where the key came from, so that it can be removed before the request goes upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer …`.
+    Authorization,
+    /// The configured key header.
+    Custom,
+}
+
+/// Finds the one key in a request: `Authorization: Bearer <key>` or the key
+/// header. No key, an empty or oversized value, a non-Bearer Authorization, or
+/// more than one key is `None`: a definite 401, and nothing of it is logged.
+pub fn presented_key<'a>(
+    authorization: impl Iterator<Item = &'a [u8]>,
+    custom: impl Iterator<Item = &'a [u8]>,
+) -> Option<(&'a str, KeySource)> {
+    let mut found = None;
+    for (value, source) in authorization
+        .map(|v| (v, KeySource::Authorization))
+        .chain(custom.map(|v| (v, KeySource::Custom)))
+    {
+        if value.is_empty() || value.len() > MAX_KEY_HEADER || found.is_some() {
+            return None;
+        }
+        let text = std::str::from_utf8(value).ok()?;
+        let key = match source {
+            KeySource::Authorization => {
+                let (scheme, token) = text.split_once(' ')?;
+                if !scheme.eq_ignore_ascii_case("bearer") {
+                    return None;
+                }
+                token.trim()
+            }
+            KeySource::Custom => text.trim(),
+        };
+        if key.is_empty() {
+            return None;
+        }
+        found = Some((key, source));
+    }
+    found
+}
+
+/// Scopes from a list of `scope` values and a header, split on commas and spaces.
+pub fn required_scopes<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    lists
+        .flat_map(|list| list.split([',', ' ']))
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The query of the check URL.
+#[derive(Debug, Default, Deserialize)]
+pub struct CheckQuery {
+    /// Required scopes, comma-separated; `?scope=a&scope=b` is not supported by
+    /// the query extractor, so lists use commas: `?scope=a,b`.
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+fn bearer_error(error: &str, scopes: Option<&[&str]>) -> HeaderValue {
+    let mut value = format!("Bearer error=\"{error}\"");
+    if let Some(scopes) = scopes {
+        value.push_str(&format!(", scope=\"{}\"", scopes.join(" ")));
+    }
+    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("Bearer"))
+}
+
+/// Identity headers for an allowed request; values that are not valid header
+/// text are left out (keyward's own fields always are valid).
+pub fn identity_headers(identity: &Identity) -> Vec<(&'static str, String)> {
+    let scopes: Vec<&str> = identity.scopes.iter().map(|s| &**s).collect();
+    let values = [
+        identity.key_id.to_string(),
+        identity.owner.to_string(),
+        identity.team.to_string(),
+        scopes.join(" "),
+        identity.namespace.to_string(),
+        identity.name.to_string(),
+    ];
+    IDENTITY_HEADERS.into_iter().zip(values).collect()
+}
+
+/// The HTTP answer to a check: 200 with identity headers, 401, 403 or 503.
+pub fn check_response(checked: &Checked, required: &[&str]) -> Response {
+    match checked {
+        Checked::Unavailable(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            *why,
+        )
+            .into_response(),
+        Checked::Answer(Verdict {
+            code: Code::Valid,
+            identity: Some(identity),
+        }) => {
+            let mut response = StatusCode::OK.into_response();
+            for (name, value) in identity_headers(identity) {
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            response
+        }
+        Checked::Answer(Verdict {
+            code: Code::InsufficientScope,
+            ..
+        }) => (
+            StatusCode::FORBIDDEN,
+            [(
+                header::WWW_AUTHENTICATE,
+                bearer_error("insufficient_scope", Some(required)),
+            )],
+        )
+            .into_response(),
+        Checked::Answer(_) => (
+            StatusCode::UNAUTHORIZED,
+            [(
+                header::WWW_AUTHENTICATE,
+                bearer_error("invalid_token", None),
+            )],
+        )
+            .into_response(),
+    }
+}
+
+/// The metric label of an answer.
+pub fn result_label(checked: &Checked) -> &'static str {
+    match checked {
+        Checked::Answer(verdict) => verdict.code.as_str(),
+        Checked::Unavailable(_) => "unavailable",
+    }
+}
+
+async fn check(
+    State(endpoint): State<Endpoint>,
+    Query(query): Query<CheckQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let from_header = headers
+        .get_all(SCOPES_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    let required = required_scopes(query.scope.as_deref().into_iter().chain(from_header));
+    let presented = presented_key(
+        headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+        headers
+            .get_all(&endpoint.key_header)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    let checked = match presented {
+        Some((key, _)) => endpoint.verifier.check(key, &required).await,
+        None => Checked::Answer(Verdict {
+            code: Code::Malformed,
+            identity: None,
+        }),
+    };
+    endpoint
+        .metrics
+        .observe_verify("http", result_label(&checked), started);
+    check_response(&checked, &required)
+}
+
+/// The body of `POST /v1/verify`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The presented key.
+    pub key: String,
+    /// Scopes the caller requires; empty means none.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for VerifyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifyRequest")
+            .field("key", &"<redacted>")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// The answer of `POST /v1/verify`.
+#[derive(Debug, Serialize)]
+pub struct VerifyResponse {
+    /// Whether the key is good for the scopes.
+    pub valid: bool,
+    /// `VALID`, `MALFORMED`, `UNKNOWN`, `REVOKED`, `EXPIRED` or `INSUFFICIENT_SCOPE`.
+    pub code: Code,
+    /// The key's identity when it is known and live.
+    pub key: Option<Arc<Identity>>,
+}
+
+async fn verify(State(endpoint): State<Endpoint>, Json(request): Json<VerifyRequest>) -> Response {
+    let started = Instant::now();
+    let required: Vec<&str> = request.scopes.iter().map(String::as_str).collect();
+    let key = request.key.trim();
+    let checked = if key.is_empty() || key.len() > MAX_KEY_HEADER {
+        Checked::Answer(Verdict {
+            code: Code::Malformed,
+            identity: None,
+        })
+    } else {
+        endpoint.verifier.check(key, &required).await
+    };
+    endpoint
+        .metrics
+        .observe_verify("json", result_label(&checked), started);
+    match checked {
+        Checked::Answer(verdict) => Json(VerifyResponse {
+            valid: verdict.code == Code::Valid,
+            code: verdict.code,
+            key: verdict.identity,
+        })
+        .into_response(),
+        Checked::Unavailable(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": why})),
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(endpoint): State<Endpoint>) -> Response {
+    match endpoint.verifier.is_ready() {
+        Ok(()) => "ok".into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
+}
+
+async fn metrics(State(endpoint): State<Endpoint>) -> Response {
+    if let Some(age) = endpoint.verifier.staleness() {
+        endpoint
+            .metrics
+            .verifier_snapshot_age
+            .set(age.as_secs_f64());
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        endpoint.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Every route: gRPC ext_authz, the HTTP check (`/check`, and `/check/…` for
+/// gateways that append the original path), `/v1/verify` and the probes.
+pub fn router(endpoint: Endpoint) -> Router {
+    let grpc = tonic::service::Routes::new(
+        envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthz {
+            endpoint: endpoint.clone(),
+        }),
+    )
+    .into_axum_router();
+    let http = Router::new()
+        .route("/check", any(check))
+        .route("/check/{*path}", any(check))
+        .route("/v1/verify", post(verify))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(endpoint);
+    grpc.merge(http)
+}
+
+/// Serves [`router`] on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std::io::Result<()> {
+    axum::serve(listener, router(endpoint)).await
+}

@@ -1,0 +1,314 @@
+//! The key set a verifier holds in memory, and the pure answer to "is this key
+//! good for these scopes at this time?". It follows the key database through its
+//! change sequence; nothing here does I/O or reads a clock.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use jiff::Timestamp;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    key::is_well_formed,
+    store::{KeyRecord, KeyState},
+};
+
+/// The SHA-256 of a key, as the map key.
+pub type Digest32 = [u8; 32];
+
+/// The SHA-256 of a presented key.
+pub fn digest(presented: &str) -> Digest32 {
+    Sha256::digest(presented.as_bytes()).into()
+}
+
+/// Parses the database's lower-case hex hash.
+pub fn digest_from_hex(hex: &str) -> Option<Digest32> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let nibble = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *slot = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The answer to one check, as `/v1/verify` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Code {
+    /// The key is good for the request.
+    Valid,
+    /// No key, or not the keyward format, or a bad checksum.
+    Malformed,
+    /// No key with this hash.
+    Unknown,
+    /// The key was revoked.
+    Revoked,
+    /// The key's validity has ended.
+    Expired,
+    /// The key is good but lacks a required scope.
+    InsufficientScope,
+}
+
+impl Code {
+    /// The metric label: lower case.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::Valid => "valid",
+            Code::Malformed => "malformed",
+            Code::Unknown => "unknown",
+            Code::Revoked => "revoked",
+            Code::Expired => "expired",
+            Code::InsufficientScope => "insufficient_scope",
+        }
+    }
+}
+
+/// Who a valid key belongs to: what the identity headers carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Identity {
+    /// Public key id.
+    pub key_id: Arc<str>,
+    /// The ApiKey's namespace.
+    pub namespace: Arc<str>,
+    /// The ApiKey's name.
+    pub name: Arc<str>,
+    /// Accountable owner.
+    pub owner: Arc<str>,
+    /// Owning team.
+    pub team: Arc<str>,
+    /// Granted scopes.
+    pub scopes: Arc<[Arc<str>]>,
+}
+
+/// One live key in memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Who it belongs to.
+    pub identity: Arc<Identity>,
+    /// Pending, active or retiring.
+    pub state: KeyState,
+    /// When it stops verifying, if ever.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// The outcome of a check: the code, and the identity when the key is known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// What the answer is.
+    pub code: Code,
+    /// The key's identity for `Valid` and `InsufficientScope`.
+    pub identity: Option<Arc<Identity>>,
+}
+
+impl Verdict {
+    fn only(code: Code) -> Self {
+        Verdict {
+            code,
+            identity: None,
+        }
+    }
+}
+
+/// What the snapshot knows of a hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// A live key.
+    Live(Arc<Entry>),
+    /// Revoked while this verifier followed the changes.
+    Revoked,
+    /// Not in memory: ask the database.
+    Missing,
+}
+
+/// Checks a key that is well-formed and known against `now` and the required scopes.
+pub fn judge(entry: &Entry, required: &[&str], now: Timestamp) -> Verdict {
+    if entry.expires_at.is_some_and(|at| at <= now) {
+        return Verdict::only(Code::Expired);
+    }
+    let granted = |scope: &&str| entry.identity.scopes.iter().any(|s| &**s == *scope);
+    let code = if required.iter().all(granted) {
+        Code::Valid
+    } else {
+        Code::InsufficientScope
+    };
+    Verdict {
+        code,
+        identity: Some(entry.identity.clone()),
+    }
+}
+
+/// Whether a presented key has the keyward shape and checksum; checked before
+/// any hashing, so garbage costs nothing.
+pub fn well_formed(presented: &str) -> bool {
+    is_well_formed(presented)
+}
+
+/// Every live key, by hash, current to change `seq`.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    keys: HashMap<Digest32, Arc<Entry>>,
+    /// Hashes revoked since the last full load, so that they answer `Revoked`
+    /// without a database query; bounded, oldest forgotten first.
+    revoked: HashSet<Digest32>,
+    revoked_order: std::collections::VecDeque<Digest32>,
+    seq: i64,
+    strings: HashSet<Arc<str>>,
+}
+
+/// How many revoked hashes a snapshot remembers.
+pub const REMEMBERED_REVOCATIONS: usize = 100_000;
+
+impl Snapshot {
+    /// A snapshot of these records, current to change `seq`.
+    pub fn load(seq: i64, records: Vec<KeyRecord>) -> Self {
+        let mut snapshot = Snapshot {
+            seq,
+            ..Snapshot::default()
+        };
+        for record in records {
+            snapshot.put(record);
+        }
+        snapshot
+    }
+
+    /// The change number this snapshot is current to.
+    pub fn seq(&self) -> i64 {
+        self.seq
+    }
+
+    /// How many live keys it holds.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether it holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Applies one change (the row as it is after change `seq`). Older or
+    /// repeated changes are ignored. Returns the key's hash when it changed.
+    pub fn apply(&mut self, seq: i64, record: KeyRecord) -> Option<Digest32> {
+        if seq <= self.seq {
+            return None;
+        }
+        self.seq = seq;
+        self.put(record)
+    }
+
+    /// Moves the snapshot to `seq` without a row (a change number that wrote nothing).
+    pub fn advance(&mut self, seq: i64) {
+        self.seq = self.seq.max(seq);
+    }
+
+    fn put(&mut self, record: KeyRecord) -> Option<Digest32> {
+        let hash = digest_from_hex(record.key_hash.as_str())?;
+        if record.state == KeyState::Revoked {
+            self.keys.remove(&hash);
+            if self.revoked.insert(hash) {
+                self.revoked_order.push_back(hash);
+                if self.revoked_order.len() > REMEMBERED_REVOCATIONS
+                    && let Some(oldest) = self.revoked_order.pop_front()
+                {
+                    self.revoked.remove(&oldest);
+                }
+            }
+            return Some(hash);
+        }
+        let identity = Arc::new(Identity {
+            key_id: self.intern(&record.key_id),
+            namespace: self.intern(&record.namespace),
+            name: self.intern(&record.name),
+            owner: self.intern(&record.metadata.owner),
+            team: self.intern(&record.metadata.team),
+            scopes: record
+                .metadata
+                .scopes
+                .iter()
+                .map(|s| self.intern(s))
+                .collect(),
+        });
+        self.keys.insert(
+            hash,
+            Arc::new(Entry {
+                identity,
+                state: record.state,
+                expires_at: record.expires_at,
+            }),
+        );
+        Some(hash)
+    }
+
+    /// One shared copy of a repeated string (teams, namespaces, scopes, owners).
+    fn intern(&mut self, text: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(text) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(text);
+        self.strings.insert(shared.clone());
+        shared
+    }
+
+    /// What the snapshot knows of a hash.
+    pub fn lookup(&self, hash: &Digest32) -> Lookup {
+        match self.keys.get(hash) {
+            Some(entry) => Lookup::Live(Arc::clone(entry)),
+            None if self.revoked.contains(hash) => Lookup::Revoked,
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Drops interned strings nothing refers to any more (after many changes).
+    pub fn compact(&mut self) {
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+    }
+}
+
+/// The full answer for a key the snapshot knows, or `None` to ask the database.
+pub fn answer(
+    snapshot: &Snapshot,
+    presented: &str,
+    required: &[&str],
+    now: Timestamp,
+) -> Option<Verdict> {
+    if !well_formed(presented) {
+        return Some(Verdict::only(Code::Malformed));
+    }
+    match snapshot.lookup(&digest(presented)) {
+        Lookup::Live(entry) => Some(judge(&entry, required, now)),
+        Lookup::Revoked => Some(Verdict::only(Code::Revoked)),
+        Lookup::Missing => None,
+    }
+}
+
+/// The answer the database gives for a record found by hash (or none).
+pub fn answer_from_record(
+    record: Option<&KeyRecord>,
+    required: &[&str],
+    now: Timestamp,
+) -> Verdict {
+    let Some(record) = record else {
+        return Verdict::only(Code::Unknown);
+    };
+    if record.state == KeyState::Revoked {
+        return Verdict::only(Code::Revoked);
+    }
+    let mut scratch = Snapshot::default();
+    scratch.put(record.clone());
+    match scratch.keys.into_values().next() {
+        Some(entry) => judge(&entry, required, now),
+        None => Verdict::only(Code::Unknown),
+    }
+}
