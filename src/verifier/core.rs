@@ -438,3 +438,329 @@ pub async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use jiff::SignedDuration;
+
+    use super::*;
+    use crate::{
+        clock::ManualClock,
+        key::{KeyFactory, SeededEntropy},
+        store::{IssueReason, KeyMetadata, KeyState},
+    };
+
+    /// An in-memory key database: rows by key id, each with its change number.
+    #[derive(Default)]
+    struct FakeSource {
+        rows: Mutex<Vec<(i64, KeyRecord)>>,
+        seq: Mutex<i64>,
+        finds: AtomicUsize,
+        down: AtomicBool,
+        used: Mutex<Vec<(String, Timestamp)>>,
+    }
+
+    impl FakeSource {
+        fn write(&self, record: KeyRecord) {
+            let mut seq = self.seq.lock().unwrap();
+            *seq += 1;
+            let mut rows = self.rows.lock().unwrap();
+            rows.retain(|(_, r)| r.key_id != record.key_id);
+            rows.push((*seq, record));
+        }
+
+        fn check_up(&self) -> Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(crate::Error::Config("database down".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl KeySource for FakeSource {
+        async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
+            self.check_up()?;
+            let seq = *self.seq.lock().unwrap();
+            let rows = self.rows.lock().unwrap();
+            let live = rows
+                .iter()
+                .filter(|(_, r)| r.state != KeyState::Revoked)
+                .map(|(_, r)| r.clone())
+                .collect();
+            Ok((seq, live))
+        }
+        async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>> {
+            self.check_up()?;
+            let mut rows: Vec<_> = self
+                .rows
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(s, _)| *s > after)
+                .cloned()
+                .collect();
+            rows.sort_by_key(|(s, _)| *s);
+            rows.truncate(usize::try_from(limit).unwrap());
+            Ok(rows)
+        }
+        async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+            self.check_up()?;
+            self.finds.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let rows = self.rows.lock().unwrap();
+            Ok(rows
+                .iter()
+                .find(|(_, r)| r.key_hash == *hash)
+                .map(|(_, r)| r.clone()))
+        }
+        async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+            self.check_up()?;
+            self.used.lock().unwrap().extend_from_slice(uses);
+            Ok(uses.len() as u64)
+        }
+    }
+
+    fn start() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    struct World {
+        source: Arc<FakeSource>,
+        clock: Arc<ManualClock>,
+        keys: KeyFactory,
+        verifier: Verifier,
+    }
+
+    fn world(config: VerifierConfig) -> World {
+        let source = Arc::new(FakeSource::default());
+        let clock = Arc::new(ManualClock::new(start()));
+        let verifier = Verifier::new(
+            source.clone(),
+            clock.clone(),
+            config,
+            Arc::new(Metrics::default()),
+        );
+        World {
+            source,
+            clock,
+            keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(7))).unwrap(),
+            verifier,
+        }
+    }
+
+    impl World {
+        /// A new key in the given state; returns the plaintext and its record.
+        fn issue(&self, state: KeyState, scopes: &[&str]) -> (String, KeyRecord) {
+            let plain = self.keys.new_key().unwrap();
+            let record = KeyRecord {
+                key_id: self.keys.new_key_id().unwrap(),
+                key_hash: plain.hash(),
+                key_hint: plain.hint(),
+                apikey_uid: "uid-1".into(),
+                namespace: "team-ml".into(),
+                name: "inference".into(),
+                metadata: KeyMetadata {
+                    owner: "alice@example.com".into(),
+                    team: "ml".into(),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                },
+                state,
+                created_at: start(),
+                activated_at: Some(start()),
+                expires_at: None,
+                revoked_at: None,
+                revoke_reason: None,
+                issue_reason: IssueReason::Initial,
+                rotation_request: None,
+            };
+            self.source.write(record.clone());
+            (plain.expose().to_owned(), record)
+        }
+
+        async fn code(&self, key: &str, scopes: &[&str]) -> Code {
+            match self.verifier.check(key, scopes).await {
+                Checked::Answer(verdict) => verdict.code,
+                Checked::Unavailable(why) => panic!("unavailable: {why}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_loaded_set_answers_from_memory_and_follows_changes() {
+        let w = world(VerifierConfig::default());
+        let (key, mut record) = w.issue(KeyState::Active, &["inference"]);
+        assert!(matches!(
+            w.verifier.check(&key, &[]).await,
+            Checked::Unavailable(_)
+        ));
+        w.verifier.reload().await.unwrap();
+        assert_eq!(w.code(&key, &["inference"]).await, Code::Valid);
+        assert_eq!(w.code(&key, &["admin"]).await, Code::InsufficientScope);
+        assert_eq!(w.code("kw_garbage", &[]).await, Code::Malformed);
+        assert_eq!(
+            w.source.finds.load(Ordering::SeqCst),
+            0,
+            "no database query"
+        );
+
+        // A revocation is seen at the next catch-up and answered from memory.
+        record.state = KeyState::Revoked;
+        w.source.write(record);
+        assert_eq!(w.verifier.catch_up().await.unwrap(), 1);
+        assert_eq!(w.code(&key, &[]).await, Code::Revoked);
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), 0);
+        // Catching up again applies nothing twice.
+        assert_eq!(w.verifier.catch_up().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn expiry_is_checked_against_the_clock_on_every_request() {
+        let w = world(VerifierConfig::default());
+        let plain = w.keys.new_key().unwrap();
+        let (key, mut record) = w.issue(KeyState::Retiring, &["inference"]);
+        drop(plain);
+        record.expires_at = Some(start() + SignedDuration::from_secs(60));
+        w.source.write(record);
+        w.verifier.reload().await.unwrap();
+        assert_eq!(w.code(&key, &[]).await, Code::Valid);
+        w.clock.advance(SignedDuration::from_secs(60));
+        assert_eq!(w.code(&key, &[]).await, Code::Expired);
+    }
+
+    #[tokio::test]
+    async fn a_key_issued_after_the_load_verifies_at_once_through_one_query() {
+        let w = world(VerifierConfig::default());
+        w.verifier.reload().await.unwrap();
+        let (key, _) = w.issue(KeyState::Pending, &["inference"]);
+        let checks = (0..20).map(|_| w.verifier.check(&key, &["inference"]));
+        for checked in futures::future::join_all(checks).await {
+            assert!(matches!(
+                checked,
+                Checked::Answer(Verdict {
+                    code: Code::Valid,
+                    ..
+                })
+            ));
+        }
+        assert_eq!(
+            w.source.finds.load(Ordering::SeqCst),
+            1,
+            "one query per hash in flight"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_answers_are_cached_briefly_and_a_change_clears_them() {
+        let w = world(VerifierConfig::default());
+        w.verifier.reload().await.unwrap();
+        let stranger = w.keys.new_key().unwrap();
+        for _ in 0..5 {
+            assert_eq!(w.code(stranger.expose(), &[]).await, Code::Unknown);
+        }
+        assert_eq!(
+            w.source.finds.load(Ordering::SeqCst),
+            1,
+            "a retried unknown key is not queried again"
+        );
+        // Any change clears the negative cache: the next check asks again.
+        w.issue(KeyState::Active, &["inference"]);
+        assert_eq!(w.verifier.catch_up().await.unwrap(), 1);
+        assert_eq!(w.code(stranger.expose(), &[]).await, Code::Unknown);
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn past_the_staleness_limit_every_check_fails_closed() {
+        let w = world(VerifierConfig {
+            max_staleness: Duration::from_millis(50),
+            ..VerifierConfig::default()
+        });
+        let (key, _) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        w.source.down.store(true, Ordering::SeqCst);
+        assert!(w.verifier.catch_up().await.is_err());
+        assert_eq!(
+            w.code(&key, &[]).await,
+            Code::Valid,
+            "known keys keep verifying"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(matches!(
+            w.verifier.check(&key, &[]).await,
+            Checked::Unavailable(_)
+        ));
+        assert!(w.verifier.is_ready().is_err());
+        // Back: one successful catch-up makes it answer again.
+        w.source.down.store(false, Ordering::SeqCst);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.code(&key, &[]).await, Code::Valid);
+    }
+
+    #[tokio::test]
+    async fn a_verifier_that_never_loaded_never_says_valid() {
+        let w = world(VerifierConfig::default());
+        let (key, _) = w.issue(KeyState::Active, &[]);
+        w.source.down.store(true, Ordering::SeqCst);
+        assert!(w.verifier.reload().await.is_err());
+        assert!(matches!(
+            w.verifier.check(&key, &[]).await,
+            Checked::Unavailable(_)
+        ));
+        assert!(w.verifier.is_ready().is_err());
+    }
+
+    #[tokio::test]
+    async fn last_use_is_kept_per_minute_and_flushed_in_one_batch() {
+        let w = world(VerifierConfig {
+            max_last_used: 1,
+            ..VerifierConfig::default()
+        });
+        let (key, record) = w.issue(KeyState::Active, &[]);
+        let (other, _) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        w.clock.advance(SignedDuration::from_secs(75));
+        for _ in 0..3 {
+            w.code(&key, &[]).await;
+        }
+        w.code(&other, &[]).await; // the map holds one key: this one is dropped
+        assert_eq!(w.verifier.flush_last_used().await.unwrap(), 1);
+        let used = w.source.used.lock().unwrap().clone();
+        let minute = Timestamp::from_second(start().as_second() + 60).unwrap();
+        assert_eq!(used, vec![(record.key_id, minute)]);
+        assert_eq!(
+            w.verifier.flush_last_used().await.unwrap(),
+            0,
+            "nothing pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_unknown_keys_is_bounded() {
+        let w = world(VerifierConfig {
+            max_fallbacks: 2,
+            fallback_wait: Duration::from_millis(1),
+            ..VerifierConfig::default()
+        });
+        w.verifier.reload().await.unwrap();
+        let strangers: Vec<String> = (0..10)
+            .map(|_| w.keys.new_key().unwrap().expose().to_owned())
+            .collect();
+        let checks = strangers.iter().map(|k| w.verifier.check(k, &[]));
+        for checked in futures::future::join_all(checks).await {
+            assert!(matches!(
+                checked,
+                Checked::Answer(Verdict {
+                    code: Code::Unknown,
+                    ..
+                })
+            ));
+        }
+        assert!(
+            w.source.finds.load(Ordering::SeqCst) <= 2 + 2,
+            "at most the bound in flight"
+        );
+    }
+}

@@ -312,3 +312,102 @@ pub fn answer_from_record(
         None => Verdict::only(Code::Unknown),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        key::KeyHash,
+        store::{IssueReason, KeyMetadata},
+    };
+
+    fn record(id: &str, key: &str, state: KeyState) -> KeyRecord {
+        KeyRecord {
+            key_id: id.into(),
+            key_hash: KeyHash::of(key.as_bytes()),
+            key_hint: "kw_x".into(),
+            apikey_uid: "uid".into(),
+            namespace: "ns".into(),
+            name: "n".into(),
+            metadata: KeyMetadata {
+                owner: "o".into(),
+                team: "t".into(),
+                scopes: vec!["inference".into()],
+            },
+            state,
+            created_at: Timestamp::UNIX_EPOCH,
+            activated_at: None,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            issue_reason: IssueReason::Initial,
+            rotation_request: None,
+        }
+    }
+
+    fn state(snapshot: &Snapshot, key: &str) -> Option<KeyState> {
+        match snapshot.lookup(&digest(key)) {
+            Lookup::Live(entry) => Some(entry.state),
+            Lookup::Revoked => Some(KeyState::Revoked),
+            Lookup::Missing => None,
+        }
+    }
+
+    #[test]
+    fn changes_apply_in_order_across_gaps_and_never_go_back() {
+        let mut snapshot = Snapshot::load(2, vec![record("a", "key-a", KeyState::Active)]);
+        assert_eq!(snapshot.seq(), 2);
+        assert!(
+            snapshot
+                .apply(3, record("b", "key-b", KeyState::Pending))
+                .is_some()
+        );
+        // 4 and 5 wrote nothing (rolled back); 6 is the next row.
+        assert!(
+            snapshot
+                .apply(6, record("a", "key-a", KeyState::Retiring))
+                .is_some()
+        );
+        assert_eq!(snapshot.seq(), 6);
+        assert_eq!(state(&snapshot, "key-a"), Some(KeyState::Retiring));
+        // A stale change (a repeat, or older than what was seen) changes nothing.
+        assert!(
+            snapshot
+                .apply(5, record("a", "key-a", KeyState::Active))
+                .is_none()
+        );
+        assert_eq!(state(&snapshot, "key-a"), Some(KeyState::Retiring));
+        assert!(
+            snapshot
+                .apply(7, record("a", "key-a", KeyState::Revoked))
+                .is_some()
+        );
+        assert_eq!(state(&snapshot, "key-a"), Some(KeyState::Revoked));
+        assert_eq!(snapshot.len(), 1);
+        assert_eq!(state(&snapshot, "key-c"), None);
+    }
+
+    #[test]
+    fn strings_are_shared_between_keys() {
+        let snapshot = Snapshot::load(
+            1,
+            vec![
+                record("a", "key-a", KeyState::Active),
+                record("b", "key-b", KeyState::Active),
+            ],
+        );
+        let team = |key: &str| match snapshot.lookup(&digest(key)) {
+            Lookup::Live(entry) => entry.identity.team.clone(),
+            _ => panic!("live"),
+        };
+        assert!(Arc::ptr_eq(&team("key-a"), &team("key-b")));
+    }
+
+    #[test]
+    fn hex_hashes_parse_and_bad_ones_are_refused() {
+        let hash = KeyHash::of(b"key");
+        assert_eq!(digest_from_hex(hash.as_str()), Some(digest("key")));
+        assert_eq!(digest_from_hex("zz"), None);
+        assert_eq!(digest_from_hex(&"g".repeat(64)), None);
+    }
+}
