@@ -528,6 +528,15 @@ pub async fn sqlite_store() -> (SqlStore, tempfile::TempDir) {
 /// `KEYWARD_TEST_POSTGRES_URL`. Without it the test is skipped loudly, except
 /// under CI (`CI=true`), where a missing PostgreSQL fails the run.
 pub async fn postgres_store(test: &str) -> Option<SqlStore> {
+    let url = postgres_database(test).await?;
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    Some(store)
+}
+
+/// The URL of a fresh, empty database on the `KEYWARD_TEST_POSTGRES_URL`
+/// server, skipped (or failed under CI) as [`postgres_store`] is.
+pub async fn postgres_database(test: &str) -> Option<String> {
     let Ok(admin_url) = std::env::var("KEYWARD_TEST_POSTGRES_URL") else {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!(
@@ -558,9 +567,7 @@ pub async fn postgres_store(test: &str) -> Option<SqlStore> {
         Some((base, query)) => format!("{}/{database}?{query}", base.rsplit_once('/').unwrap().0),
         None => format!("{}/{database}", admin_url.rsplit_once('/').unwrap().0),
     };
-    let store = SqlStore::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
-    Some(store)
+    Some(url)
 }
 
 /// A reconciler over the fakes with a manual clock and seeded entropy.

@@ -1,0 +1,582 @@
+//! The verifier against real databases (SQLite and the throwaway PostgreSQL):
+//! the HTTP check, `/v1/verify` and Envoy ext_authz over gRPC, revocation,
+//! rotation grace, scopes, last used, bad requests, a PostgreSQL restart, and
+//! the leak check of its logs and metrics.
+
+#[path = "support/postgres.rs"]
+mod postgres;
+mod support;
+
+use std::{
+    collections::HashMap,
+    io::{Read, Write},
+    net::SocketAddr,
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use envoy_types::{
+    ext_authz::v3::pb::CheckRequest,
+    pb::envoy::service::auth::v3::{
+        AttributeContext,
+        attribute_context::{HttpRequest, Request as AttributeRequest},
+        authorization_client::AuthorizationClient,
+    },
+};
+use jiff::Timestamp;
+use keyward::{
+    key::{KeyFactory, SeededEntropy},
+    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    telemetry::Metrics,
+    verifier::{
+        Verifier, VerifierConfig,
+        listen::{VerifierSettings, start},
+    },
+};
+
+/// Issues keys straight into a key database, as the operator would.
+struct Issuer {
+    store: Arc<SqlStore>,
+    keys: KeyFactory,
+}
+
+impl Issuer {
+    fn new(store: Arc<SqlStore>, seed: u64) -> Self {
+        Self {
+            store,
+            keys: KeyFactory::new("kw", Arc::new(SeededEntropy::new(seed))).unwrap(),
+        }
+    }
+
+    /// A new active key with these scopes, expiring at `expires_at`.
+    async fn issue(&self, scopes: &[&str], expires_at: Option<Timestamp>) -> (String, KeyRecord) {
+        let plain = self.keys.new_key().unwrap();
+        let now = Timestamp::now();
+        let record = KeyRecord {
+            key_id: self.keys.new_key_id().unwrap(),
+            key_hash: plain.hash(),
+            key_hint: plain.hint(),
+            apikey_uid: format!("uid-{}", plain.hint()),
+            namespace: "team-ml".into(),
+            name: "inference".into(),
+            metadata: KeyMetadata {
+                owner: "alice@example.com".into(),
+                team: "ml".into(),
+                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            },
+            state: KeyState::Pending,
+            created_at: now,
+            activated_at: None,
+            expires_at: None,
+            revoked_at: None,
+            revoke_reason: None,
+            issue_reason: IssueReason::Initial,
+            rotation_request: None,
+        };
+        self.store.insert_pending(&record).await.unwrap();
+        self.store
+            .activate(&record.key_id, now, expires_at)
+            .await
+            .unwrap();
+        (plain.expose().to_owned(), record)
+    }
+
+    /// A well-formed key that is in no database.
+    fn stranger(&self) -> String {
+        self.keys.new_key().unwrap().expose().to_owned()
+    }
+}
+
+/// A plain HTTP/1.1 response.
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// One HTTP/1.1 request over a fresh connection; `headers` are raw lines.
+fn http(address: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> Reply {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: verifier\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    if !body.is_empty() {
+        request.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Reply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// `POST /v1/verify` → (code, whole answer).
+fn verify_json(address: SocketAddr, key: &str, scopes: &[&str]) -> (String, serde_json::Value) {
+    let body = serde_json::json!({"key": key, "scopes": scopes}).to_string();
+    let reply = http(address, "POST", "/v1/verify", &[], &body);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let answer: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    (answer["code"].as_str().unwrap().to_owned(), answer)
+}
+
+/// Polls `/v1/verify` until it answers `code`; panics after `limit`.
+fn wait_for_code(address: SocketAddr, key: &str, code: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        if verify_json(address, key, &[]).0 == code {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "no {code} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn start_verifier(store: Arc<SqlStore>, url: &str) -> (Arc<Verifier>, SocketAddr) {
+    let settings = VerifierSettings {
+        address: "127.0.0.1:0".parse().unwrap(),
+        key_header: "X-Api-Key".into(),
+        config: VerifierConfig {
+            max_staleness: Duration::from_secs(10),
+            ..VerifierConfig::default()
+        },
+    };
+    start(store, url, settings, Arc::new(Metrics::default()))
+        .await
+        .unwrap()
+}
+
+async fn wait_ready(address: SocketAddr) {
+    let started = Instant::now();
+    while tokio::task::spawn_blocking(move || http(address, "GET", "/readyz", &[], "").status)
+        .await
+        .unwrap()
+        != 200
+    {
+        assert!(started.elapsed() < Duration::from_secs(10), "not ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gRPC CheckRequest with these request headers and route scopes.
+fn check_request(headers: &[(&str, &str)], scopes: Option<&str>) -> CheckRequest {
+    let http = HttpRequest {
+        method: "GET".into(),
+        path: "/v1/models".into(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..HttpRequest::default()
+    };
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttributeRequest {
+                http: Some(http),
+                ..AttributeRequest::default()
+            }),
+            context_extensions: scopes
+                .map(|s| HashMap::from([("keyward-scopes".to_owned(), s.to_owned())]))
+                .unwrap_or_default(),
+            ..AttributeContext::default()
+        }),
+    }
+}
+
+/// The whole contract on one database.
+async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
+    let store = Arc::new(store);
+    let issuer = Issuer::new(store.clone(), 11);
+    let (key, record) = issuer.issue(&["inference", "models:read"], None).await;
+    let grace_ends = Timestamp::now() + jiff::SignedDuration::from_secs(2);
+    let (retiring, retiring_record) = issuer.issue(&["inference"], None).await;
+    store
+        .retire(&retiring_record.key_id, grace_ends, Timestamp::now())
+        .await
+        .unwrap();
+    let (verifier, address) = start_verifier(store.clone(), url).await;
+    wait_ready(address).await;
+
+    let key_for = key.clone();
+    let checks = tokio::task::spawn_blocking(move || {
+        let key = key_for;
+        let bearer = format!("Authorization: Bearer {key}");
+        // The HTTP check: 200 with identity headers, by either header.
+        let ok = http(address, "GET", "/check?scope=inference", &[&bearer], "");
+        assert_eq!(ok.status, 200);
+        assert_eq!(ok.headers["x-keyward-owner"], "alice@example.com");
+        assert_eq!(ok.headers["x-keyward-team"], "ml");
+        assert_eq!(ok.headers["x-keyward-scopes"], "inference models:read");
+        assert_eq!(ok.headers["x-keyward-namespace"], "team-ml");
+        assert_eq!(ok.headers["x-keyward-name"], "inference");
+        let by_header = http(
+            address,
+            "GET",
+            "/check/v1/models?scope=models:read",
+            &[&format!("X-Api-Key: {key}")],
+            "",
+        );
+        assert_eq!(by_header.status, 200);
+        let by_scope_header = http(
+            address,
+            "GET",
+            "/check",
+            &[&bearer, "X-Keyward-Required-Scopes: inference, admin"],
+            "",
+        );
+        assert_eq!(by_scope_header.status, 403);
+        // A missing scope: 403 naming it.
+        let forbidden = http(address, "GET", "/check?scope=admin", &[&bearer], "");
+        assert_eq!(forbidden.status, 403);
+        assert_eq!(
+            forbidden.headers["www-authenticate"],
+            "Bearer error=\"insufficient_scope\", scope=\"admin\""
+        );
+        // Bad requests: each a definite 401.
+        let long = format!("Authorization: Bearer {}", "k".repeat(300));
+        let two = [bearer.as_str(), bearer.as_str()];
+        let both = [bearer.as_str(), &format!("X-Api-Key: {key}")];
+        let mut bad_checksum = key.clone();
+        bad_checksum.pop();
+        bad_checksum.push(if key.ends_with('A') { 'B' } else { 'A' });
+        let stranger_line = format!(
+            "Authorization: Bearer {}",
+            "kw_".to_owned() + &"a".repeat(49)
+        );
+        let bad: Vec<Vec<&str>> = vec![
+            vec![],
+            vec!["Authorization: "],
+            vec!["Authorization: Bearer"],
+            vec![&long],
+            two.to_vec(),
+            both.to_vec(),
+            vec![&stranger_line],
+            vec!["X-Token: whatever"],
+        ];
+        for headers in bad {
+            let reply = http(address, "GET", "/check", &headers, "");
+            assert_eq!(reply.status, 401, "{headers:?}");
+            assert_eq!(
+                reply.headers["www-authenticate"],
+                "Bearer error=\"invalid_token\""
+            );
+        }
+        let checksum_line = format!("Authorization: Bearer {bad_checksum}");
+        assert_eq!(
+            http(address, "GET", "/check", &[&checksum_line], "").status,
+            401
+        );
+        assert_eq!(verify_json(address, &bad_checksum, &[]).0, "MALFORMED");
+        // The key in a header that is not a key header.
+        let wrong = format!("X-Token: {key}");
+        assert_eq!(http(address, "GET", "/check", &[&wrong], "").status, 401);
+
+        // POST /v1/verify: always 200 for an answered question.
+        let (code, answer) = verify_json(address, &key, &["inference"]);
+        assert_eq!(code, "VALID");
+        assert_eq!(answer["valid"], true);
+        assert_eq!(answer["key"]["owner"], "alice@example.com");
+        assert_eq!(
+            verify_json(address, &key, &["admin"]).0,
+            "INSUFFICIENT_SCOPE"
+        );
+    });
+    checks.await.unwrap();
+
+    // A well-formed unknown key, asked many times, costs one query.
+    let stranger = issuer.stranger();
+    for _ in 0..20 {
+        let address_copy = address;
+        let stranger = stranger.clone();
+        let code = tokio::task::spawn_blocking(move || verify_json(address_copy, &stranger, &[]).0)
+            .await
+            .unwrap();
+        assert_eq!(code, "UNKNOWN");
+    }
+
+    // Envoy ext_authz over gRPC.
+    let mut client = AuthorizationClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {key}");
+    let allowed = client
+        .check(check_request(
+            &[("authorization", &bearer)],
+            Some("inference"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.status.as_ref().unwrap().code, 0, "OK");
+    let ok = match allowed.http_response.unwrap() {
+        envoy_types::ext_authz::v3::pb::HttpResponse::OkResponse(ok) => ok,
+        other => panic!("expected an OkResponse, got {other:?}"),
+    };
+    let added: HashMap<String, String> = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect();
+    assert_eq!(added["x-keyward-key-id"], record.key_id);
+    assert_eq!(added["x-keyward-scopes"], "inference models:read");
+    assert_eq!(ok.headers_to_remove, vec!["authorization".to_owned()]);
+    let denied_status = |response: envoy_types::ext_authz::v3::pb::CheckResponse| match response
+        .http_response
+        .unwrap()
+    {
+        envoy_types::ext_authz::v3::pb::HttpResponse::DeniedResponse(denied) => {
+            denied.status.unwrap().code
+        }
+        other => panic!("expected a DeniedResponse, got {other:?}"),
+    };
+    let no_scope = client
+        .check(check_request(&[("x-api-key", &key)], Some("admin")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        no_scope.status.as_ref().unwrap().code,
+        7,
+        "PERMISSION_DENIED"
+    );
+    assert_eq!(denied_status(no_scope), 403);
+    let no_key = client
+        .check(check_request(&[], Some("inference")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(no_key.status.as_ref().unwrap().code, 16, "UNAUTHENTICATED");
+    assert_eq!(denied_status(no_key), 401);
+
+    // A key issued now verifies at once, before the verifier follows the change.
+    let (fresh, _) = issuer.issue(&["inference"], None).await;
+    let address_copy = address;
+    let fresh_code = tokio::task::spawn_blocking(move || verify_json(address_copy, &fresh, &[]).0)
+        .await
+        .unwrap();
+    assert_eq!(fresh_code, "VALID");
+
+    // A rotated-out key verifies until its grace period ends.
+    let retiring_copy = retiring.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(verify_json(address, &retiring_copy, &[]).0, "VALID");
+        wait_for_code(address, &retiring_copy, "EXPIRED", Duration::from_secs(5));
+    })
+    .await
+    .unwrap();
+
+    // Revocation reaches the verifier within the bound.
+    store
+        .revoke(&record.key_id, RevokeReason::Deleted, Timestamp::now())
+        .await
+        .unwrap();
+    let key_copy = key.clone();
+    let took = tokio::task::spawn_blocking(move || {
+        wait_for_code(address, &key_copy, "REVOKED", revocation_limit)
+    })
+    .await
+    .unwrap();
+    eprintln!("revocation seen after {took:?}");
+
+    // Last used: one batched, forward-only write at minute resolution.
+    let flushed = verifier.flush_last_used().await.unwrap();
+    assert!(flushed >= 1, "{flushed}");
+    let used = store.load(&record.apikey_uid).await.unwrap().last_used_at;
+    let used = used.expect("last_used_at recorded");
+    assert_eq!(used.as_second() % 60, 0, "minute resolution");
+    assert!(
+        used <= Timestamp::now() && used > Timestamp::now() - jiff::SignedDuration::from_mins(2)
+    );
+
+    // The key never reaches the metrics.
+    let metrics =
+        tokio::task::spawn_blocking(move || http(address, "GET", "/metrics", &[], "").body)
+            .await
+            .unwrap();
+    assert!(metrics.contains("keyward_verify_total"), "{metrics}");
+    assert!(!metrics.contains(&key[3..]) && !metrics.contains(&retiring[3..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_verifier_keeps_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    contract(store, &url, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_verifier_keeps_the_contract() {
+    let Some(url) = support::postgres_database("postgres_verifier_keeps_the_contract").await else {
+        return;
+    };
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    contract(store, &url, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_revocation() {
+    if !std::path::Path::new("/usr/lib/postgresql").exists()
+        && Command::new("sh")
+            .args(["-c", "command -v initdb"])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+    {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("a_postgres_restart_loses_no_revocation: PostgreSQL is required in CI");
+        }
+        eprintln!("SKIP: a_postgres_restart_loses_no_revocation: no PostgreSQL server binaries");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = postgres::Postgres::start(dir.path());
+    let store = Arc::new(SqlStore::connect(&pg.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let issuer = Issuer::new(store.clone(), 21);
+    let (kept, _) = issuer.issue(&["inference"], None).await;
+    let (doomed, doomed_record) = issuer.issue(&["inference"], None).await;
+    let (verifier, address) = start_verifier(store.clone(), &pg.url).await;
+    wait_ready(address).await;
+
+    // Down: known keys keep verifying from memory.
+    pg.stop();
+    let kept_copy = kept.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(verify_json(address, &kept_copy, &[]).0, "VALID");
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Back: a revocation made at once (its NOTIFY may reach no listener yet) is seen.
+    pg.restart();
+    let revoker = SqlStore::connect(&pg.url).await.unwrap();
+    revoker
+        .revoke(
+            &doomed_record.key_id,
+            RevokeReason::Deleted,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
+    let took = tokio::task::spawn_blocking(move || {
+        wait_for_code(address, &doomed, "REVOKED", Duration::from_secs(3))
+    })
+    .await
+    .unwrap();
+    eprintln!("revocation after the restart seen after {took:?}");
+    assert!(verifier.is_ready().is_ok());
+
+    // A verifier started while the database is down is not ready and never says valid.
+    pg.stop();
+    let (_late, late_address) = start_verifier(store.clone(), &pg.url).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kept_copy = kept.clone();
+    tokio::task::spawn_blocking(move || {
+        assert_eq!(http(late_address, "GET", "/readyz", &[], "").status, 503);
+        let bearer = format!("Authorization: Bearer {kept_copy}");
+        assert_eq!(
+            http(late_address, "GET", "/check", &[&bearer], "").status,
+            503
+        );
+        let body = serde_json::json!({"key": kept_copy}).to_string();
+        assert_eq!(
+            http(late_address, "POST", "/v1/verify", &[], &body).status,
+            503
+        );
+    })
+    .await
+    .unwrap();
+    pg.restart();
+    wait_ready(late_address).await;
+}
+
+#[test]
+fn verifier_logs_never_show_a_key() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let (store, key, record, stranger) = runtime.block_on(async {
+        let store = Arc::new(SqlStore::connect(&url).await.unwrap());
+        store.migrate().await.unwrap();
+        let issuer = Issuer::new(store.clone(), 31);
+        let (key, record) = issuer.issue(&["inference"], None).await;
+        (store, key, record, issuer.stranger())
+    });
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = dir.path().join("verifier.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["verifier", "--database-url", &url, "--address"])
+        .arg(format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(address).is_err()
+        || http(address, "GET", "/readyz", &[], "").status != 200
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "verifier did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for presented in [&key, &stranger] {
+        let bearer = format!("Authorization: Bearer {presented}");
+        http(address, "GET", "/check?scope=inference", &[&bearer], "");
+        verify_json(address, presented, &["admin"]);
+    }
+    runtime.block_on(async {
+        store
+            .revoke(&record.key_id, RevokeReason::Deleted, Timestamp::now())
+            .await
+            .unwrap();
+    });
+    wait_for_code(address, &key, "REVOKED", Duration::from_secs(3));
+    let metrics = http(address, "GET", "/metrics", &[], "").body;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap() + &metrics;
+    assert!(text.contains("key set loaded"), "the log was captured");
+    for secret in [&key, &stranger] {
+        assert!(
+            !text.contains(&secret[3..]),
+            "a key body in the verifier's log or metrics"
+        );
+    }
+}
