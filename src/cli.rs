@@ -58,6 +58,9 @@ pub struct VerifierArgs {
     /// Database lookups in flight at most for keys not in memory.
     #[arg(long, env = "KEYWARD_MAX_FALLBACKS", default_value_t = 16)]
     pub max_fallbacks: usize,
+    /// Seconds between the batched writes of last-used times.
+    #[arg(long, env = "KEYWARD_LAST_USED_FLUSH", default_value_t = 60)]
+    pub last_used_flush: u64,
 }
 
 impl VerifierArgs {
@@ -66,6 +69,7 @@ impl VerifierArgs {
             address,
             key_header: self.key_header.clone(),
             config: VerifierConfig {
+                last_used_flush: std::time::Duration::from_secs(self.last_used_flush.max(1)),
                 max_staleness: std::time::Duration::from_secs(self.max_staleness),
                 max_fallbacks: self.max_fallbacks.max(1),
                 ..VerifierConfig::default()

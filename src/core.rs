@@ -18,6 +18,9 @@ use crate::{
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, RevokeReason},
 };
 
+/// `status.lastUsedAt` moves only when the last use is this much newer.
+pub const LAST_USED_RESOLUTION: SignedDuration = SignedDuration::from_hours(1);
+
 /// How long a pending key that no Secret holds is kept before it is revoked.
 /// It never verifies meanwhile; the wait only lets a late Secret write land.
 pub const PENDING_TIMEOUT: SignedDuration = SignedDuration::from_mins(2);
@@ -459,6 +462,8 @@ pub struct StatusInput<'a> {
     pub records: &'a [KeyRecord],
     /// Keys activated so far, if known.
     pub issued: Option<i64>,
+    /// When a verifier last saw any key of this ApiKey, if known.
+    pub last_used: Option<Timestamp>,
     /// Rotation rules, if the spec is valid.
     pub policy: Option<&'a Policy>,
     /// The target Secret's resourceVersion after the reconcile, when it holds `current`.
@@ -539,6 +544,13 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         revision: input.issued.or(previous.revision),
         ..previous.clone()
     };
+    // At most one status write an hour per key for last use, however busy it is.
+    if let Some(used) = input.last_used {
+        let shown = previous.last_used_at.as_ref().map(|t| t.0);
+        if shown.is_none_or(|shown| used.duration_since(shown) >= LAST_USED_RESOLUTION) {
+            status.last_used_at = Some(seconds(used));
+        }
+    }
     match (input.outcome, input.current) {
         (Outcome::Ready | Outcome::KeyExpired, Some(current)) => {
             let since = current.activated_at.unwrap_or(current.created_at);
@@ -889,6 +901,7 @@ mod tests {
             current: Some(&current),
             records: std::slice::from_ref(&current),
             issued: Some(1),
+            last_used: None,
             policy: Some(&no_rotation()),
             secret_version: None,
             outcome: &Outcome::Ready,
@@ -916,6 +929,33 @@ mod tests {
     }
 
     #[test]
+    fn last_use_shows_at_most_once_an_hour() {
+        let with_use = |previous: Option<&ApiKeyStatus>, used: Timestamp| {
+            status_for(&StatusInput {
+                previous,
+                generation: Some(1),
+                secret_name: "key",
+                current: None,
+                records: &[],
+                issued: None,
+                last_used: Some(used),
+                policy: None,
+                secret_version: None,
+                outcome: &Outcome::Ready,
+                verdict: None,
+                now: t(0),
+            })
+        };
+        let first = with_use(None, t(60));
+        assert_eq!(first.last_used_at, Some(Time(t(60))));
+        // Used again 59 minutes later: the status stays as it is (no write).
+        assert_eq!(with_use(Some(&first), t(60 + 59 * 60)), first);
+        // An hour later it moves.
+        let later = with_use(Some(&first), t(60 + 3600));
+        assert_eq!(later.last_used_at, Some(Time(t(60 + 3600))));
+    }
+
+    #[test]
     fn failure_keeps_key_fields_and_moves_transition_time() {
         let ready = ready_status(t(10), None);
         let failed = status_for(&StatusInput {
@@ -925,6 +965,7 @@ mod tests {
             current: None,
             records: &[],
             issued: None,
+            last_used: None,
             policy: None,
             secret_version: None,
             outcome: &Outcome::Failed {
@@ -951,6 +992,7 @@ mod tests {
             current: None,
             records: &[],
             issued: Some(0),
+            last_used: None,
             policy: None,
             secret_version: None,
             outcome: &Outcome::SecretConflict {
@@ -1383,6 +1425,7 @@ mod tests {
             current: Some(&current),
             records: &records,
             issued: Some(2),
+            last_used: None,
             policy: Some(&p),
             secret_version: None,
             outcome: &Outcome::Ready,
@@ -1551,6 +1594,7 @@ mod tests {
                 current: None,
                 records: &[],
                 issued: Some(0),
+                last_used: None,
                 policy: None,
                 secret_version: None,
                 outcome: &Outcome::PolicyViolation {

@@ -51,6 +51,7 @@ pub const DEFAULT_GRACE_PERIOD: &str = "1h";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Next-Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
+    printcolumn = r#"{"name":"Last-Used","type":"date","jsonPath":".status.lastUsedAt","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -259,6 +260,10 @@ pub struct ApiKeyStatus {
     /// The last `keyward.dev/rotate` annotation value that has been handled; the same value never rotates twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_request: Option<String>,
+
+    /// When a verifier last saw any key of this ApiKey (minute resolution). Updated at most once an hour, so a busy fleet does not flood the API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Time>,
 
     /// The last `keyward.dev/rotate` value handled as an emergency (with `keyward.dev/revoke-previous`): every older key was revoked at once, with no grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]

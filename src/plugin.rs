@@ -352,6 +352,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
         "POLICY",
         "ISSUED",
         "NEXT-ROTATION",
+        "LAST-USED",
     ];
     if all_namespaces {
         header.insert(0, "NAMESPACE");
@@ -379,6 +380,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
             policy_column(&status),
             time(status.issued_at.as_ref()),
             time(status.next_rotation_at.as_ref()),
+            time(status.last_used_at.as_ref()),
         ];
         if all_namespaces {
             row.insert(0, key.namespace().unwrap_or_default());
@@ -457,6 +459,10 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
                 .map(|t| t.0.to_string()),
         ),
         ("Rotate request", status.last_rotation_request.clone()),
+        (
+            "Last used",
+            status.last_used_at.as_ref().map(|t| t.0.to_string()),
+        ),
         (
             "Deleting since",
             key.metadata
@@ -614,7 +620,8 @@ mod tests {
                 "STATE",
                 "POLICY",
                 "ISSUED",
-                "NEXT-ROTATION"
+                "NEXT-ROTATION",
+                "LAST-USED"
             ]
         );
         assert!(

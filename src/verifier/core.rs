@@ -67,6 +67,8 @@ pub struct VerifierConfig {
     pub fallback_wait: Duration,
     /// Keys whose last use is remembered between flushes; more are dropped (counted).
     pub max_last_used: usize,
+    /// How often remembered last uses are written (by `follow`).
+    pub last_used_flush: Duration,
 }
 
 impl Default for VerifierConfig {
@@ -77,6 +79,7 @@ impl Default for VerifierConfig {
             max_fallbacks: 16,
             fallback_wait: Duration::from_millis(100),
             max_last_used: 100_000,
+            last_used_flush: Duration::from_secs(60),
         }
     }
 }

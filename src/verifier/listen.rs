@@ -26,7 +26,7 @@ pub struct VerifierSettings {
     pub address: SocketAddr,
     /// The header that may carry a key besides `Authorization: Bearer`.
     pub key_header: String,
-    /// Staleness limit, negative cache and fallback bounds.
+    /// Staleness limit, negative cache, fallback bounds and the last-used flush.
     pub config: VerifierConfig,
 }
 
@@ -91,6 +91,7 @@ pub async fn start(
         .local_addr()
         .map_err(|e| Error::Config(format!("cannot read the bound address: {e}")))?;
     let backend = store.backend();
+    let flush = settings.config.last_used_flush;
     let verifier = Arc::new(Verifier::new(
         store,
         Arc::new(SystemClock),
@@ -108,7 +109,7 @@ pub async fn start(
     let timing = Follow {
         poll: poll_interval(backend),
         full_reload: Duration::from_secs(300),
-        flush: Duration::from_secs(60),
+        flush,
     };
     tokio::spawn(follow(verifier.clone(), timing, woken));
     let endpoint = Endpoint {
