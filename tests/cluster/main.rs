@@ -6,6 +6,7 @@ mod chart;
 mod harness;
 mod policy;
 mod roles;
+mod verifier;
 
 use std::{collections::BTreeSet, time::Duration};
 
