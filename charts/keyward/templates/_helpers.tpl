@@ -39,3 +39,45 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "keyward.sqlite" -}}
 {{- if not .Values.database.existingSecret }}true{{ end }}
 {{- end }}
+
+{{/* The verifier's pods: a name of their own, so that no operator selector (Deployment, Service, PDB, NetworkPolicy) matches them. */}}
+{{- define "keyward.verifier.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keyward.name" . }}-verifier
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "keyward.verifier.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "keyward.verifier.selectorLabels" . }}
+app.kubernetes.io/component: verifier
+app.kubernetes.io/part-of: {{ include "keyward.name" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* The pods that serve the verifier: its own Deployment with PostgreSQL, the operator with embedded SQLite. */}}
+{{- define "keyward.verifier.podLabels" -}}
+{{- if include "keyward.sqlite" . }}
+{{- include "keyward.selectorLabels" . }}
+{{- else }}
+{{- include "keyward.verifier.selectorLabels" . }}
+{{- end }}
+{{- end }}
+
+{{/* A Deployment of its own (`keyward verifier`): the verifier is enabled and the key database is shared (PostgreSQL). */}}
+{{- define "keyward.verifier.deployment" -}}
+{{- if and .Values.verifier.enabled (not (include "keyward.sqlite" .)) }}true{{ end }}
+{{- end }}
+
+{{/* The verifier's Service, Deployment and other objects: <fullname>-verifier. */}}
+{{- define "keyward.verifier.fullname" -}}
+{{- printf "%s-verifier" (include "keyward.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "keyward.verifier.serviceAccountName" -}}
+{{- if .Values.verifier.serviceAccount.create }}
+{{- default (include "keyward.verifier.fullname" .) .Values.verifier.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.verifier.serviceAccount.name }}
+{{- end }}
+{{- end }}
