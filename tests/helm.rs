@@ -540,3 +540,265 @@ fn admission_api_version_follows_the_kubernetes_version() {
         }
     }
 }
+
+/// The verifier objects config/verifier.yaml ships.
+fn config_verifier(kind: &str) -> Value {
+    config_object(&config("verifier.yaml"), kind, "keyward-verifier").clone()
+}
+
+/// What tests/manifests.rs and these tests compare: the container's args, ports,
+/// probes and security, the pod's security and account.
+fn assert_same_container(rendered: &Value, shipped: &Value, what: &str) {
+    for field in [
+        "args",
+        "ports",
+        "livenessProbe",
+        "readinessProbe",
+        "securityContext",
+    ] {
+        assert_eq!(rendered[field], shipped[field], "{what}: {field}");
+    }
+}
+
+fn pod_spec(deployment: &Value) -> &Value {
+    &deployment["spec"]["template"]["spec"]
+}
+
+/// Whether a selector (matchLabels, or a Service's selector) matches a pod template's labels.
+fn selects(selector: &Value, deployment: &Value) -> bool {
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    selector
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+}
+
+#[test]
+fn verifier_with_postgresql_is_the_deployment_config_ships() {
+    let test = "verifier_with_postgresql_is_the_deployment_config_ships";
+    let Some(chart) = render(
+        test,
+        &[
+            "--set",
+            "database.existingSecret=keyward-database,verifier.enabled=true",
+            "--set",
+            "verifier.database.existingSecret=keyward-verifier-database",
+        ],
+    ) else {
+        return;
+    };
+    let verifier_objects: Vec<String> = chart
+        .kinds()
+        .into_iter()
+        .filter(|k| k.ends_with("/keyward-verifier"))
+        .collect();
+    assert_eq!(
+        verifier_objects,
+        [
+            "Deployment/keyward-verifier",
+            "NetworkPolicy/keyward-verifier",
+            "PodDisruptionBudget/keyward-verifier",
+            "Service/keyward-verifier",
+            "ServiceAccount/keyward-verifier",
+        ]
+    );
+    let deployment = chart.get("Deployment", "keyward-verifier");
+    let shipped = config_verifier("Deployment");
+    let containers = pod_spec(deployment)["containers"].as_sequence().unwrap();
+    assert_eq!(containers.len(), 1);
+    let container = &containers[0];
+    let shipped_container = &pod_spec(&shipped)["containers"][0];
+    assert_same_container(container, shipped_container, "verifier");
+    assert_eq!(container["resources"], shipped_container["resources"]);
+    assert_eq!(container["env"], shipped_container["env"]);
+    for field in [
+        "securityContext",
+        "serviceAccountName",
+        "automountServiceAccountToken",
+    ] {
+        assert_eq!(
+            pod_spec(deployment)[field],
+            pod_spec(&shipped)[field],
+            "pod {field}"
+        );
+    }
+    assert_eq!(pod_spec(deployment)["automountServiceAccountToken"], false);
+    assert_eq!(deployment["spec"]["replicas"], shipped["spec"]["replicas"]);
+    assert_eq!(deployment["spec"]["selector"], shipped["spec"]["selector"]);
+
+    // The same security as the operator's pods.
+    let operator = chart.get("Deployment", "keyward");
+    assert_eq!(
+        pod_spec(deployment)["securityContext"],
+        pod_spec(operator)["securityContext"]
+    );
+    assert_eq!(
+        container["securityContext"],
+        chart.container()["securityContext"]
+    );
+    assert!(
+        !chart
+            .args()
+            .iter()
+            .any(|a| a.starts_with("--verifier-address")),
+        "with PostgreSQL the operator does not serve the verifier"
+    );
+    // No operator selector matches the verifier's pods.
+    assert!(!selects(
+        &operator["spec"]["selector"]["matchLabels"],
+        deployment
+    ));
+    assert!(!selects(
+        &chart.get("Service", "keyward-metrics")["spec"]["selector"],
+        deployment
+    ));
+
+    // Its own account: no token, no binding.
+    let account = chart.get("ServiceAccount", "keyward-verifier");
+    assert_eq!(account["automountServiceAccountToken"], false);
+    for binding in chart
+        .of_kind("ClusterRoleBinding")
+        .into_iter()
+        .chain(chart.of_kind("RoleBinding"))
+    {
+        for subject in binding["subjects"].as_sequence().unwrap() {
+            assert_ne!(subject["name"], "keyward-verifier");
+        }
+    }
+
+    // Service, disruption budget and network policy as config/ ships them.
+    let service = chart.get("Service", "keyward-verifier");
+    let shipped_service = config_verifier("Service");
+    assert_eq!(service["spec"], shipped_service["spec"]);
+    assert!(selects(&service["spec"]["selector"], deployment));
+    let budget = chart.get("PodDisruptionBudget", "keyward-verifier");
+    assert_eq!(
+        budget["spec"],
+        config_verifier("PodDisruptionBudget")["spec"]
+    );
+    let policy = chart.get("NetworkPolicy", "keyward-verifier");
+    assert_eq!(policy["spec"], config_verifier("NetworkPolicy")["spec"]);
+
+    // Without a Secret of its own, the verifier reads the operator's.
+    let Some(shared) = render(
+        test,
+        &[
+            "--set",
+            "database.existingSecret=keyward-database,database.existingSecretKey=dsn,verifier.enabled=true",
+        ],
+    ) else {
+        return;
+    };
+    let env = &pod_spec(shared.get("Deployment", "keyward-verifier"))["containers"][0]["env"];
+    let url = env
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "KEYWARD_DATABASE_URL")
+        .unwrap();
+    assert_eq!(
+        url["valueFrom"]["secretKeyRef"],
+        serde_yaml::from_str::<Value>("{name: keyward-database, key: dsn}").unwrap()
+    );
+}
+
+#[test]
+fn verifier_with_embedded_sqlite_is_served_by_the_operator() {
+    let test = "verifier_with_embedded_sqlite_is_served_by_the_operator";
+    let Some(chart) = render(
+        test,
+        &["--set", "verifier.enabled=true,networkPolicy.enabled=true"],
+    ) else {
+        return;
+    };
+    // No Deployment, account or budget of its own: the database is one pod's file.
+    for kind in ["Deployment", "ServiceAccount", "PodDisruptionBudget"] {
+        assert!(
+            chart.find(kind, "keyward-verifier").is_none(),
+            "{kind}: {:?}",
+            chart.kinds()
+        );
+    }
+    // The operator serves it, with the tuning config/'s verifier has.
+    let shipped = config_verifier("Deployment");
+    let shipped_container = &pod_spec(&shipped)["containers"][0];
+    let shipped_args = strings(&shipped_container["args"]);
+    let address = shipped_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--address="))
+        .unwrap();
+    let args = chart.args();
+    assert!(
+        args.contains(&format!("--verifier-address={address}")),
+        "{args:?}"
+    );
+    for flag in shipped_args
+        .iter()
+        .skip(1)
+        .filter(|a| !a.starts_with("--address=") && !a.starts_with("--log-format="))
+    {
+        assert!(args.contains(flag), "{flag} missing from {args:?}");
+    }
+    let ports = chart.container()["ports"].as_sequence().unwrap();
+    assert!(
+        ports.contains(&shipped_container["ports"][0]),
+        "the operator's container has the verifier port: {ports:?}"
+    );
+    // The same Service and network policy, selecting the operator's pod; it adds
+    // to the operator's own policy, which admits only the metrics port.
+    let operator = chart.get("Deployment", "keyward");
+    let service = chart.get("Service", "keyward-verifier");
+    assert_eq!(
+        service["spec"]["ports"],
+        config_verifier("Service")["spec"]["ports"]
+    );
+    assert!(selects(&service["spec"]["selector"], operator));
+    let policy = chart.get("NetworkPolicy", "keyward-verifier");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        operator
+    ));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        config_verifier("NetworkPolicy")["spec"]["ingress"]
+    );
+    assert!(chart.find("NetworkPolicy", "keyward").is_some());
+}
+
+#[test]
+fn verifier_network_policy_follows_its_values() {
+    let test = "verifier_network_policy_follows_its_values";
+    let (Some(off), Some(istio)) = (
+        render(
+            test,
+            &[
+                "--set",
+                "database.existingSecret=db,verifier.enabled=true,verifier.networkPolicy.enabled=false",
+            ],
+        ),
+        render(
+            test,
+            &[
+                "--set",
+                "database.existingSecret=db,verifier.enabled=true",
+                "--set-json",
+                r#"verifier.networkPolicy.gatewayNamespaceSelector={"matchExpressions":[],"matchLabels":{"istio-injection":"enabled"}}"#,
+                "--set-json",
+                "verifier.networkPolicy.metricsNamespaceSelector=null",
+            ],
+        ),
+    ) else {
+        return;
+    };
+    assert!(off.of_kind("NetworkPolicy").is_empty(), "{:?}", off.kinds());
+    let from = &istio.get("NetworkPolicy", "keyward-verifier")["spec"]["ingress"][0]["from"];
+    assert_eq!(
+        from,
+        &serde_yaml::from_str::<Value>(
+            "[{namespaceSelector: {matchExpressions: [], matchLabels: {istio-injection: enabled}}}]"
+        )
+        .unwrap(),
+        "the documented override, and no scraper namespace when its selector is null"
+    );
+}

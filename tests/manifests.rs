@@ -457,3 +457,393 @@ fn policy_examples_hold_policies_and_bind_packaged_roles() {
         assert!(local.values().all(|role| aggregated_into(role).is_empty()));
     }
 }
+
+/// The one object of `kind` in some documents.
+fn only<'a>(documents: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<&Value> = documents.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind}");
+    found[0]
+}
+
+/// The verifier's address for gateways: the Service config/verifier.yaml ships.
+const VERIFIER_SERVICE: &str = "keyward-verifier";
+const VERIFIER_NAMESPACE: &str = "keyward-system";
+const VERIFIER_PORT: u64 = 9000;
+
+#[test]
+fn config_runs_the_verifier_least_privileged_with_flags_it_has() {
+    let verifier = documents(&read("config/verifier.yaml"));
+    assert!(
+        read("config/kustomization.yaml").contains("\n  - verifier.yaml\n"),
+        "config/kustomization.yaml lists verifier.yaml"
+    );
+    let deployment = only(&verifier, "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    assert_eq!(pod["containers"].as_sequence().unwrap().len(), 1);
+
+    // `keyward verifier`, with flags it has, listening on the Service's port.
+    let args = strings_in_order(&container["args"]);
+    assert_eq!(args.first().map(String::as_str), Some("verifier"));
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+        .args(["verifier", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in args.iter().skip(1) {
+        let name = flag.split('=').next().unwrap();
+        assert!(
+            help.contains(name),
+            "{name} is not a flag of keyward verifier"
+        );
+    }
+    assert!(args.contains(&format!("--address=0.0.0.0:{VERIFIER_PORT}")));
+    assert_eq!(container["ports"][0]["name"], "verifier");
+    assert_eq!(container["ports"][0]["containerPort"], VERIFIER_PORT);
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(container[probe]["httpGet"]["port"], "verifier", "{probe}");
+    }
+
+    // The operator's pod and container security, and the operator's image.
+    let operator = documents(&read("config/deployment.yaml"));
+    let operator_pod = &only(&operator, "Deployment")["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"], operator_pod["securityContext"]);
+    let operator_container = &operator_pod["containers"][0];
+    assert_eq!(
+        container["securityContext"],
+        operator_container["securityContext"]
+    );
+    assert_eq!(container["image"], operator_container["image"]);
+
+    // Its own ServiceAccount, with no token mounted and no role bound to it.
+    let account = only(&verifier, "ServiceAccount");
+    assert_eq!(account["metadata"]["name"], "keyward-verifier");
+    assert_eq!(account["automountServiceAccountToken"], false);
+    assert_eq!(pod["serviceAccountName"], "keyward-verifier");
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    for entry in fs::read_dir(format!("{}/config", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+        let path = entry.unwrap().path();
+        let text = fs::read_to_string(&path).unwrap();
+        for document in documents(&text) {
+            for subject in document["subjects"].as_sequence().into_iter().flatten() {
+                assert_ne!(
+                    subject["name"],
+                    "keyward-verifier",
+                    "{}: the verifier needs no Kubernetes API access",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    // Its pods are not the operator's: no operator selector matches them, and the
+    // verifier's selectors match them.
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let selects = |selector: &Value| {
+        selector
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+    };
+    let operator_selector = &only(&operator, "Deployment")["spec"]["selector"]["matchLabels"];
+    assert!(
+        !selects(operator_selector),
+        "the operator's selector matches verifier pods"
+    );
+    let service = only(&verifier, "Service");
+    for selector in [
+        &deployment["spec"]["selector"]["matchLabels"],
+        &service["spec"]["selector"],
+        &only(&verifier, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        &only(&verifier, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+    ] {
+        assert!(selects(selector), "{selector:?}");
+    }
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    assert_eq!(
+        only(&verifier, "PodDisruptionBudget")["spec"]["minAvailable"],
+        1
+    );
+
+    // One Service port for gRPC and HTTP.
+    assert_eq!(service["metadata"]["name"], VERIFIER_SERVICE);
+    let ports = service["spec"]["ports"].as_sequence().unwrap();
+    assert_eq!(ports.len(), 1);
+    assert_eq!(ports[0]["port"], VERIFIER_PORT);
+    assert_eq!(ports[0]["targetPort"], "verifier");
+    assert_eq!(ports[0]["appProtocol"], "grpc");
+
+    // Ingress only to the verifier's port, only from selected namespaces.
+    let policy = only(&verifier, "NetworkPolicy");
+    let ingress = policy["spec"]["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(
+        ingress[0]["ports"],
+        serde_yaml::from_str::<Value>("[{port: verifier}]").unwrap()
+    );
+    for peer in ingress[0]["from"].as_sequence().unwrap() {
+        let selector = &peer["namespaceSelector"];
+        assert!(
+            selector.as_mapping().is_some_and(|s| s
+                .values()
+                .any(|v| v.as_mapping().is_some_and(|m| !m.is_empty())
+                    || v.as_sequence().is_some_and(|l| !l.is_empty()))),
+            "{peer:?} admits every namespace"
+        );
+    }
+
+    // The chart's defaults are config/'s: the same port and tuning.
+    let values = values();
+    assert_eq!(values["verifier"]["port"], VERIFIER_PORT);
+    for (value, flag) in [
+        ("keyHeader", "--key-header"),
+        ("maxStaleness", "--max-staleness"),
+        ("maxFallbacks", "--max-fallbacks"),
+    ] {
+        let expected = match &values["verifier"][value] {
+            Value::String(s) => s.clone(),
+            other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+        };
+        assert!(args.contains(&format!("{flag}={expected}")), "{flag}");
+    }
+    // The chart's verifier pods run with the operator's security contexts.
+    let template = read("charts/keyward/templates/verifier-deployment.yaml");
+    assert!(template.contains("toYaml .Values.podSecurityContext"));
+    assert!(template.contains("toYaml .Values.securityContext"));
+    assert!(template.contains("automountServiceAccountToken: false"));
+}
+
+fn strings_in_order(list: &Value) -> Vec<String> {
+    list.as_sequence()
+        .unwrap()
+        .iter()
+        .map(|item| item.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every `<host>:<port>` and `<host>` naming the keyward verifier in a text.
+fn verifier_addresses(text: &str) -> Vec<String> {
+    text.split(|c: char| c.is_whitespace() || "\"'{},[]".contains(c))
+        .filter(|word| word.contains("keyward-verifier."))
+        .map(|word| {
+            let start = word.find("keyward-verifier.").unwrap();
+            word[start..].to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn verifier_examples_are_manifests_that_call_the_verifier_service() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut examples: Vec<_> = fs::read_dir(format!("{root}/examples"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("verifier-") && name.ends_with(".yaml"))
+        .collect();
+    examples.sort();
+    assert_eq!(
+        examples,
+        [
+            "verifier-envoy-gateway.yaml",
+            "verifier-envoy.yaml",
+            "verifier-ingress-nginx.yaml",
+            "verifier-istio.yaml",
+            "verifier-traefik.yaml",
+        ]
+    );
+    let host = format!("{VERIFIER_SERVICE}.{VERIFIER_NAMESPACE}.svc.cluster.local");
+    for example in &examples {
+        let text = read(&format!("examples/{example}"));
+        let documents = documents(&text);
+        assert!(!documents.is_empty(), "{example}");
+        for document in &documents {
+            assert!(
+                document["apiVersion"]
+                    .as_str()
+                    .is_some_and(|v| !v.is_empty())
+                    && document["kind"].as_str().is_some_and(|k| !k.is_empty()),
+                "{example}: a document without apiVersion and kind"
+            );
+        }
+        // Every address of the verifier is its Service's, on its port.
+        for address in verifier_addresses(&text) {
+            assert!(
+                address.starts_with(&host),
+                "{example}: {address} is not {host}"
+            );
+            if let Some(port) = address[host.len()..].strip_prefix(':') {
+                let port: String = port.chars().take_while(char::is_ascii_digit).collect();
+                assert_eq!(port, VERIFIER_PORT.to_string(), "{example}: {address}");
+            }
+        }
+        assert!(
+            text.contains(&VERIFIER_PORT.to_string()),
+            "{example} names port {VERIFIER_PORT}"
+        );
+        assert!(
+            text.contains(&host)
+                || documents.iter().any(|d| {
+                    yaml_contains(d, &|v| {
+                        v["name"] == VERIFIER_SERVICE
+                            && v["namespace"] == VERIFIER_NAMESPACE
+                            && v["port"] == VERIFIER_PORT
+                    })
+                }),
+            "{example} calls the verifier Service"
+        );
+    }
+
+    // ingress-nginx: the check URL with a scope, the identity headers, and no auth cache.
+    let nginx = documents(&read("examples/verifier-ingress-nginx.yaml"));
+    let annotations = &only(&nginx, "Ingress")["metadata"]["annotations"];
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/auth-url"],
+        format!("http://{host}:{VERIFIER_PORT}/check?scope=inference").as_str()
+    );
+    let headers = annotations["nginx.ingress.kubernetes.io/auth-response-headers"]
+        .as_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for header in keyward::verifier::http::IDENTITY_HEADERS {
+        assert!(headers.split(',').any(|h| h == header), "{header}");
+    }
+    for (key, _) in annotations.as_mapping().unwrap() {
+        assert!(
+            !key.as_str().unwrap().contains("auth-cache"),
+            "a gateway-side auth cache delays revocation"
+        );
+    }
+
+    // Traefik: ForwardAuth to the check URL, used by the IngressRoute.
+    let traefik = documents(&read("examples/verifier-traefik.yaml"));
+    let middleware = only(&traefik, "Middleware");
+    assert_eq!(
+        middleware["spec"]["forwardAuth"]["address"],
+        format!("http://{host}:{VERIFIER_PORT}/check?scope=inference").as_str()
+    );
+    let forwarded: Vec<String> =
+        strings_in_order(&middleware["spec"]["forwardAuth"]["authResponseHeaders"])
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+    assert_eq!(forwarded, keyward::verifier::http::IDENTITY_HEADERS);
+    assert_eq!(
+        only(&traefik, "IngressRoute")["spec"]["routes"][0]["middlewares"][0]["name"],
+        middleware["metadata"]["name"]
+    );
+
+    // Envoy: gRPC ext_authz, fail closed, scopes per route in context_extensions.
+    let envoy = documents(&read("examples/verifier-envoy.yaml"));
+    let config: Value = serde_yaml::from_str(
+        only(&envoy, "ConfigMap")["data"]["envoy.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let manager = &config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let filter = &manager["http_filters"][0];
+    assert_eq!(filter["name"], "envoy.filters.http.ext_authz");
+    let ext_authz = &filter["typed_config"];
+    assert_eq!(ext_authz["transport_api_version"], "V3");
+    assert_eq!(ext_authz["failure_mode_allow"], false);
+    let cluster_name = &ext_authz["grpc_service"]["envoy_grpc"]["cluster_name"];
+    let cluster = config["static_resources"]["clusters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| &c["name"] == cluster_name)
+        .expect("the ext_authz cluster");
+    let address = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    assert_eq!(address["address"], host.as_str());
+    assert_eq!(address["port_value"], VERIFIER_PORT);
+    assert!(
+        cluster["typed_extension_protocol_options"].is_mapping(),
+        "gRPC needs HTTP/2 to the verifier"
+    );
+    let scoped: Vec<&Value> = manager["route_config"]["virtual_hosts"][0]["routes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|route| &route["typed_per_filter_config"]["envoy.filters.http.ext_authz"])
+        .filter(|per_route| !per_route["check_settings"].is_null())
+        .collect();
+    assert!(!scoped.is_empty());
+    for per_route in scoped {
+        assert!(
+            per_route["@type"]
+                .as_str()
+                .unwrap()
+                .ends_with("ext_authz.v3.ExtAuthzPerRoute")
+        );
+        assert!(
+            per_route["check_settings"]["context_extensions"]
+                [keyward::verifier::grpc::SCOPES_EXTENSION]
+                .is_string()
+        );
+    }
+
+    // Istio: the providers name the verifier; the policies use them with action CUSTOM.
+    let istio = documents(&read("examples/verifier-istio.yaml"));
+    let providers = only(&istio, "IstioOperator")["spec"]["meshConfig"]["extensionProviders"]
+        .as_sequence()
+        .unwrap()
+        .clone();
+    for provider in &providers {
+        let settings = if provider["envoyExtAuthzGrpc"].is_mapping() {
+            &provider["envoyExtAuthzGrpc"]
+        } else {
+            let http = &provider["envoyExtAuthzHttp"];
+            assert_eq!(http["pathPrefix"], "/check");
+            assert!(
+                http["includeAdditionalHeadersInCheck"][keyward::verifier::http::SCOPES_HEADER]
+                    .is_string()
+            );
+            http
+        };
+        assert_eq!(settings["service"], host.as_str());
+        assert_eq!(settings["port"], VERIFIER_PORT);
+        assert_eq!(settings["failOpen"], false);
+    }
+    let policies: Vec<&Value> = istio
+        .iter()
+        .filter(|d| d["kind"] == "AuthorizationPolicy")
+        .collect();
+    assert!(!policies.is_empty());
+    for policy in policies {
+        assert_eq!(policy["spec"]["action"], "CUSTOM");
+        assert!(
+            providers
+                .iter()
+                .any(|p| p["name"] == policy["spec"]["provider"]["name"])
+        );
+    }
+
+    // Envoy Gateway: gRPC to the verifier Service, allowed by a ReferenceGrant.
+    let gateway = documents(&read("examples/verifier-envoy-gateway.yaml"));
+    let ext_auth = &only(&gateway, "SecurityPolicy")["spec"]["extAuth"];
+    assert_eq!(ext_auth["failOpen"], false);
+    assert_eq!(
+        strings_in_order(&ext_auth["headersToExtAuth"]),
+        ["authorization", "x-api-key"]
+    );
+    let backend = &ext_auth["grpc"]["backendRefs"][0];
+    assert_eq!(backend["name"], VERIFIER_SERVICE);
+    assert_eq!(backend["namespace"], VERIFIER_NAMESPACE);
+    assert_eq!(backend["port"], VERIFIER_PORT);
+    let grant = only(&gateway, "ReferenceGrant");
+    assert_eq!(grant["metadata"]["namespace"], VERIFIER_NAMESPACE);
+    assert_eq!(grant["spec"]["to"][0]["name"], VERIFIER_SERVICE);
+}
+
+/// Whether a value or anything inside it satisfies `test`.
+fn yaml_contains(value: &Value, test: &dyn Fn(&Value) -> bool) -> bool {
+    test(value)
+        || match value {
+            Value::Mapping(map) => map.values().any(|v| yaml_contains(v, test)),
+            Value::Sequence(items) => items.iter().any(|v| yaml_contains(v, test)),
+            _ => false,
+        }
+}
