@@ -420,6 +420,11 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
             .await
             .unwrap();
     assert!(metrics.contains("keyward_verify_total"), "{metrics}");
+    // The stranger asked 20 times cost one database query; the rest came from memory.
+    assert!(
+        metrics.contains(r#"keyward_verifier_fallbacks_total{outcome="unknown"} 1"#),
+        "{metrics}"
+    );
     assert!(!metrics.contains(&key[3..]) && !metrics.contains(&retiring[3..]));
 }
 
