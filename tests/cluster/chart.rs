@@ -72,6 +72,8 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
             "database.existingSecret=keyward-database,requirePolicy=true,selfInstallCRD=true",
             "--set",
             "podDisruptionBudget.enabled=true,networkPolicy.enabled=true",
+            "--set",
+            "verifier.enabled=true",
         ],
     );
     for kind in ["PodDisruptionBudget", "NetworkPolicy"] {
@@ -98,10 +100,19 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
             .unwrap_or_else(|e| panic!("kubectl {args:?}: {e}\n{manifest}"))
     };
     let accepted = apply(&everything, &["--dry-run=server"]);
-    assert!(
-        accepted.contains("poddisruptionbudget.policy/keyward created (server dry run)"),
-        "{accepted}"
-    );
+    for object in [
+        "poddisruptionbudget.policy/keyward",
+        "deployment.apps/keyward-verifier",
+        "service/keyward-verifier",
+        "poddisruptionbudget.policy/keyward-verifier",
+        "networkpolicy.networking.k8s.io/keyward-verifier",
+        "serviceaccount/keyward-verifier",
+    ] {
+        assert!(
+            accepted.contains(&format!("{object} created (server dry run)")),
+            "{object}:\n{accepted}"
+        );
+    }
     let accepted = apply(&defaults, &["--dry-run=server"]);
     for object in [
         "validatingadmissionpolicy.admissionregistration.k8s.io/keyward-apikey-policy",
