@@ -164,8 +164,8 @@ impl KeyFactory {
         key.push_str(&self.prefix);
         key.push('_');
         base62_fixed(random.as_ref(), BODY_LEN, &mut key);
-        let checksum = crc32fast::hash(key.as_bytes());
-        base62_fixed(&checksum.to_be_bytes(), CHECKSUM_LEN, &mut key);
+        let checksum = checksum_digits(key.as_bytes());
+        key.extend(checksum.iter().map(|&d| char::from(d)));
         Ok(PlainKey(key))
     }
 
@@ -201,13 +201,20 @@ pub fn is_well_formed(presented: &str) -> bool {
         return false;
     }
     let (signed, checksum) = presented.split_at(presented.len() - CHECKSUM_LEN);
-    let mut expected = String::with_capacity(CHECKSUM_LEN);
-    base62_fixed(
-        &crc32fast::hash(signed.as_bytes()).to_be_bytes(),
-        CHECKSUM_LEN,
-        &mut expected,
-    );
-    expected == checksum
+    checksum.as_bytes() == checksum_digits(signed.as_bytes())
+}
+
+/// The CRC32 of `signed` as 6 base62 digits. The checksum is public, so unlike
+/// the body it needs no wiping, and it is computed on the stack: the verifier
+/// checks it on every request.
+fn checksum_digits(signed: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut crc = crc32fast::hash(signed);
+    let mut digits = [ALPHABET[0]; CHECKSUM_LEN];
+    for slot in digits.iter_mut().rev() {
+        *slot = ALPHABET[(crc % 62) as usize];
+        crc /= 62;
+    }
+    digits
 }
 
 /// Appends `bytes` (big-endian) as exactly `width` base62 digits, zero-padded.
@@ -261,6 +268,20 @@ mod tests {
         let mut crc = String::new();
         base62_fixed(&u32::MAX.to_be_bytes(), CHECKSUM_LEN, &mut crc);
         assert_eq!(crc, "4gfFC3");
+    }
+
+    #[test]
+    fn the_stack_checksum_equals_the_general_encoding() {
+        // Keys issued before the checksum had its own function must still verify.
+        for signed in [&b""[..], b"kw_", b"kw_abcdef", &[0xff; 46]] {
+            let mut general = String::new();
+            base62_fixed(
+                &crc32fast::hash(signed).to_be_bytes(),
+                CHECKSUM_LEN,
+                &mut general,
+            );
+            assert_eq!(checksum_digits(signed), general.as_bytes());
+        }
     }
 
     #[test]
