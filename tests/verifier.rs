@@ -250,6 +250,48 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
             "",
         );
         assert_eq!(by_scope_header.status, 403);
+        assert_eq!(
+            ok.headers["x-envoy-auth-headers-to-remove"],
+            "authorization"
+        );
+        assert_eq!(
+            by_header.headers["x-envoy-auth-headers-to-remove"],
+            "x-api-key"
+        );
+        // Repeated scope parameters all count; so do scopes in the path, for
+        // gateways that append the original path and query to a prefix.
+        let repeated = http(
+            address,
+            "GET",
+            "/check?scope=inference&scope=admin",
+            &[&bearer],
+            "",
+        );
+        assert_eq!(repeated.status, 403);
+        let in_path = http(
+            address,
+            "GET",
+            "/check/scopes/inference,models:read/v1/models?scope=x",
+            &[&bearer],
+            "",
+        );
+        assert_eq!(in_path.status, 403, "the appended query's scope counts too");
+        let in_path = http(
+            address,
+            "GET",
+            "/check/scopes/inference,models:read/v1/models?a=b",
+            &[&bearer],
+            "",
+        );
+        assert_eq!(in_path.status, 200);
+        let in_path = http(
+            address,
+            "GET",
+            "/check/scopes/admin/v1/models",
+            &[&bearer],
+            "",
+        );
+        assert_eq!(in_path.status, 403);
         // A missing scope: 403 naming it.
         let forbidden = http(address, "GET", "/check?scope=admin", &[&bearer], "");
         assert_eq!(forbidden.status, 403);

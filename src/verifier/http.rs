@@ -3,11 +3,11 @@
 //! and Istio's HTTP mode and Gateway API ExternalAuth call, `POST /v1/verify`
 //! for services, and `/metrics`, `/healthz`, `/readyz`.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Path, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{any, get, post},
@@ -100,13 +100,17 @@ pub fn required_scopes<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<&'a str>
         .collect()
 }
 
-/// The query of the check URL.
-#[derive(Debug, Default, Deserialize)]
-pub struct CheckQuery {
-    /// Required scopes, comma-separated; `?scope=a&scope=b` is not supported by
-    /// the query extractor, so lists use commas: `?scope=a,b`.
-    #[serde(default)]
-    pub scope: Option<String>,
+/// The `scope` values of a check URL's query: `?scope=a,b` or `?scope=a&scope=b`.
+/// Anything else in the query is ignored (gateways may append the original
+/// request's query).
+pub fn query_scopes(query: Option<&str>) -> Vec<String> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
+    pairs
+        .into_iter()
+        .filter(|(name, _)| name == "scope")
+        .map(|(_, value)| value)
+        .collect()
 }
 
 fn bearer_error(error: &str, scopes: Option<&[&str]>) -> HeaderValue {
@@ -183,17 +187,46 @@ pub fn result_label(checked: &Checked) -> &'static str {
     }
 }
 
-async fn check(
+/// `/check/scopes/{scopes}/…`: scopes in the path, for gateways that append the
+/// original request's path (and query) to a fixed prefix: Envoy's and Istio's
+/// HTTP mode, Envoy Gateway.
+async fn check_with_path_scopes(
     State(endpoint): State<Endpoint>,
-    Query(query): Query<CheckQuery>,
+    Path(path): Path<HashMap<String, String>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
+    let scopes = path.get("scopes").cloned();
+    check_request(&endpoint, scopes, query.as_deref(), &headers).await
+}
+
+async fn check(
+    State(endpoint): State<Endpoint>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    check_request(&endpoint, None, query.as_deref(), &headers).await
+}
+
+async fn check_request(
+    endpoint: &Endpoint,
+    path_scopes: Option<String>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Response {
     let started = Instant::now();
+    let from_query = query_scopes(query);
     let from_header = headers
         .get_all(SCOPES_HEADER)
         .iter()
         .filter_map(|v| v.to_str().ok());
-    let required = required_scopes(query.scope.as_deref().into_iter().chain(from_header));
+    let required = required_scopes(
+        path_scopes
+            .as_deref()
+            .into_iter()
+            .chain(from_query.iter().map(String::as_str))
+            .chain(from_header),
+    );
     let presented = presented_key(
         headers
             .get_all(header::AUTHORIZATION)
@@ -204,17 +237,36 @@ async fn check(
             .iter()
             .map(HeaderValue::as_bytes),
     );
-    let checked = match presented {
-        Some((key, _)) => endpoint.verifier.check(key, &required).await,
-        None => Checked::Answer(Verdict {
-            code: Code::Malformed,
-            identity: None,
-        }),
+    let (checked, source) = match presented {
+        Some((key, source)) => (endpoint.verifier.check(key, &required).await, Some(source)),
+        None => (
+            Checked::Answer(Verdict {
+                code: Code::Malformed,
+                identity: None,
+            }),
+            None,
+        ),
     };
     endpoint
         .metrics
         .observe_verify("http", result_label(&checked), started);
-    check_response(&checked, &required)
+    let mut response = check_response(&checked, &required);
+    // Envoy's HTTP mode removes the headers named here before going upstream,
+    // so the key does not travel further (the gRPC mode does the same).
+    if response.status() == StatusCode::OK
+        && let Some(source) = source
+    {
+        let header = match source {
+            KeySource::Authorization => header::AUTHORIZATION.as_str(),
+            KeySource::Custom => endpoint.key_header.as_str(),
+        };
+        if let Ok(value) = HeaderValue::from_str(header) {
+            response
+                .headers_mut()
+                .insert("x-envoy-auth-headers-to-remove", value);
+        }
+    }
+    response
 }
 
 /// The body of `POST /v1/verify`.
@@ -317,6 +369,11 @@ pub fn router(endpoint: Endpoint) -> Router {
     .into_axum_router();
     let http = Router::new()
         .route("/check", any(check))
+        .route("/check/scopes/{scopes}", any(check_with_path_scopes))
+        .route(
+            "/check/scopes/{scopes}/{*path}",
+            any(check_with_path_scopes),
+        )
         .route("/check/{*path}", any(check))
         .route("/v1/verify", post(verify))
         .route("/healthz", get(healthz))
