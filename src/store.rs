@@ -479,18 +479,27 @@ impl SqlStore {
     /// to: the verifier's full load. The counter is read first, so no change
     /// after it can be missed by a reader that goes on from it.
     pub async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
+        let mut records = Vec::new();
+        let seq = self
+            .each_live_key(&mut |record| records.push(record))
+            .await?;
+        Ok((seq, records))
+    }
+
+    /// [`live_keys`](Self::live_keys) one row at a time, so that a large key set
+    /// is never held twice (as rows and as records) while it loads.
+    pub async fn each_live_key(&self, sink: &mut (dyn FnMut(KeyRecord) + Send)) -> Result<i64> {
+        use futures::TryStreamExt;
         let seq: i64 = sqlx::query("SELECT seq FROM key_change_counter WHERE id = 1")
             .fetch_one(&self.pool)
             .await?
             .try_get("seq")?;
         let query = format!("SELECT {RECORD_COLUMNS} FROM api_keys WHERE state <> 'revoked'");
-        let records = sqlx::query(sqlx::AssertSqlSafe(query))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(record_from_row)
-            .collect::<Result<Vec<_>>>()?;
-        Ok((seq, records))
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            sink(record_from_row(&row)?);
+        }
+        Ok(seq)
     }
 
     /// The rows written after change `after`, in change order, at most `limit`,

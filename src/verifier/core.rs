@@ -27,8 +27,9 @@ use crate::{
 /// What a verifier reads from, and the one thing it writes (last used).
 #[async_trait]
 pub trait KeySource: Send + Sync {
-    /// Every key that is not revoked, and the change number they are current to.
-    async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)>;
+    /// Hands every key that is not revoked to `sink`, one at a time; returns the
+    /// change number they are current to.
+    async fn live_keys(&self, sink: &mut (dyn FnMut(KeyRecord) + Send)) -> Result<i64>;
     /// Rows written after change `after`, in change order, at most `limit`.
     async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>>;
     /// The record with this hash, in any state.
@@ -39,8 +40,8 @@ pub trait KeySource: Send + Sync {
 
 #[async_trait]
 impl KeySource for SqlStore {
-    async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
-        SqlStore::live_keys(self).await
+    async fn live_keys(&self, sink: &mut (dyn FnMut(KeyRecord) + Send)) -> Result<i64> {
+        SqlStore::each_live_key(self, sink).await
     }
     async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>> {
         SqlStore::changes_since(self, after, limit).await
@@ -167,8 +168,14 @@ impl Verifier {
 
     /// Replaces the key set with a full load from the database.
     pub async fn reload(&self) -> Result<usize> {
-        let (seq, records) = self.source.live_keys().await?;
-        let fresh = Snapshot::load(seq, records);
+        let mut fresh = Snapshot::default();
+        let seq = self
+            .source
+            .live_keys(&mut |record| {
+                fresh.insert(record);
+            })
+            .await?;
+        fresh.advance(seq);
         let count = fresh.len();
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
         self.negative
@@ -484,16 +491,14 @@ mod tests {
 
     #[async_trait]
     impl KeySource for FakeSource {
-        async fn live_keys(&self) -> Result<(i64, Vec<KeyRecord>)> {
+        async fn live_keys(&self, sink: &mut (dyn FnMut(KeyRecord) + Send)) -> Result<i64> {
             self.check_up()?;
             let seq = *self.seq.lock().unwrap();
             let rows = self.rows.lock().unwrap();
-            let live = rows
-                .iter()
-                .filter(|(_, r)| r.state != KeyState::Revoked)
-                .map(|(_, r)| r.clone())
-                .collect();
-            Ok((seq, live))
+            for (_, record) in rows.iter().filter(|(_, r)| r.state != KeyState::Revoked) {
+                sink(record.clone());
+            }
+            Ok(seq)
         }
         async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>> {
             self.check_up()?;

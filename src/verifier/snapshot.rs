@@ -208,6 +208,12 @@ impl Snapshot {
         self.put(record)
     }
 
+    /// Adds one row of a full load (before [`advance`](Self::advance) to the
+    /// load's change number).
+    pub fn insert(&mut self, record: KeyRecord) {
+        self.put(record);
+    }
+
     /// Moves the snapshot to `seq` without a row (a change number that wrote nothing).
     pub fn advance(&mut self, seq: i64) {
         self.seq = self.seq.max(seq);
