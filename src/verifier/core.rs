@@ -15,7 +15,9 @@ use jiff::Timestamp;
 use tokio::sync::{OnceCell, Semaphore};
 use tracing::{info, warn};
 
-use super::snapshot::{Code, Digest32, Snapshot, Verdict, answer, answer_from_record, digest};
+use super::snapshot::{
+    Code, Digest32, Snapshot, Verdict, answer, answer_from_record, digest, scoped,
+};
 use crate::{
     Result,
     clock::Clock,
@@ -323,18 +325,7 @@ impl Verifier {
         }
         // The record was judged without scopes; judge the scopes of this request.
         match base.identity {
-            Some(identity) if base.code == Code::Valid => {
-                let granted = |scope: &&str| identity.scopes.iter().any(|s| &**s == *scope);
-                let code = if required.iter().all(granted) {
-                    Code::Valid
-                } else {
-                    Code::InsufficientScope
-                };
-                Verdict {
-                    code,
-                    identity: Some(identity),
-                }
-            }
+            Some(identity) if base.code == Code::Valid => scoped(identity, required),
             _ => base,
         }
     }

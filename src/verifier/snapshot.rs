@@ -137,7 +137,12 @@ pub fn judge(entry: &Entry, required: &[&str], now: Timestamp) -> Verdict {
     if entry.expires_at.is_some_and(|at| at <= now) {
         return Verdict::only(Code::Expired);
     }
-    let granted = |scope: &&str| entry.identity.scopes.iter().any(|s| &**s == *scope);
+    scoped(entry.identity.clone(), required)
+}
+
+/// `Valid` when the identity has every required scope, else `InsufficientScope`.
+pub fn scoped(identity: Arc<Identity>, required: &[&str]) -> Verdict {
+    let granted = |scope: &&str| identity.scopes.iter().any(|s| &**s == *scope);
     let code = if required.iter().all(granted) {
         Code::Valid
     } else {
@@ -145,7 +150,7 @@ pub fn judge(entry: &Entry, required: &[&str], now: Timestamp) -> Verdict {
     };
     Verdict {
         code,
-        identity: Some(entry.identity.clone()),
+        identity: Some(identity),
     }
 }
 
