@@ -27,7 +27,7 @@ use envoy_types::{
 use jiff::Timestamp;
 use keyward::{
     key::{KeyFactory, SeededEntropy},
-    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    store::{KeyRecord, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
     verifier::{
         Verifier, VerifierConfig,
@@ -51,34 +51,8 @@ impl Issuer {
 
     /// A new active key with these scopes, expiring at `expires_at`.
     async fn issue(&self, scopes: &[&str], expires_at: Option<Timestamp>) -> (String, KeyRecord) {
-        let plain = self.keys.new_key().unwrap();
-        let now = Timestamp::now();
-        let record = KeyRecord {
-            key_id: self.keys.new_key_id().unwrap(),
-            key_hash: plain.hash(),
-            key_hint: plain.hint(),
-            apikey_uid: format!("uid-{}", plain.hint()),
-            namespace: "team-ml".into(),
-            name: "inference".into(),
-            metadata: KeyMetadata {
-                owner: "alice@example.com".into(),
-                team: "ml".into(),
-                scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-            },
-            state: KeyState::Pending,
-            created_at: now,
-            activated_at: None,
-            expires_at: None,
-            revoked_at: None,
-            revoke_reason: None,
-            issue_reason: IssueReason::Initial,
-            rotation_request: None,
-        };
-        self.store.insert_pending(&record).await.unwrap();
-        self.store
-            .activate(&record.key_id, now, expires_at)
-            .await
-            .unwrap();
+        let (plain, record) =
+            support::issue_active(&self.store, &self.keys, "inference", scopes, expires_at).await;
         (plain.expose().to_owned(), record)
     }
 

@@ -10,6 +10,8 @@
 //! `server` block of the same nginx that echoes what it received. Without nginx
 //! the test prints a SKIP line, except under CI (`CI=true`), where it fails.
 
+mod support;
+
 use std::{
     fs,
     net::{SocketAddr, TcpListener},
@@ -21,8 +23,8 @@ use std::{
 
 use jiff::Timestamp;
 use keyward::{
-    key::{KeyFactory, PlainKey, SeededEntropy},
-    store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    key::{KeyFactory, SeededEntropy},
+    store::{KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
     verifier::{VerifierConfig, listen::VerifierSettings},
 };
@@ -303,45 +305,6 @@ fn parse(raw: &[u8]) -> Response {
     }
 }
 
-fn metadata(scopes: &[&str]) -> KeyMetadata {
-    KeyMetadata {
-        owner: "alice@example.com".into(),
-        team: "ml".into(),
-        scopes: scopes.iter().map(|s| (*s).into()).collect(),
-    }
-}
-
-/// Issues an active key as the operator does: insert pending, then activate.
-async fn issue(
-    store: &SqlStore,
-    keys: &KeyFactory,
-    name: &str,
-    scopes: &[&str],
-) -> (PlainKey, KeyRecord) {
-    let plain = keys.new_key().unwrap();
-    let now = Timestamp::now();
-    let record = KeyRecord {
-        key_id: keys.new_key_id().unwrap(),
-        key_hash: plain.hash(),
-        key_hint: plain.hint(),
-        apikey_uid: format!("uid-{name}"),
-        namespace: "team-ml".into(),
-        name: name.into(),
-        metadata: metadata(scopes),
-        state: KeyState::Pending,
-        created_at: now,
-        activated_at: None,
-        expires_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        issue_reason: IssueReason::Initial,
-        rotation_request: None,
-    };
-    store.insert_pending(&record).await.unwrap();
-    store.activate(&record.key_id, now, None).await.unwrap();
-    (plain, record)
-}
-
 const INVALID_TOKEN: &str = "Bearer error=\"invalid_token\"";
 
 #[track_caller]
@@ -374,10 +337,18 @@ async fn nginx_auth_request_allows_good_keys_and_refuses_bad_revoked_and_unscope
     let store = Arc::new(SqlStore::connect(&url).await.unwrap());
     store.migrate().await.unwrap();
     let keys = KeyFactory::new("kw", Arc::new(SeededEntropy::new(7))).unwrap();
-    let (good, good_record) =
-        issue(&store, &keys, "inference", &["inference", "models:read"]).await;
-    let (doomed, doomed_record) = issue(&store, &keys, "doomed", &["inference"]).await;
-    let (admin, _) = issue(&store, &keys, "ops", &["admin", "inference"]).await;
+    let (good, good_record) = support::issue_active(
+        &store,
+        &keys,
+        "inference",
+        &["inference", "models:read"],
+        None,
+    )
+    .await;
+    let (doomed, doomed_record) =
+        support::issue_active(&store, &keys, "doomed", &["inference"], None).await;
+    let (admin, _) =
+        support::issue_active(&store, &keys, "ops", &["admin", "inference"], None).await;
     // Well-formed, with a good checksum, and never stored.
     let unknown = keys.new_key().unwrap();
     let malformed = format!("{}x", &good.expose()[..good.expose().len() - 1]);

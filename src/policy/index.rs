@@ -31,7 +31,8 @@ pub struct PolicyIndex {
 
 #[derive(Default)]
 struct State {
-    policies: BTreeMap<String, CompiledPolicy>,
+    /// Sorted by name: a slice the check reads in place, under the read lock.
+    policies: Vec<CompiledPolicy>,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     policies_synced: bool,
     namespaces_synced: bool,
@@ -68,27 +69,36 @@ impl PolicyIndex {
 
     /// Adds or replaces a policy; returns the one it replaced.
     pub fn upsert_policy(&self, policy: CompiledPolicy) -> Option<CompiledPolicy> {
-        self.write().policies.insert(policy.name.clone(), policy)
+        let policies = &mut self.write().policies;
+        match policies.binary_search_by(|p| p.name.cmp(&policy.name)) {
+            Ok(at) => Some(std::mem::replace(&mut policies[at], policy)),
+            Err(at) => {
+                policies.insert(at, policy);
+                None
+            }
+        }
     }
 
     /// Removes a policy; returns it.
     pub fn remove_policy(&self, name: &str) -> Option<CompiledPolicy> {
-        self.write().policies.remove(name)
+        let policies = &mut self.write().policies;
+        let at = policies
+            .binary_search_by(|p| p.name.as_str().cmp(name))
+            .ok()?;
+        Some(policies.remove(at))
     }
 
     /// Replaces every policy at once (a watch's full list); marks policies synced.
-    pub fn replace_policies(&self, policies: Vec<CompiledPolicy>) -> Vec<CompiledPolicy> {
+    pub fn replace_policies(&self, mut policies: Vec<CompiledPolicy>) {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
         let mut state = self.write();
         state.policies_synced = true;
-        let fresh = policies.into_iter().map(|p| (p.name.clone(), p)).collect();
-        std::mem::replace(&mut state.policies, fresh)
-            .into_values()
-            .collect()
+        state.policies = policies;
     }
 
     /// Every policy, by name.
     pub fn policies(&self) -> Vec<CompiledPolicy> {
-        self.read().policies.values().cloned().collect()
+        self.read().policies.clone()
     }
 
     /// Sets a namespace's labels; returns the old ones.
@@ -172,18 +182,17 @@ impl Governance for PolicyIndex {
                 "namespace {namespace} has not been seen yet"
             )));
         };
-        let policies: Vec<CompiledPolicy> = state.policies.values().cloned().collect();
-        let labels = labels.clone();
-        drop(state);
+        // Evaluated in place under the read lock: no copy of the policies or
+        // labels per reconcile. `rank` reads the ApiKey cache, not this lock.
         let rank = || self.rank(key);
         let context = KeyContext {
             namespace: &namespace,
-            namespace_labels: &labels,
+            namespace_labels: labels,
             rank: &rank,
             now,
         };
         Ok(evaluate(
-            &policies,
+            &state.policies,
             &key.spec,
             &context,
             self.require_policy,

@@ -103,6 +103,26 @@ pub struct Entry {
     pub expires_at: Option<Timestamp>,
 }
 
+impl Entry {
+    /// The entry for a live record. `shared` gives the strings that repeat
+    /// between keys (namespace, owner, team, scopes) one copy; ids are unique.
+    fn of(record: &KeyRecord, mut shared: impl FnMut(&str) -> Arc<str>) -> Self {
+        let identity = Arc::new(Identity {
+            key_id: Arc::from(record.key_id.as_str()),
+            namespace: shared(&record.namespace),
+            name: Arc::from(record.name.as_str()),
+            owner: shared(&record.metadata.owner),
+            team: shared(&record.metadata.team),
+            scopes: record.metadata.scopes.iter().map(|s| shared(s)).collect(),
+        });
+        Entry {
+            identity,
+            state: record.state,
+            expires_at: record.expires_at,
+        }
+    }
+}
+
 /// The outcome of a check: the code, and the identity when the key is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -238,31 +258,12 @@ impl Snapshot {
             }
             return Some(hash);
         }
-        let identity = Arc::new(Identity {
-            key_id: self.intern(&record.key_id),
-            namespace: self.intern(&record.namespace),
-            name: self.intern(&record.name),
-            owner: self.intern(&record.metadata.owner),
-            team: self.intern(&record.metadata.team),
-            scopes: record
-                .metadata
-                .scopes
-                .iter()
-                .map(|s| self.intern(s))
-                .collect(),
-        });
-        self.keys.insert(
-            hash,
-            Arc::new(Entry {
-                identity,
-                state: record.state,
-                expires_at: record.expires_at,
-            }),
-        );
+        let entry = Entry::of(&record, |text| self.intern(text));
+        self.keys.insert(hash, Arc::new(entry));
         Some(hash)
     }
 
-    /// One shared copy of a repeated string (teams, namespaces, scopes, owners).
+    /// One shared copy of a string that repeats between keys.
     fn intern(&mut self, text: &str) -> Arc<str> {
         if let Some(shared) = self.strings.get(text) {
             return shared.clone();
@@ -316,12 +317,7 @@ pub fn answer_from_record(
     if record.state == KeyState::Revoked {
         return Verdict::only(Code::Revoked);
     }
-    let mut scratch = Snapshot::default();
-    scratch.put(record.clone());
-    match scratch.keys.into_values().next() {
-        Some(entry) => judge(&entry, required, now),
-        None => Verdict::only(Code::Unknown),
-    }
+    judge(&Entry::of(record, |text| Arc::from(text)), required, now)
 }
 
 #[cfg(test)]

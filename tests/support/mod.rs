@@ -515,6 +515,47 @@ impl KeyStore for FaultyStore {
     }
 }
 
+/// Issues an active key straight into the key database as the operator does
+/// (insert pending, then activate): owner alice@example.com, team ml, namespace
+/// team-ml, ApiKey `name` (uid `uid-<name>`).
+pub async fn issue_active(
+    store: &SqlStore,
+    keys: &KeyFactory,
+    name: &str,
+    scopes: &[&str],
+    expires_at: Option<Timestamp>,
+) -> (keyward::key::PlainKey, KeyRecord) {
+    let plain = keys.new_key().unwrap();
+    let now = Timestamp::now();
+    let record = KeyRecord {
+        key_id: keys.new_key_id().unwrap(),
+        key_hash: plain.hash(),
+        key_hint: plain.hint(),
+        apikey_uid: format!("uid-{name}"),
+        namespace: "team-ml".into(),
+        name: name.into(),
+        metadata: KeyMetadata {
+            owner: "alice@example.com".into(),
+            team: "ml".into(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        },
+        state: keyward::store::KeyState::Pending,
+        created_at: now,
+        activated_at: None,
+        expires_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+        issue_reason: keyward::store::IssueReason::Initial,
+        rotation_request: None,
+    };
+    store.insert_pending(&record).await.unwrap();
+    store
+        .activate(&record.key_id, now, expires_at)
+        .await
+        .unwrap();
+    (plain, record)
+}
+
 /// A migrated SQLite store in a temp dir (kept alive by the returned guard).
 pub async fn sqlite_store() -> (SqlStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
