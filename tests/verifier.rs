@@ -361,6 +361,37 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
         .collect();
     assert_eq!(added["x-keyward-key-id"], record.key_id);
     assert_eq!(added["x-keyward-scopes"], "inference models:read");
+    // Every identity header replaces what the client sent, whatever the Envoy
+    // release: `append_action` is OVERWRITE_IF_EXISTS_OR_ADD and the deprecated
+    // `append` is left unset (Envoy refuses both at once).
+    let identity: Vec<&str> = ok
+        .headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| h.key.as_str())
+        .collect();
+    assert_eq!(
+        identity,
+        [
+            "x-keyward-key-id",
+            "x-keyward-owner",
+            "x-keyward-team",
+            "x-keyward-scopes",
+            "x-keyward-namespace",
+            "x-keyward-name"
+        ]
+    );
+    for option in &ok.headers {
+        assert_eq!(
+            option.append_action(),
+            envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd,
+            "{:?} must overwrite",
+            option.header.as_ref().map(|h| &h.key)
+        );
+        #[allow(deprecated)]
+        let append = option.append;
+        assert_eq!(append, None);
+    }
     assert_eq!(ok.headers_to_remove, vec!["authorization".to_owned()]);
     let denied_status = |response: envoy_types::ext_authz::v3::pb::CheckResponse| match response
         .http_response

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use envoy_types::ext_authz::v3::{
     CheckRequestExt, CheckResponseExt, DeniedHttpResponseBuilder, OkHttpResponseBuilder,
-    pb::{Authorization, CheckRequest, CheckResponse, HttpStatusCode},
+    pb::{Authorization, CheckRequest, CheckResponse, HeaderAppendAction, HttpStatusCode},
 };
 use tonic::{Request, Response, Status};
 
@@ -53,8 +53,17 @@ pub fn check_response(
             identity: Some(identity),
         }) => {
             let mut ok = OkHttpResponseBuilder::new();
+            // Overwrite, never append: a client's own `x-keyward-owner` must not
+            // reach the upstream beside ours. Said explicitly, because the
+            // builder's default (`APPEND_IF_EXISTS_OR_ADD`) is honoured by Envoy
+            // releases that read `append_action` when `append` is unset.
             for (name, value) in identity_headers(identity) {
-                ok.add_header(name, value, None, false);
+                ok.add_header(
+                    name,
+                    value,
+                    Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+                    false,
+                );
             }
             if let Some(header) = removed {
                 ok.remove_header(header);
