@@ -15,13 +15,8 @@ binding. Generated: this is `keyward admission` with the apiVersion and labels
 templated; tests/admission.rs fails on drift, and
 `KEYWARD_BLESS=1 cargo nextest run --test admission` rewrites it.
 */}}
-{{- if .Values.admission.enabled }}
-{{- $version := .Values.admission.apiVersion }}
-{{- if not $version }}
-{{- /* A cluster lists API kinds; `helm template` knows only its --kube-version. */}}
-{{- $served := .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy" }}
-{{- $version = ternary "v1" "v1beta1" (or $served (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version)) }}
-{{- end }}
+{{- $version := include "keyward.admission.apiVersion" . }}
+{{- if and .Values.admission.enabled $version }}
 {{- if not (has $version (list "v1" "v1beta1")) }}
 {{- fail "admission.apiVersion must be v1, v1beta1, or empty to pick by the cluster's API versions" }}
 {{- end }}

@@ -481,6 +481,108 @@ fn leader_election_disabled_drops_the_flag_and_the_lease_role() {
     assert!(chart.of_kind("RoleBinding").is_empty());
 }
 
+/// A cluster's capabilities, as `helm install` reads them by discovery: kinds
+/// under their group versions (always `v1/Namespace`), plus `extra`.
+fn cluster_capabilities<'a>(kube_version: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--kube-version",
+        kube_version,
+        "--api-versions",
+        "v1/Namespace",
+    ];
+    for version in extra {
+        args.extend(["--api-versions", version]);
+    }
+    args
+}
+
+#[test]
+fn admission_objects_only_for_an_api_the_cluster_serves() {
+    let test = "admission_objects_only_for_an_api_the_cluster_serves";
+    // 1.28 and 1.29 without the feature gate serve admissionregistration v1
+    // (webhooks) but no ValidatingAdmissionPolicy kind at all.
+    for kube_version in ["1.28", "1.29", "1.30"] {
+        let args = cluster_capabilities(
+            kube_version,
+            &[
+                "admissionregistration.k8s.io/v1",
+                "admissionregistration.k8s.io/v1/ValidatingWebhookConfiguration",
+            ],
+        );
+        let Some(output) = helm_render(test, &[args.as_slice(), &["--notes"]].concat()) else {
+            return;
+        };
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            !stdout.contains("kind: ValidatingAdmissionPolicy"),
+            "{kube_version}: no admission objects where none can be stored:\n{stdout}"
+        );
+        let notes = stdout
+            .split("# Source: keyward/templates/NOTES.txt")
+            .nth(1)
+            .unwrap();
+        assert!(
+            notes.contains("serves no ValidatingAdmissionPolicy API")
+                && notes.contains("the operator refuses to issue"),
+            "{notes}"
+        );
+    }
+    // Whatever the version, the kind the cluster serves decides.
+    let cases: [(&str, &str, &str); 3] = [
+        (
+            "1.28",
+            "admissionregistration.k8s.io/v1beta1/ValidatingAdmissionPolicy",
+            "v1beta1",
+        ),
+        (
+            "1.31",
+            "admissionregistration.k8s.io/v1beta1/ValidatingAdmissionPolicy",
+            "v1beta1",
+        ),
+        (
+            "1.29",
+            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+            "v1",
+        ),
+    ];
+    for (kube_version, served, version) in cases {
+        let args = cluster_capabilities(kube_version, &[served]);
+        let Some(chart) = render(test, &args) else {
+            return;
+        };
+        let expected = format!("admissionregistration.k8s.io/{version}");
+        assert_eq!(
+            chart.admission_versions(),
+            [expected.as_str(); 2],
+            "{served}"
+        );
+    }
+    // Disabled, or served: no note.
+    let args = cluster_capabilities("1.28", &[]);
+    for extra in [
+        ["--set", "admission.enabled=false"],
+        [
+            "--api-versions",
+            "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+        ],
+    ] {
+        let Some(output) = helm_render(test, &[args.as_slice(), &extra, &["--notes"]].concat())
+        else {
+            return;
+        };
+        let stdout = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            !stdout.contains("serves no ValidatingAdmissionPolicy API"),
+            "{extra:?}"
+        );
+    }
+}
+
 #[test]
 fn admission_api_version_follows_the_kubernetes_version() {
     let test = "admission_api_version_follows_the_kubernetes_version";

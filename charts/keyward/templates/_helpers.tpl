@@ -81,3 +81,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default "default" .Values.verifier.serviceAccount.name }}
 {{- end }}
 {{- end }}
+
+{{/*
+The admissionregistration.k8s.io version of the admission objects, or nothing
+to leave them out. admission.apiVersion wins when set. Otherwise the version
+the cluster serves the ValidatingAdmissionPolicy kind at (a real install and
+`helm template --validate` list the cluster's kinds, e.g. v1/Namespace); a
+cluster that serves neither gets no admission objects (NOTES says so, and the
+operator still enforces). `helm template` without a cluster knows only API
+groups, not kinds: it picks by --kube-version (v1 from 1.30).
+*/}}
+{{- define "keyward.admission.apiVersion" -}}
+{{- $api := .Capabilities.APIVersions }}
+{{- if .Values.admission.apiVersion }}
+{{- .Values.admission.apiVersion }}
+{{- else if $api.Has "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy" }}v1
+{{- else if $api.Has "admissionregistration.k8s.io/v1beta1/ValidatingAdmissionPolicy" }}v1beta1
+{{- else if not ($api.Has "v1/Namespace") }}
+{{- ternary "v1" "v1beta1" (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) }}
+{{- end }}
+{{- end }}
