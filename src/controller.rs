@@ -2,7 +2,7 @@
 //! election and start-up.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
@@ -151,6 +151,20 @@ impl Context {
         while !index.knows_namespace(namespace) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Drops what is kept for ApiKeys the cache no longer holds (deleted while
+    /// the watch was away), so that create/delete churn never grows memory.
+    fn keep_only(&self, cache: &reflector::Store<DeserializeGuard<ApiKey>>) {
+        let objects = cache.state();
+        let uids: HashSet<String> = objects.iter().filter_map(|k| k.uid()).collect();
+        let names: HashSet<(String, String)> = objects
+            .iter()
+            .map(|k| (k.namespace().unwrap_or_default(), k.name_any()))
+            .collect();
+        self.failures().retain(|uid, _| uids.contains(uid));
+        self.queued().retain(|name, _| names.contains(name));
+        self.reconciler.status_memo.retain(&uids);
     }
 
     /// Drops what is kept per ApiKey once it is gone.
@@ -497,6 +511,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         metrics: metrics.clone(),
         status_memo: Arc::new(StatusMemo::default()),
         governance: Arc::new(policies.clone()),
+        issue_turns: Arc::default(),
     };
 
     let outcome = if config.leader_election {
@@ -681,6 +696,13 @@ async fn run_controller(
     policies.attach_keys(keys.clone());
     let (requeue, requeued) = tokio::sync::mpsc::unbounded_channel();
     let policy_changed = Arc::new(tokio::sync::Notify::new());
+    let store = context.reconciler.store.clone();
+    let last_use = tokio::spawn(crate::last_used::follow(
+        store.clone(),
+        keys.clone(),
+        requeue.clone(),
+        clock.clone(),
+    ));
     let policy_watches = [
         policy_watch::watch_policies(
             client.clone(),
@@ -691,13 +713,14 @@ async fn run_controller(
         policy_watch::watch_namespaces(
             client.clone(),
             policies.clone(),
-            requeue,
+            requeue.clone(),
             policy_changed.clone(),
         ),
         tokio::spawn(policy_watch::maintain_status(
             client.clone(),
-            policies,
-            policy_changed,
+            policies.clone(),
+            store,
+            policy_changed.clone(),
             clock,
             metrics,
         )),
@@ -706,6 +729,8 @@ async fn run_controller(
         receiver.recv().await.map(|item| (item, receiver))
     });
     let queue = context.clone();
+    let seen = context.clone();
+    let known = keys.clone();
     let key_changes = watcher(
         Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
         watcher::Config::default().page_size(LIST_PAGE_SIZE),
@@ -713,6 +738,19 @@ async fn run_controller(
     .default_backoff()
     .modify(slim_apikey)
     .reflect(key_writer)
+    .inspect_ok(move |event| {
+        // Policy status follows ApiKey changes (debounced by its writer).
+        policy_changed.notify_one();
+        match event {
+            watcher::Event::Delete(key) => {
+                let namespace = key.namespace().unwrap_or_default();
+                seen.forget(&key.uid().unwrap_or_default(), &namespace, &key.name_any());
+                policy_watch::requeue_waiting(&policies, &requeue, &namespace);
+            }
+            watcher::Event::InitDone => seen.keep_only(&known),
+            _ => {}
+        }
+    })
     .applied_objects()
     .inspect_ok(move |key| queue.mark_queued(key.meta().namespace.as_deref(), &key.name_any()));
     let queue = context.clone();
@@ -757,7 +795,7 @@ async fn run_controller(
             }
         })
         .await;
-    for task in policy_watches {
+    for task in policy_watches.into_iter().chain([last_use]) {
         task.abort();
     }
     info!("stopped");

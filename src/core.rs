@@ -544,12 +544,13 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         revision: input.issued.or(previous.revision),
         ..previous.clone()
     };
-    // At most one status write an hour per key for last use, however busy it is.
-    if let Some(used) = input.last_used {
-        let shown = previous.last_used_at.as_ref().map(|t| t.0);
-        if shown.is_none_or(|shown| used.duration_since(shown) >= LAST_USED_RESOLUTION) {
-            status.last_used_at = Some(seconds(used));
-        }
+    if let Some(verdict) = input.verdict {
+        status.violated_policies = verdict.violated_policies();
+    }
+    if let Some(used) = input.last_used
+        && shows_use(previous.last_used_at.as_ref().map(|t| t.0), used)
+    {
+        status.last_used_at = Some(seconds(used));
     }
     match (input.outcome, input.current) {
         (Outcome::Ready | Outcome::KeyExpired, Some(current)) => {
@@ -597,6 +598,12 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         _ => {}
     }
     status
+}
+
+/// Whether status should move `lastUsedAt` from `shown` to `used`: the first
+/// use always, later ones at most once an hour per key, however busy it is.
+pub fn shows_use(shown: Option<Timestamp>, used: Timestamp) -> bool {
+    shown.is_none_or(|shown| used.duration_since(shown) >= LAST_USED_RESOLUTION)
 }
 
 /// The `PolicyCompliant` condition's status, reason and message.

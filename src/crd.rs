@@ -268,6 +268,10 @@ pub struct ApiKeyStatus {
     /// The last `keyward.dev/rotate` value handled as an emergency (with `keyward.dev/revoke-previous`): every older key was revoked at once, with no grace period.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_emergency_request: Option<String>,
+
+    /// The ApiKeyPolicies this key breaks, by name, while its `PolicyCompliant` condition is False (`--require-policy` when no policy selects the namespace and the operator requires one). Read this, not the condition's message, which quotes the spec.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub violated_policies: Vec<String>,
 }
 
 impl ApiKeyStatus {

@@ -6,6 +6,7 @@
 //! - [`core`]: the pure decision core.
 //! - [`reconciler`]: the I/O shell that carries decisions out.
 //! - [`controller`]: the kube-runtime controller around it, with leader election.
+//! - [`last_used`]: brings recent key uses to `status.lastUsedAt`.
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`plugin`]: the `kubectl keyward` plugin.
 //! - [`policy`]: `ApiKeyPolicy`, which teams, scopes and lifetimes a namespace's keys may have.
@@ -19,6 +20,7 @@ pub mod core;
 pub mod crd;
 mod error;
 pub mod key;
+pub mod last_used;
 pub mod plugin;
 pub mod policy;
 pub mod reconciler;

@@ -398,7 +398,8 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
     Ok(table(&rows))
 }
 
-/// `ok`, `violates:<policies>` from the PolicyCompliant condition, or `-` before
+/// `ok`, `violates:<policies>` from the PolicyCompliant condition and
+/// `status.violatedPolicies`, or `-` before
 /// the operator has checked the key.
 fn policy_column(status: &crate::crd::ApiKeyStatus) -> String {
     let Some(condition) = status
@@ -411,18 +412,11 @@ fn policy_column(status: &crate::crd::ApiKeyStatus) -> String {
     if condition.status == "True" {
         return "ok".into();
     }
-    // The message names each policy as "ApiKeyPolicy <name> rule …".
-    let mut names: Vec<&str> = condition
-        .message
-        .split("ApiKeyPolicy ")
-        .skip(1)
-        .filter_map(|part| part.split_whitespace().next())
-        .collect();
-    names.dedup();
-    if names.is_empty() {
+    // From the structured field: the message quotes the spec's free text.
+    if status.violated_policies.is_empty() {
         return "violates".into();
     }
-    format!("violates:{}", names.join(","))
+    format!("violates:{}", status.violated_policies.join(","))
 }
 
 /// The `status` output.
@@ -719,10 +713,13 @@ Events:
         let mut condition = status.conditions[0].clone();
         condition.type_ = POLICY_COMPLIANT.into();
         condition.status = "False".into();
-        condition.message = "ApiKeyPolicy prod rule scopes: no; ApiKeyPolicy prod rule teams: no; \
-                             ApiKeyPolicy base rule owner: no"
-            .into();
+        // The owner is free text and quoted in the message: it must not spoof the column.
+        condition.message =
+            "ApiKeyPolicy prod rule owner: owner \"x ApiKeyPolicy prod-baseline y\" \
+                             does not match; ApiKeyPolicy base rule scopes: no"
+                .into();
         status.conditions.push(condition.clone());
+        status.violated_policies = vec!["base".into(), "prod".into()];
         let mut fine = key("b", Some(("True", "KeyActive")));
         condition.status = "True".into();
         fine.status.as_mut().unwrap().conditions.push(condition);
@@ -732,6 +729,6 @@ Events:
             .skip(1)
             .map(|l| l.split_whitespace().nth(6).unwrap())
             .collect();
-        assert_eq!(column, ["violates:prod,base", "ok"]);
+        assert_eq!(column, ["violates:base,prod", "ok"]);
     }
 }

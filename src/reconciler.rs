@@ -457,6 +457,11 @@ impl StatusMemo {
     pub fn forget(&self, uid: &str) {
         self.entries().remove(uid);
     }
+
+    /// Keeps only the ApiKeys with these uids.
+    pub fn retain(&self, uids: &std::collections::HashSet<String>) {
+        self.entries().retain(|uid, _| uids.contains(uid));
+    }
 }
 
 /// The target Secret reduced to what decisions need; its data is hashed and wiped.
@@ -558,6 +563,31 @@ pub struct Reconciler {
     pub status_memo: Arc<StatusMemo>,
     /// The ApiKeyPolicies every key is checked against before anything is issued.
     pub governance: Arc<dyn Governance>,
+    /// Serializes first issues within a namespace under `maxKeysPerNamespace`.
+    pub issue_turns: Arc<IssueTurns>,
+}
+
+/// One turn at a time per namespace for the reconciles that may give an ApiKey
+/// its first key while a policy limits the namespace's keys: counting the
+/// holders in the key database and recording the new pending key happen in one
+/// turn, so concurrent reconciles never issue past the limit. Shared by every
+/// reconcile of one operator process (only the leader reconciles).
+#[derive(Debug, Default)]
+pub struct IssueTurns {
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl IssueTurns {
+    /// Waits for `namespace`'s turn; it ends when the guard is dropped.
+    pub async fn take(&self, namespace: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget the namespaces nobody waits on, so the map stays small.
+            turns.retain(|_, turn| Arc::strong_count(turn) > 1);
+            turns.entry(namespace.to_owned()).or_default().clone()
+        };
+        turn.lock_owned().await
+    }
 }
 
 impl Reconciler {
@@ -580,7 +610,21 @@ impl Reconciler {
             scopes: key.spec.scopes.clone(),
         };
         let now = self.clock.now();
-        let verdict = self.governance.check(key, now)?;
+        let set = self.store.load(&target.uid).await?;
+        // Under maxKeysPerNamespace the key database says who holds a place; an
+        // ApiKey without a live key waits for the namespace's turn first, and
+        // keeps it until its new key is recorded.
+        let (_turn, holders) = if self.governance.limits(&target.namespace) {
+            let turn = if set.live.is_empty() {
+                Some(self.issue_turns.take(&target.namespace).await)
+            } else {
+                None
+            };
+            (turn, Some(self.store.holders(&target.namespace).await?))
+        } else {
+            (None, None)
+        };
+        let verdict = self.governance.check(key, holders.as_ref(), now)?;
         let forbidden = (!verdict.allowed()).then(|| verdict.action().unwrap_or_default());
         if forbidden.is_some() {
             warn!(
@@ -588,7 +632,6 @@ impl Reconciler {
                 "an ApiKeyPolicy forbids this key"
             );
         }
-        let set = self.store.load(&target.uid).await?;
         let secret = self.observe_secret(&target, &set.live).await?;
         let decision = core::decide(&Observation {
             desired: &desired,

@@ -2,7 +2,7 @@
 //! trail. One implementation over sqlx's `Any` driver serves SQLite and
 //! PostgreSQL with the same queries; see docs/database.md for the contract.
 
-use std::{borrow::Cow, fmt, str::FromStr};
+use std::{borrow::Cow, collections::HashSet, fmt, str::FromStr};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -256,6 +256,14 @@ pub trait KeyStore: Send + Sync {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
     /// Answers when the database is reachable.
     async fn ping(&self) -> Result<()>;
+    /// The uids of the ApiKeys in `namespace` that hold a live (pending, active
+    /// or retiring) key: the keys `maxKeysPerNamespace` counts, including those
+    /// of ApiKeys being deleted whose keys are not revoked yet.
+    async fn holders(&self, namespace: &str) -> Result<HashSet<String>>;
+    /// The ApiKeys (by uid) any of whose keys was used at or after `since`,
+    /// each with its latest use: how the operator learns of a use that should
+    /// reach `status.lastUsedAt`.
+    async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>>;
 }
 
 /// Which SQL database a URL selects.
@@ -814,6 +822,30 @@ impl KeyStore for SqlStore {
             .as_ref()
             .map(record_from_row)
             .transpose()
+    }
+
+    async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>> {
+        sqlx::query(
+            "SELECT apikey_uid, MAX(last_used_at) AS used FROM api_keys WHERE last_used_at >= $1 GROUP BY apikey_uid",
+        )
+        .bind(since.as_millisecond())
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("apikey_uid")?, from_millis(row.try_get("used")?)?)))
+        .collect()
+    }
+
+    async fn holders(&self, namespace: &str) -> Result<HashSet<String>> {
+        sqlx::query(
+            "SELECT DISTINCT apikey_uid FROM api_keys WHERE namespace = $1 AND state <> 'revoked'",
+        )
+        .bind(namespace)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok(row.try_get("apikey_uid")?))
+        .collect()
     }
 
     async fn ping(&self) -> Result<()> {

@@ -2,6 +2,7 @@
 //! Labels carry ids, names and reasons only, never key material.
 
 use std::{
+    collections::HashSet,
     convert::Infallible,
     net::SocketAddr,
     sync::{
@@ -464,6 +465,12 @@ impl KeyStore for InstrumentedStore {
     }
     async fn ping(&self) -> Result<()> {
         self.timed("ping", self.inner.ping()).await
+    }
+    async fn holders(&self, namespace: &str) -> Result<HashSet<String>> {
+        self.timed("holders", self.inner.holders(namespace)).await
+    }
+    async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>> {
+        self.timed("used_since", self.inner.used_since(since)).await
     }
 }
 

@@ -537,3 +537,79 @@ async fn a_secret_made_by_someone_else_before_our_create_is_never_merged_into() 
     assert!(h.store.inner.load("uid-1").await.unwrap().live.is_empty());
     assert_eq!(key.ready_condition().unwrap().reason, "SecretConflict");
 }
+
+/// `maxKeysPerNamespace: 2` over `team-ml`.
+fn limit_two() -> keyward::policy::CompiledPolicy {
+    let policy: keyward::policy::ApiKeyPolicy = serde_yaml::from_str(
+        "apiVersion: keyward.dev/v1alpha1\nkind: ApiKeyPolicy\nmetadata: {name: two}\nspec:\n  namespaceSelector: {}\n  maxKeysPerNamespace: 2\n",
+    )
+    .unwrap();
+    keyward::policy::CompiledPolicy::new(&policy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_new_keys_never_passes_max_keys_per_namespace() {
+    // One `kubectl apply` of five ApiKeys, reconciled all at once, in several
+    // orders: never more than two hold a working key, and the first two keep them.
+    let orders: [[&str; 5]; 3] = [
+        ["key-e", "key-d", "key-c", "key-b", "key-a"],
+        ["key-a", "key-b", "key-c", "key-d", "key-e"],
+        ["key-c", "key-a", "key-e", "key-b", "key-d"],
+    ];
+    for order in orders {
+        let (mut h, _dir) = Harness::sqlite().await;
+        h.policies.upsert_policy(limit_two());
+        let created = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        let mut keys: Vec<ApiKey> = order
+            .iter()
+            .map(|name| {
+                let mut key = api_key(name, &format!("uid-{name}"));
+                key.metadata.creation_timestamp = Some(
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created),
+                );
+                key
+            })
+            .collect();
+        let reconcilers: Vec<_> = keys.iter().map(|_| h.reconciler()).collect();
+        let runs = keys
+            .iter()
+            .zip(&reconcilers)
+            .map(|(key, reconciler)| reconciler.apply(key));
+        for result in futures::future::join_all(runs).await {
+            result.unwrap();
+        }
+        let holders = h.store.inner.holders(NS).await.unwrap();
+        assert_eq!(holders.len(), 2, "{order:?}: {holders:?}");
+        // Later reconciles, in any order, move no place.
+        for _ in 0..2 {
+            for key in keys.iter_mut().rev() {
+                h.reconcile(key).await.unwrap();
+            }
+        }
+        assert_eq!(
+            h.store.inner.holders(NS).await.unwrap(),
+            holders,
+            "{order:?}"
+        );
+        for key in &keys {
+            let held = holders.contains(&key.uid().unwrap());
+            assert_eq!(h.cluster.key_in(NS, &key.name_any()).is_some(), held);
+            let status = key.status.clone().unwrap_or_default();
+            let compliant = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == keyward::crd::POLICY_COMPLIANT)
+                .map(|c| c.status.clone());
+            assert_eq!(
+                compliant.as_deref(),
+                Some(if held { "True" } else { "False" })
+            );
+            assert_eq!(
+                status.violated_policies.is_empty(),
+                held,
+                "{}",
+                key.name_any()
+            );
+        }
+    }
+}

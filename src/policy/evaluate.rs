@@ -85,6 +85,11 @@ impl CompiledPolicy {
         selects(&self.spec.namespace_selector, labels).unwrap_or(true)
     }
 
+    /// Whether this policy limits the keys of a namespace with these labels.
+    pub fn limits(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.spec.max_keys_per_namespace.is_some() && self.selects(labels)
+    }
+
     /// The teams this policy allows, as one line for `kubectl get`.
     pub fn teams_summary(&self) -> Option<String> {
         let rule = self.spec.teams.as_ref()?;
@@ -182,6 +187,23 @@ impl Verdict {
         self.violations.iter().map(|v| v.action).max()
     }
 
+    /// The broken policies' names, sorted and once each; `--require-policy`
+    /// stands for a namespace no policy selects while one is required.
+    pub fn violated_policies(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .violations
+            .iter()
+            .map(|v| {
+                v.policy
+                    .clone()
+                    .unwrap_or_else(|| "--require-policy".into())
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// All violations in one line, for a condition message or an Event.
     pub fn message(&self) -> String {
         self.violations
@@ -217,18 +239,27 @@ pub fn evaluate(
     let mut verdict = Verdict::default();
     for policy in policies.iter().filter(|p| p.selects(key.namespace_labels)) {
         verdict.governing.push(policy.name.clone());
+        // A policy the operator cannot read stops new keys and rotations, but
+        // never takes a working key away, whatever its onViolation says: the
+        // defect may be the operator's, not the key's.
+        let action = match policy.defect {
+            Some(_) => ViolationAction::Keep,
+            None => policy.spec.on_violation,
+        };
         let mut broken = |rule: &'static str, message: String| {
             verdict.violations.push(Violation {
                 policy: Some(policy.name.clone()),
                 rule,
                 message,
-                action: policy.spec.on_violation,
+                action,
             });
         };
         if let Some(defect) = &policy.defect {
             broken(
                 "spec",
-                format!("the policy cannot be applied ({defect}); fix it"),
+                format!(
+                    "the policy cannot be applied ({defect}); until it is fixed, no key is issued or rotated in the namespaces it selects, and working keys keep working"
+                ),
             );
             continue;
         }
@@ -266,7 +297,7 @@ pub fn evaluate(
                 broken(
                     "maxKeysPerNamespace",
                     format!(
-                        "namespace {} may hold {max} ApiKeys and {rank} older ones exist",
+                        "namespace {} may hold {max} ApiKeys with working keys and {rank} come before this one; it waits for a place",
                         key.namespace
                     ),
                 );
@@ -685,7 +716,7 @@ mod tests {
         assert!(
             third
                 .message()
-                .contains("may hold 2 ApiKeys and 2 older ones exist")
+                .contains("may hold 2 ApiKeys with working keys and 2 come before this one")
         );
     }
 }

@@ -9,14 +9,24 @@ use std::{
 use jiff::Timestamp;
 use kube::{ResourceExt, core::DeserializeGuard, runtime::reflector::Store};
 
-use super::evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate};
+use super::{
+    evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate},
+    limit::{Holders, place},
+};
 use crate::{Error, Result, crd::ApiKey};
 
 /// Where the reconciler learns whether ApiKeyPolicies allow a key.
 pub trait Governance: Send + Sync {
+    /// Whether a policy limits the number of keys in `namespace`
+    /// (`maxKeysPerNamespace`): then the reconciler reads the namespace's
+    /// [`Holders`] from the key database for [`check`](Self::check), and
+    /// issues a namespace's first keys one at a time.
+    fn limits(&self, namespace: &str) -> bool;
     /// Checks the key against every policy that selects its namespace. Fails
-    /// while the policies or namespaces are not known yet: nothing is issued then.
-    fn check(&self, key: &ApiKey, now: Timestamp) -> Result<Verdict>;
+    /// while the policies or namespaces are not known yet: nothing is issued
+    /// then; and when a policy limits the namespace but `holders` is `None`
+    /// (the policy came after [`limits`](Self::limits) was asked).
+    fn check(&self, key: &ApiKey, holders: Option<&Holders>, now: Timestamp) -> Result<Verdict>;
 }
 
 /// The ApiKeyPolicies and namespace labels as last seen, shared by the watches,
@@ -138,18 +148,36 @@ impl PolicyIndex {
         state.policies_synced && state.namespaces_synced
     }
 
-    /// How many ApiKeys in `namespace` come before `key` (by creation time, then name).
-    fn rank(&self, key: &ApiKey) -> usize {
+    /// `key`'s place in its namespace's line for `maxKeysPerNamespace` ([`place`]).
+    fn rank(
+        &self,
+        state: &State,
+        key: &ApiKey,
+        holders: &Holders,
+        labels: &Labels,
+        now: Timestamp,
+    ) -> usize {
         let namespace = key.metadata.namespace.as_deref();
-        let mine = age_order(key);
-        self.keys()
+        let cached = self.keys();
+        let peers: Vec<&ApiKey> = cached
             .iter()
             .filter_map(|guarded| live(guarded))
             .filter(|other| other.metadata.namespace.as_deref() == namespace)
-            .filter(|other| other.metadata.uid != key.metadata.uid && age_order(other) < mine)
-            .count()
+            .collect();
+        let eligible = |other: &ApiKey| {
+            let context = KeyContext {
+                namespace: namespace.unwrap_or_default(),
+                namespace_labels: labels,
+                rank: &|| 0,
+                now,
+            };
+            evaluate(&state.policies, &other.spec, &context, false).allowed()
+        };
+        place(key, holders, &peers, &eligible)
     }
 }
+
+type Labels = BTreeMap<String, String>;
 
 /// A cached ApiKey that can be read and is not being deleted.
 pub fn live(guarded: &DeserializeGuard<ApiKey>) -> Option<&ApiKey> {
@@ -169,7 +197,15 @@ pub fn age_order(key: &ApiKey) -> (Option<Timestamp>, Option<&str>) {
 }
 
 impl Governance for PolicyIndex {
-    fn check(&self, key: &ApiKey, now: Timestamp) -> Result<Verdict> {
+    fn limits(&self, namespace: &str) -> bool {
+        let state = self.read();
+        let Some(labels) = state.namespaces.get(namespace) else {
+            return false;
+        };
+        state.policies.iter().any(|p| p.limits(labels))
+    }
+
+    fn check(&self, key: &ApiKey, holders: Option<&Holders>, now: Timestamp) -> Result<Verdict> {
         let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
         let state = self.read();
         if !(state.policies_synced && state.namespaces_synced) {
@@ -182,9 +218,20 @@ impl Governance for PolicyIndex {
                 "namespace {namespace} has not been seen yet"
             )));
         };
+        let limited = state.policies.iter().any(|p| p.limits(labels));
+        let none = Holders::new();
+        let holders = match holders {
+            Some(holders) => holders,
+            None if limited => {
+                return Err(Error::PolicyUnavailable(format!(
+                    "an ApiKeyPolicy now limits the keys in namespace {namespace}; checking again"
+                )));
+            }
+            None => &none,
+        };
         // Evaluated in place under the read lock: no copy of the policies or
         // labels per reconcile. `rank` reads the ApiKey cache, not this lock.
-        let rank = || self.rank(key);
+        let rank = || self.rank(&state, key, holders, labels, now);
         let context = KeyContext {
             namespace: &namespace,
             namespace_labels: labels,

@@ -5,6 +5,7 @@
 //! - [`evaluate`]: the pure check of one key against the policies.
 //! - [`admission`]: the same rules as a ValidatingAdmissionPolicy (`keyward admission`).
 //! - [`index`]: the policies and namespace labels the operator knows, and [`Governance`].
+//! - [`limit`]: a key's place under `maxKeysPerNamespace`.
 //! - [`status`]: each policy's status, computed.
 //! - [`watch`]: the watches that fill the index, and the status writer.
 
@@ -12,9 +13,11 @@ pub mod admission;
 pub mod crd;
 pub mod evaluate;
 pub mod index;
+pub mod limit;
 pub mod status;
 pub mod watch;
 
 pub use crd::{ApiKeyPolicy, ApiKeyPolicySpec, ApiKeyPolicyStatus, ViolationAction};
 pub use evaluate::{CompiledPolicy, KeyContext, Verdict, Violation, evaluate};
 pub use index::{Governance, PolicyIndex};
+pub use limit::Holders;

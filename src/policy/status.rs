@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use super::{
     crd::{ApiKeyPolicyStatus, PolicyViolationEntry},
     evaluate::{CompiledPolicy, KeyContext, evaluate},
-    index::age_order,
+    limit::{Holders, place},
 };
 use crate::crd::{ApiKey, READY};
 
@@ -23,9 +23,9 @@ pub fn summarize(
     policies: &[CompiledPolicy],
     namespaces: &HashMap<String, BTreeMap<String, String>>,
     keys: &[&ApiKey],
+    holders: &HashMap<String, Holders>,
     now: Timestamp,
 ) -> BTreeMap<String, ApiKeyPolicyStatus> {
-    // Each namespace's keys, oldest first, for maxKeysPerNamespace.
     let mut by_namespace: HashMap<String, Vec<&ApiKey>> = HashMap::new();
     for key in keys {
         by_namespace
@@ -33,10 +33,39 @@ pub fn summarize(
             .or_default()
             .push(key);
     }
-    for list in by_namespace.values_mut() {
-        list.sort_by(|a, b| age_order(a).cmp(&age_order(b)));
-    }
     let empty = BTreeMap::new();
+    let no_holders = Holders::new();
+    // Each key's place under maxKeysPerNamespace, ranked as the reconciler
+    // ranks it ([`place`]), so that conditions and status agree.
+    let mut places: HashMap<&str, usize> = HashMap::new();
+    for (namespace, list) in &by_namespace {
+        let labels = namespaces.get(namespace).unwrap_or(&empty);
+        let limited = policies.iter().any(|p| p.limits(labels));
+        if !limited {
+            continue;
+        }
+        let eligible: HashMap<&str, bool> = list
+            .iter()
+            .map(|key| {
+                let context = KeyContext {
+                    namespace,
+                    namespace_labels: labels,
+                    rank: &|| 0,
+                    now,
+                };
+                let allowed = evaluate(policies, &key.spec, &context, false).allowed();
+                (key.metadata.uid.as_deref().unwrap_or_default(), allowed)
+            })
+            .collect();
+        let is_eligible = |key: &ApiKey| {
+            eligible.get(key.metadata.uid.as_deref().unwrap_or_default()) == Some(&true)
+        };
+        let held = holders.get(namespace).unwrap_or(&no_holders);
+        for key in list {
+            let uid = key.metadata.uid.as_deref().unwrap_or_default();
+            places.insert(uid, place(key, held, list, &is_eligible));
+        }
+    }
     policies
         .iter()
         .map(|policy| {
@@ -51,9 +80,10 @@ pub fn summarize(
                 if !policy.selects(labels) {
                     continue;
                 }
-                for (rank, key) in list.iter().enumerate() {
+                for key in list {
                     status.governed_keys += 1;
-                    let rank = move || rank;
+                    let uid = key.metadata.uid.as_deref().unwrap_or_default();
+                    let rank = || places.get(uid).copied().unwrap_or_default();
                     let context = KeyContext {
                         namespace,
                         namespace_labels: labels,

@@ -23,12 +23,14 @@ use tracing::{info, warn};
 use super::{
     crd::ApiKeyPolicy,
     evaluate::CompiledPolicy,
-    index::{PolicyIndex, live},
+    index::{Governance, PolicyIndex, live},
+    limit::Holders,
     status::summarize,
 };
 use crate::{
     clock::Clock,
     crd::{ApiKey, FIELD_MANAGER},
+    store::KeyStore,
     telemetry::{Metrics, PolicyLabel},
 };
 
@@ -56,6 +58,25 @@ fn requeue_where(index: &PolicyIndex, requeue: &Requeue, selected: impl Fn(&str)
     }
     if count > 0 {
         info!(apikeys = count, "requeued ApiKeys for a policy change");
+    }
+}
+
+/// Requeues the ApiKeys of `namespace` that wait for a place under
+/// `maxKeysPerNamespace` (no key in status): after a deletion there, the first
+/// in line gets its key within seconds, not at the next resync.
+pub fn requeue_waiting(index: &PolicyIndex, requeue: &Requeue, namespace: &str) {
+    if !index.limits(namespace) {
+        return;
+    }
+    for guarded in index.keys() {
+        let Some(key) = live(&guarded) else { continue };
+        let waiting = key.status.as_ref().is_none_or(|s| s.key_id.is_none());
+        if waiting && key.metadata.namespace.as_deref() == Some(namespace) {
+            let reference = ObjectRef::new(&key.name_any()).within(namespace);
+            if requeue.send(reference).is_err() {
+                return;
+            }
+        }
     }
 }
 
@@ -171,20 +192,26 @@ pub fn watch_namespaces(
     })
 }
 
-/// Writes each ApiKeyPolicy's status after changes (debounced) and every few
-/// minutes, with server-side apply, only where it differs from what is there.
-/// It also sets the `keyward_policy_violating_keys` gauge.
+/// Writes each ApiKeyPolicy's status after changes of policies, namespaces
+/// and ApiKeys (debounced) and every few minutes, with server-side apply, only
+/// where it differs from what is there. It also sets the
+/// `keyward_policy_violating_keys` gauge. Under `maxKeysPerNamespace` it reads
+/// who holds a key from the key database, as the reconciler does; while that
+/// fails the statuses stay as they are and it tries again shortly.
 pub async fn maintain_status(
     client: Client,
     index: PolicyIndex,
+    store: Arc<dyn KeyStore>,
     changed: Arc<Notify>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 ) {
     let api = Api::<ApiKeyPolicy>::all(client);
+    let mut wait = STATUS_RESYNC;
     loop {
-        let _ = tokio::time::timeout(STATUS_RESYNC, changed.notified()).await;
+        let _ = tokio::time::timeout(wait, changed.notified()).await;
         tokio::time::sleep(STATUS_DEBOUNCE).await;
+        wait = STATUS_RESYNC;
         if !index.is_synced() {
             continue;
         }
@@ -195,7 +222,16 @@ pub async fn maintain_status(
         }
         let cached = index.keys();
         let keys: Vec<&ApiKey> = cached.iter().filter_map(|k| live(k)).collect();
-        let statuses = summarize(&policies, &index.namespaces(), &keys, clock.now());
+        let namespaces = index.namespaces();
+        let holders = match limited_holders(&*store, &policies, &namespaces).await {
+            Ok(holders) => holders,
+            Err(e) => {
+                warn!(error = %e, "cannot read the key database for ApiKeyPolicy status; retrying");
+                wait = STATUS_DEBOUNCE;
+                continue;
+            }
+        };
+        let statuses = summarize(&policies, &namespaces, &keys, &holders, clock.now());
         metrics.policy_violations.clear();
         for policy in &policies {
             let Some(status) = statuses.get(&policy.name) else {
@@ -229,4 +265,20 @@ pub async fn maintain_status(
             }
         }
     }
+}
+
+/// The holders of every namespace a `maxKeysPerNamespace` policy selects.
+async fn limited_holders(
+    store: &dyn KeyStore,
+    policies: &[CompiledPolicy],
+    namespaces: &HashMap<String, BTreeMap<String, String>>,
+) -> crate::Result<HashMap<String, Holders>> {
+    let mut holders = HashMap::new();
+    for (namespace, labels) in namespaces {
+        let limited = policies.iter().any(|p| p.limits(labels));
+        if limited {
+            holders.insert(namespace.clone(), store.holders(namespace).await?);
+        }
+    }
+    Ok(holders)
 }

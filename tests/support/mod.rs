@@ -4,7 +4,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -24,7 +24,7 @@ use keyward::{
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
     policy::PolicyIndex,
-    reconciler::{CachedSecret, Cluster, RateLimiter, Reconciler, StatusMemo},
+    reconciler::{CachedSecret, Cluster, IssueTurns, RateLimiter, Reconciler, StatusMemo},
     secret_cache::SecretFacts,
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
@@ -513,6 +513,14 @@ impl KeyStore for FaultyStore {
     async fn ping(&self) -> Result<()> {
         self.inner.ping().await
     }
+    async fn holders(&self, namespace: &str) -> Result<HashSet<String>> {
+        self.check(StoreOp::Load)?;
+        self.inner.holders(namespace).await
+    }
+    async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>> {
+        self.check(StoreOp::Load)?;
+        self.inner.used_since(since).await
+    }
 }
 
 /// Issues an active key straight into the key database as the operator does
@@ -621,6 +629,8 @@ pub struct Harness {
     /// The ApiKeyPolicies reconciles check against: none, and namespace
     /// `team-ml` (labelled `team: ml`) known, until a test adds policies.
     pub policies: PolicyIndex,
+    /// Shared by the reconcilers of one harness, as by one operator process.
+    pub issue_turns: Arc<IssueTurns>,
 }
 
 /// A policy index that has listed no policies and the namespace `team-ml`.
@@ -646,6 +656,7 @@ impl Harness {
             metrics: Arc::new(Metrics::default()),
             seed: 1,
             policies: synced_policies(),
+            issue_turns: Arc::default(),
         }
     }
 
@@ -662,6 +673,7 @@ impl Harness {
             metrics: self.metrics.clone(),
             status_memo: Arc::new(StatusMemo::default()),
             governance: Arc::new(self.policies.clone()),
+            issue_turns: self.issue_turns.clone(),
         }
     }
 }
