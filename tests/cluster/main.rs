@@ -4,6 +4,7 @@
 mod admission;
 mod chart;
 mod harness;
+mod limits;
 mod policy;
 mod roles;
 mod verifier;
