@@ -1129,3 +1129,51 @@ fn an_unreadable_apikey_does_not_stall_the_others() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// The operator's resident memory, from /proc.
+fn rss_kib(operator: &Operator) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", operator.process.0.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn create_delete_churn_keeps_the_operator_memory_flat() {
+    let test = "create_delete_churn_keeps_the_operator_memory_flat";
+    let Some((cluster, _url, operator)) = start_with_operator(test, "info") else {
+        return;
+    };
+    cluster.kubectl(&["create", "namespace", "churn"]);
+    let round = |n: usize| {
+        let manifest: Vec<String> = (0..60)
+            .map(|i| apikey(&format!("churn-{n}-{i}"), "inference", "").replace(NS, "churn"))
+            .collect();
+        cluster.apply(&manifest.join("---\n"));
+        wait_for("60 keys", Duration::from_secs(60), || {
+            let secrets = cluster.kubectl(&["get", "secrets", "-n", "churn", "-o", "name"]);
+            (secrets.lines().count() == 60).then_some(())
+        });
+        cluster.kubectl(&["delete", "apikeys", "--all", "-n", "churn"]);
+        wait_for("the keys to go", Duration::from_secs(60), || {
+            let left = cluster.kubectl(&["get", "apikeys,secrets", "-n", "churn", "-o", "name"]);
+            left.trim().is_empty().then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        rss_kib(&operator)
+    };
+    // The first rounds warm up the caches and the allocator; later rounds of
+    // the same churn must not add to it.
+    let warm = [round(0), round(1)].into_iter().max().unwrap();
+    let after = [round(2), round(3), round(4)];
+    eprintln!("operator RSS after warm-up {warm} KiB, then {after:?} KiB");
+    for rss in after {
+        assert!(
+            rss <= warm + 8 * 1024,
+            "the operator grew from {warm} KiB to {rss} KiB under create/delete churn"
+        );
+    }
+}
