@@ -3,6 +3,7 @@
 //!
 //! - [`crd`]: the resource.
 //! - [`evaluate`]: the pure check of one key against the policies.
+//! - [`re2`]: owner patterns read as Go's RE2, as the API server reads them.
 //! - [`admission`]: the same rules as a ValidatingAdmissionPolicy (`keyward admission`).
 //! - [`index`]: the policies and namespace labels the operator knows, and [`Governance`].
 //! - [`status`]: each policy's status, computed.
@@ -12,6 +13,7 @@ pub mod admission;
 pub mod crd;
 pub mod evaluate;
 pub mod index;
+pub mod re2;
 pub mod status;
 pub mod watch;
 
