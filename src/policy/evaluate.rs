@@ -563,6 +563,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pattern_too_large_to_compile_fails_closed() {
+        // Go accepts it; `regex` compiles \pL into ~40 KiB, a thousand times over.
+        let p = policy("huge", |s| {
+            s.owner = Some(OwnerRule {
+                pattern: r"\pL{1000}".into(),
+            });
+        });
+        assert!(
+            p.defect.as_ref().is_some_and(|d| d.contains("size limit")),
+            "{:?}",
+            p.defect
+        );
+    }
+
+    #[test]
     fn lifetimes_bound_expiry_rotation_and_grace() {
         let p = policy("lifetime", |s| {
             s.lifetime = Some(LifetimeRule {
