@@ -45,7 +45,8 @@ impl CompiledPolicy {
         let spec = policy.spec.clone();
         let mut defects = Vec::new();
         let owner = spec.owner.as_ref().and_then(|rule| {
-            Regex::new(&format!("^(?:{})$", rule.pattern))
+            super::re2::anchored(&rule.pattern)
+                .and_then(|pattern| Regex::new(&pattern).map_err(|e| e.to_string()))
                 .map_err(|e| defects.push(format!("owner.pattern does not compile: {e}")))
                 .ok()
         });
@@ -576,6 +577,35 @@ mod tests {
         );
         key.owner = "svc-bot".into();
         assert_eq!(rules(&check(&[p], &key, &[])), vec!["owner"]);
+    }
+
+    #[test]
+    fn owner_patterns_are_read_as_go_reads_them() {
+        let p = policy("quoted", |s| {
+            s.owner = Some(OwnerRule {
+                pattern: r"\Qalice@example.com\E".into(),
+            });
+        });
+        assert_eq!(p.defect, None);
+        assert!(check(std::slice::from_ref(&p), &spec(), &[]).allowed());
+        let mut key = spec();
+        key.owner = "alicexexample.com".into();
+        assert_eq!(rules(&check(&[p], &key, &[])), vec!["owner"]);
+    }
+
+    #[test]
+    fn a_pattern_too_large_to_compile_fails_closed() {
+        // Go accepts it; `regex` compiles \pL into ~40 KiB, a thousand times over.
+        let p = policy("huge", |s| {
+            s.owner = Some(OwnerRule {
+                pattern: r"\pL{1000}".into(),
+            });
+        });
+        assert!(
+            p.defect.as_ref().is_some_and(|d| d.contains("size limit")),
+            "{:?}",
+            p.defect
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! - [`crd`]: the resource.
 //! - [`evaluate`]: the pure check of one key against the policies.
+//! - [`re2`]: owner patterns read as Go's RE2, as the API server reads them.
 //! - [`admission`]: the same rules as a ValidatingAdmissionPolicy (`keyward admission`).
 //! - [`index`]: the policies and namespace labels the operator knows, and [`Governance`].
 //! - [`limit`]: a key's place under `maxKeysPerNamespace`.
@@ -14,6 +15,7 @@ pub mod crd;
 pub mod evaluate;
 pub mod index;
 pub mod limit;
+pub mod re2;
 pub mod status;
 pub mod watch;
 
