@@ -726,15 +726,19 @@ mod tests {
     }
 
     #[test]
-    fn a_policy_that_cannot_be_read_fails_closed() {
+    fn a_policy_that_cannot_be_read_stops_new_keys_but_never_revokes() {
         let broken = policy("broken", |s| {
             s.owner = Some(OwnerRule {
                 pattern: "(unclosed".into(),
             });
+            s.on_violation = ViolationAction::Revoke;
         });
         assert!(broken.defect.is_some());
         let verdict = check(&[broken], &spec(), &[]);
         assert_eq!(rules(&verdict), vec!["spec"]);
+        // Forbidden (no issue, no rotation), but as Keep whatever onViolation says.
+        assert_eq!(verdict.action(), Some(ViolationAction::Keep));
+        assert!(verdict.message().contains("working keys keep working"));
     }
 
     #[test]
