@@ -673,16 +673,7 @@ mod tests {
     }
 
     fn spec() -> ApiKeySpec {
-        ApiKeySpec {
-            owner: "alice@example.com".into(),
-            team: "ml".into(),
-            scopes: vec!["inference".into()],
-            secret_name: None,
-            description: None,
-            rotation: None,
-            expires_after: None,
-            rollout: None,
-        }
+        ApiKeySpec::example()
     }
 
     fn owned(id: &str) -> SecretView {

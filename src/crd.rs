@@ -204,6 +204,23 @@ pub enum RolloutKind {
     DaemonSet,
 }
 
+#[cfg(test)]
+impl ApiKeySpec {
+    /// The spec unit tests start from: alice's `inference` key for team `ml`.
+    pub(crate) fn example() -> Self {
+        Self {
+            owner: "alice@example.com".into(),
+            team: "ml".into(),
+            scopes: vec!["inference".into()],
+            secret_name: None,
+            description: None,
+            rotation: None,
+            expires_after: None,
+            rollout: None,
+        }
+    }
+}
+
 /// What keyward last observed and did for this ApiKey. It never holds the key itself.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

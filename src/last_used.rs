@@ -105,16 +105,7 @@ mod tests {
                 uid: Some(format!("uid-{name}")),
                 ..ObjectMeta::default()
             },
-            spec: ApiKeySpec {
-                owner: "alice@example.com".into(),
-                team: "ml".into(),
-                scopes: vec!["inference".into()],
-                secret_name: None,
-                description: None,
-                rotation: None,
-                expires_after: None,
-                rollout: None,
-            },
+            spec: ApiKeySpec::example(),
             status: Some(ApiKeyStatus {
                 last_used_at: shown.map(|s| Time(Timestamp::from_second(s).unwrap())),
                 ..ApiKeyStatus::default()

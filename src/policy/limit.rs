@@ -70,16 +70,7 @@ mod tests {
                 creation_timestamp: Some(Time(jiff::Timestamp::from_second(second).unwrap())),
                 ..ObjectMeta::default()
             },
-            spec: ApiKeySpec {
-                owner: "alice@example.com".into(),
-                team: "ml".into(),
-                scopes: vec!["inference".into()],
-                secret_name: None,
-                description: None,
-                rotation: None,
-                expires_after: None,
-                rollout: None,
-            },
+            spec: ApiKeySpec::example(),
             status: None,
         }
     }
