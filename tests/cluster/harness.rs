@@ -359,19 +359,35 @@ impl Operator {
     }
 }
 
-/// The key records of the ApiKey with this uid, read from the key database.
-pub fn key_set(database_url: &str, uid: &str) -> keyward::store::KeySet {
-    use keyward::store::{KeyStore, SqlStore};
+/// Reads the key database once, through the `KeyStore` the operator uses.
+fn read_store<T>(
+    database_url: &str,
+    read: impl AsyncFnOnce(&keyward::store::SqlStore) -> keyward::Result<T>,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let store = SqlStore::connect(database_url).await.unwrap();
-        let set = store.load(uid).await.unwrap();
+        let store = keyward::store::SqlStore::connect(database_url)
+            .await
+            .unwrap();
+        let value = read(&store).await.unwrap();
         store.close().await;
-        set
+        value
     })
+}
+
+/// The key records of the ApiKey with this uid, read from the key database.
+pub fn key_set(database_url: &str, uid: &str) -> keyward::store::KeySet {
+    use keyward::store::KeyStore;
+    read_store(database_url, async |store| store.load(uid).await)
+}
+
+/// How many ApiKeys of `namespace` hold a live key, read from the key database.
+pub fn holders(database_url: &str, namespace: &str) -> usize {
+    use keyward::store::KeyStore;
+    read_store(database_url, async |store| store.holders(namespace).await).len()
 }
 
 /// `keyward verify`: (exit code, stdout).

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{Cluster, verify, wait_for};
+use crate::harness::{Cluster, holders, verify, wait_for};
 
 fn apikey(namespace: &str, name: &str, owner: &str) -> String {
     format!(
@@ -30,21 +30,6 @@ fn start(test: &str) -> Option<(Cluster, String, crate::harness::Operator)> {
         cluster.try_kubectl(&["get", "apikeys,apikeypolicies"]).ok()
     });
     Some((cluster, url, operator))
-}
-
-/// The ApiKeys of `namespace` that hold a live key, read from the key database.
-fn holders(url: &str, namespace: &str) -> usize {
-    use keyward::store::{KeyStore, SqlStore};
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let store = SqlStore::connect(url).await.unwrap();
-        let holders = store.holders(namespace).await.unwrap();
-        store.close().await;
-        holders.len()
-    })
 }
 
 /// `namespace/name` of every ApiKey whose PolicyCompliant condition is False.
