@@ -30,7 +30,7 @@ use keyward::{
     store::{KeyRecord, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
     verifier::{
-        Verifier, VerifierConfig,
+        Checked, Code, Verifier, VerifierConfig,
         listen::{VerifierSettings, start},
     },
 };
@@ -538,6 +538,70 @@ async fn a_postgres_restart_loses_no_revocation() {
     .unwrap();
     pg.restart();
     wait_ready(late_address).await;
+}
+
+/// A full reload over a real database keeps unchanged keys as they are and
+/// drops the revoked ones, without the follower.
+async fn reload_in_place(store: SqlStore) {
+    let store = Arc::new(store);
+    let issuer = Issuer::new(store.clone(), 61);
+    let (kept, _) = issuer.issue(&["inference"], None).await;
+    let (doomed, doomed_record) = issuer.issue(&["inference"], None).await;
+    let verifier = Verifier::new(
+        store.clone(),
+        Arc::new(keyward::clock::SystemClock),
+        VerifierConfig::default(),
+        Arc::new(Metrics::default()),
+    );
+    assert_eq!(verifier.reload().await.unwrap(), 2);
+    let identity = |checked: Checked| match checked {
+        Checked::Answer(verdict) => verdict.identity.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let before = identity(verifier.check(&kept, &[]).await);
+    store
+        .revoke(
+            &doomed_record.key_id,
+            RevokeReason::Deleted,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
+    let (added, _) = issuer.issue(&[], None).await;
+    assert_eq!(verifier.reload().await.unwrap(), 2);
+    let after = identity(verifier.check(&kept, &[]).await);
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "the unchanged key was kept in place"
+    );
+    for (key, code) in [
+        (&kept, Code::Valid),
+        (&added, Code::Valid),
+        (&doomed, Code::Revoked),
+    ] {
+        match verifier.check(key, &[]).await {
+            Checked::Answer(verdict) => assert_eq!(verdict.code, code),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqlite_reload_updates_the_key_set_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    reload_in_place(store).await;
+}
+
+#[tokio::test]
+async fn postgres_reload_updates_the_key_set_in_place() {
+    let Some(store) = support::postgres_store("postgres_reload_updates_the_key_set_in_place").await
+    else {
+        return;
+    };
+    reload_in_place(store).await;
 }
 
 #[test]

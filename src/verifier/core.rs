@@ -111,6 +111,8 @@ pub struct Verifier {
     snapshot: RwLock<Option<Snapshot>>,
     /// When the database last answered a catch-up or reload.
     synced_at: Mutex<Option<Instant>>,
+    /// One reload or catch-up at a time, so that changes apply in order.
+    updating: tokio::sync::Mutex<()>,
     negative: Mutex<HashMap<Digest32, (Instant, Code)>>,
     in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Option<Verdict>>>>>,
     fallbacks: Semaphore,
@@ -133,6 +135,7 @@ impl Verifier {
             metrics,
             snapshot: RwLock::new(None),
             synced_at: Mutex::new(None),
+            updating: tokio::sync::Mutex::new(()),
             negative: Mutex::default(),
             in_flight: Mutex::default(),
             last_used: Mutex::default(),
@@ -168,29 +171,56 @@ impl Verifier {
         snapshot.as_ref().map(|s| (s.seq(), s.len()))
     }
 
-    /// Replaces the key set with a full load from the database.
+    /// Brings the key set level with a full load from the database. The first
+    /// load builds it; later ones update it in place (unchanged keys are kept,
+    /// keys the load does not bring are dropped at its end), so there is never
+    /// a second copy of the key set, and checks are answered throughout.
     pub async fn reload(&self) -> Result<usize> {
-        let mut fresh = Snapshot::default();
-        let seq = self
-            .source
-            .live_keys(&mut |record| {
-                fresh.insert(record);
-            })
-            .await?;
-        fresh.advance(seq);
-        let count = fresh.len();
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        let _one = self.updating.lock().await;
+        if self.position().is_some() {
+            self.write(Snapshot::begin_reload);
+            let seq = self
+                .source
+                .live_keys(&mut |record| self.write(|snapshot| snapshot.reloaded(record)))
+                .await;
+            let seq = seq?;
+            self.write(|snapshot| {
+                snapshot.finish_reload(seq);
+            });
+        } else {
+            let mut fresh = Snapshot::default();
+            fresh.begin_reload();
+            let seq = self
+                .source
+                .live_keys(&mut |record| fresh.reloaded(record))
+                .await;
+            fresh.finish_reload(seq?);
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        }
         self.negative
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.synced();
         self.observe_position();
-        Ok(count)
+        Ok(self.position().map_or(0, |(_, keys)| keys))
+    }
+
+    /// Runs `change` on the loaded key set, under the write lock for just that long.
+    fn write(&self, change: impl FnOnce(&mut Snapshot)) {
+        if let Some(snapshot) = self
+            .snapshot
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            change(snapshot);
+        }
     }
 
     /// Applies every change since the last one seen; returns how many were applied.
     pub async fn catch_up(&self) -> Result<usize> {
+        let _one = self.updating.lock().await;
         let mut applied = 0;
         loop {
             let Some(after) = self.position().map(|(seq, _)| seq) else {
@@ -760,6 +790,43 @@ mod tests {
         assert!(
             w.source.finds.load(Ordering::SeqCst) <= 2 + 2,
             "at most the bound in flight"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reload_updates_the_key_set_in_place_and_misses_no_revocation() {
+        let w = world(VerifierConfig::default());
+        let (kept, _) = w.issue(KeyState::Active, &["inference"]);
+        let (changed, mut changed_record) = w.issue(KeyState::Active, &["inference"]);
+        let (doomed, mut doomed_record) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        let identity = |key: &str| {
+            let snapshot = w.verifier.snapshot.read().unwrap();
+            match snapshot.as_ref().unwrap().lookup(&digest(key)) {
+                crate::verifier::snapshot::Lookup::Live(entry) => entry.identity.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let before = identity(&kept);
+        // Changes the verifier has not followed: only the reload brings them.
+        doomed_record.state = KeyState::Revoked;
+        w.source.write(doomed_record);
+        changed_record.metadata.scopes = vec!["admin".into()];
+        w.source.write(changed_record);
+        let (added, _) = w.issue(KeyState::Active, &[]);
+        assert_eq!(w.verifier.reload().await.unwrap(), 3);
+        assert!(
+            Arc::ptr_eq(&before, &identity(&kept)),
+            "unchanged: kept as is"
+        );
+        assert_eq!(w.code(&changed, &["admin"]).await, Code::Valid);
+        let finds = w.source.finds.load(Ordering::SeqCst);
+        assert_eq!(w.code(&added, &[]).await, Code::Valid);
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), finds, "from memory");
+        assert_eq!(w.code(&doomed, &[]).await, Code::Revoked);
+        assert_eq!(
+            w.verifier.position().unwrap().0,
+            *w.source.seq.lock().unwrap()
         );
     }
 }
