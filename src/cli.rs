@@ -290,7 +290,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             verifier,
         } => {
             init_logging(log_format);
-            let store = Arc::new(SqlStore::connect(&database.database_url).await?);
+            // Lazily: a verifier started while the database is down serves its
+            // probes (not ready) and loads the key set once the database answers.
+            let store = Arc::new(SqlStore::connect_lazy(&database.database_url)?);
             let metrics = Arc::new(crate::telemetry::Metrics::default());
             listen::start(
                 store,

@@ -463,8 +463,9 @@ async fn postgres_verifier_keeps_the_contract() {
     contract(store, &url, Duration::from_secs(3)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_restart_loses_no_revocation() {
+/// Whether PostgreSQL's server binaries are here for a test that stops and
+/// starts its own server; skips (or fails under CI) when not.
+fn postgres_binaries(test: &str) -> bool {
     if !std::path::Path::new("/usr/lib/postgresql").exists()
         && Command::new("sh")
             .args(["-c", "command -v initdb"])
@@ -473,9 +474,17 @@ async fn a_postgres_restart_loses_no_revocation() {
             .unwrap_or(true)
     {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("a_postgres_restart_loses_no_revocation: PostgreSQL is required in CI");
+            panic!("{test}: PostgreSQL is required in CI");
         }
-        eprintln!("SKIP: a_postgres_restart_loses_no_revocation: no PostgreSQL server binaries");
+        eprintln!("SKIP: {test}: no PostgreSQL server binaries");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_revocation() {
+    if !postgres_binaries("a_postgres_restart_loses_no_revocation") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -538,6 +547,155 @@ async fn a_postgres_restart_loses_no_revocation() {
     .unwrap();
     pg.restart();
     wait_ready(late_address).await;
+}
+
+/// Leaves a socket file nobody listens on where the stopped server's was, as a
+/// killed postmaster does: connecting is then refused (ECONNREFUSED), which
+/// sqlx retries until its acquire timeout, rather than failing at once on a
+/// missing file. The server removes it when it starts again.
+fn stale_socket(pg_dir: &std::path::Path) {
+    let path = pg_dir.join(".s.PGSQL.5432");
+    let _ = std::fs::remove_file(&path);
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+}
+
+/// `keyward verifier` on a free local port, its log in `log`; killed on drop.
+struct VerifierProcess {
+    child: std::process::Child,
+    address: SocketAddr,
+}
+
+impl VerifierProcess {
+    fn start(url: &str, log: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["verifier", "--database-url", url, "--address"])
+            .arg(address.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, address }
+    }
+
+    /// Waits until the port answers; panics if the process exits first.
+    fn wait_listening(&mut self) {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(self.address).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("keyward verifier exited with {status}");
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "not listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for VerifierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gRPC status code of an ext_authz Check.
+async fn grpc_code(address: SocketAddr, key: &str) -> i32 {
+    let mut client = AuthorizationClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {key}");
+    client
+        .check(check_request(&[("authorization", &bearer)], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_started_while_postgres_is_down_serves_probes_and_becomes_ready() {
+    let test = "a_verifier_started_while_postgres_is_down_serves_probes_and_becomes_ready";
+    if !postgres_binaries(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = postgres::Postgres::start(dir.path());
+    let key = {
+        let store = Arc::new(SqlStore::connect(&pg.url).await.unwrap());
+        store.migrate().await.unwrap();
+        let key = Issuer::new(store.clone(), 41)
+            .issue(&["inference"], None)
+            .await
+            .0;
+        store.close().await;
+        key
+    };
+    pg.stop();
+    stale_socket(&pg.dir);
+
+    // The library entry, and the real binary.
+    let started = Instant::now();
+    let lazy = Arc::new(SqlStore::connect_lazy(&pg.url).unwrap());
+    let (_verifier, library) = start_verifier(lazy, &pg.url).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "started at once"
+    );
+    let (url, log) = (pg.url.clone(), dir.path().join("verifier.log"));
+    let mut process = tokio::task::spawn_blocking(move || {
+        let mut process = VerifierProcess::start(&url, &log);
+        process.wait_listening();
+        process
+    })
+    .await
+    .unwrap();
+    let binary = process.address;
+
+    for address in [library, binary] {
+        let key_copy = key.clone();
+        let asked = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let key = key_copy;
+            assert_eq!(http(address, "GET", "/healthz", &[], "").status, 200);
+            let readyz = http(address, "GET", "/readyz", &[], "");
+            assert_eq!(readyz.status, 503, "{}", readyz.body);
+            let bearer = format!("Authorization: Bearer {key}");
+            assert_eq!(http(address, "GET", "/check", &[&bearer], "").status, 503);
+            let body = serde_json::json!({"key": key}).to_string();
+            assert_eq!(http(address, "POST", "/v1/verify", &[], &body).status, 503);
+        })
+        .await
+        .unwrap();
+        assert_eq!(grpc_code(address, &key).await, 14, "UNAVAILABLE");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered at once: {:?}",
+            asked.elapsed()
+        );
+    }
+    // Still serving well past the pool's 5 s acquire timeout: no exit, no crash loop.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(started.elapsed())).await;
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the verifier exited"
+    );
+
+    pg.restart();
+    for address in [library, binary] {
+        wait_ready(address).await;
+        let key = key.clone();
+        let code = tokio::task::spawn_blocking(move || verify_json(address, &key, &[]).0)
+            .await
+            .unwrap();
+        assert_eq!(code, "VALID");
+    }
 }
 
 /// A full reload over a real database keeps unchanged keys as they are and

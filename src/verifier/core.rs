@@ -441,7 +441,8 @@ pub async fn follow(
             Err(e) => {
                 warn!(error = %e, "cannot load the key set; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // At most a second apart: ready soon after the database is back.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
