@@ -698,6 +698,50 @@ async fn a_verifier_started_while_postgres_is_down_serves_probes_and_becomes_rea
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_postgres_outage_a_key_not_in_memory_is_answered_at_once_and_refused() {
+    let test = "during_a_postgres_outage_a_key_not_in_memory_is_answered_at_once_and_refused";
+    if !postgres_binaries(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = postgres::Postgres::start(dir.path());
+    let store = Arc::new(SqlStore::connect(&pg.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let issuer = Issuer::new(store.clone(), 51);
+    let (known, _) = issuer.issue(&["inference"], None).await;
+    let (_verifier, address) = start_verifier(store.clone(), &pg.url).await;
+    wait_ready(address).await;
+    pg.stop();
+
+    let strangers: Vec<String> = (0..4).map(|_| issuer.stranger()).collect();
+    let pg_dir = pg.dir.clone();
+    tokio::task::spawn_blocking(move || {
+        // Right after the stop, and again once the verifier knows it is down;
+        // first with the socket gone, then with a stale one that refuses.
+        for (round, stranger) in strangers.iter().enumerate() {
+            if round == 2 {
+                stale_socket(&pg_dir);
+            }
+            let bearer = format!("Authorization: Bearer {stranger}");
+            let asked = Instant::now();
+            let check = http(address, "GET", "/check", &[&bearer], "");
+            let body = serde_json::json!({"key": stranger}).to_string();
+            let verify = http(address, "POST", "/v1/verify", &[], &body);
+            let took = asked.elapsed();
+            assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
+            assert_eq!(check.status, 503, "round {round}: {}", check.body);
+            assert_eq!(verify.status, 503, "round {round}: {}", verify.body);
+            assert!(!verify.body.contains("VALID"));
+            // Known keys still answer from memory.
+            assert_eq!(verify_json(address, &known, &[]).0, "VALID");
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    })
+    .await
+    .unwrap();
+}
+
 /// A full reload over a real database keeps unchanged keys as they are and
 /// drops the revoked ones, without the follower.
 async fn reload_in_place(store: SqlStore) {
