@@ -82,10 +82,14 @@ fn http(address: SocketAddr, method: &str, path: &str, headers: &[&str], body: &
         request.push_str("\r\n");
     }
     if !body.is_empty() {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        // JSON unless the caller names a content type (or none: "Content-Type:").
+        if !headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase().starts_with("content-type:"))
+        {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     request.push_str("\r\n");
     request.push_str(body);
@@ -321,6 +325,39 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
             verify_json(address, &key, &["admin"]).0,
             "INSUFFICIENT_SCOPE"
         );
+        // A body that is not {"key": string, "scopes": [string]} asks nothing: 422.
+        let scopes_as_key = serde_json::json!({"key": key, "scopes": key}).to_string();
+        for body in [
+            r#"["x"]"#,
+            &format!(r#"["{key}"]"#),
+            "not json",
+            "{",
+            r#"{"key": 1}"#,
+            r#"{"scopes": []}"#,
+            r#"{"key": "x", "other": 1}"#,
+            "null",
+            &scopes_as_key,
+        ] {
+            let reply = http(address, "POST", "/v1/verify", &[], body);
+            assert_eq!(reply.status, 422, "{body}: {}", reply.body);
+            let answer: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            assert!(answer["error"].is_string(), "{}", reply.body);
+            assert!(!reply.body.contains(&key[3..]), "the key is not echoed");
+        }
+        let body = serde_json::json!({"key": key}).to_string();
+        for content_type in ["Content-Type: text/plain", "Content-Type:"] {
+            let reply = http(address, "POST", "/v1/verify", &[content_type], &body);
+            assert_eq!(reply.status, 415, "{content_type}");
+        }
+        let reply = http(
+            address,
+            "POST",
+            "/v1/verify",
+            &["Content-Type: application/json; charset=utf-8"],
+            &body,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(http(address, "GET", "/v1/verify", &[], "").status, 405);
     });
     checks.await.unwrap();
 
