@@ -58,6 +58,11 @@ pub struct VerifierArgs {
     /// Database lookups in flight at most for keys not in memory.
     #[arg(long, env = "KEYWARD_MAX_FALLBACKS", default_value_t = 16)]
     pub max_fallbacks: usize,
+    /// Milliseconds a database lookup for a key not in memory may take, slot
+    /// wait included; past it the check answers 503. Keep it well under the
+    /// gateway's own timeout (Envoy's ext_authz default is 200 ms).
+    #[arg(long, env = "KEYWARD_FALLBACK_TIMEOUT_MS", default_value_t = 100)]
+    pub fallback_timeout_ms: u64,
     /// Seconds between the batched writes of last-used times.
     #[arg(long, env = "KEYWARD_LAST_USED_FLUSH", default_value_t = 60)]
     pub last_used_flush: u64,
@@ -72,6 +77,7 @@ impl VerifierArgs {
                 last_used_flush: std::time::Duration::from_secs(self.last_used_flush.max(1)),
                 max_staleness: std::time::Duration::from_secs(self.max_staleness),
                 max_fallbacks: self.max_fallbacks.max(1),
+                fallback_timeout: std::time::Duration::from_millis(self.fallback_timeout_ms.max(1)),
                 ..VerifierConfig::default()
             },
         }
@@ -290,7 +296,9 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             verifier,
         } => {
             init_logging(log_format);
-            let store = Arc::new(SqlStore::connect(&database.database_url).await?);
+            // Lazily: a verifier started while the database is down serves its
+            // probes (not ready) and loads the key set once the database answers.
+            let store = Arc::new(SqlStore::connect_lazy(&database.database_url)?);
             let metrics = Arc::new(crate::telemetry::Metrics::default());
             listen::start(
                 store,

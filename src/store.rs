@@ -335,6 +335,20 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 impl SqlStore {
     /// Connects to `url`. An SQLite file is created if missing.
     pub async fn connect(url: &str) -> Result<Self> {
+        let (backend, url, options) = Self::pool_options(url)?;
+        let pool = options.connect(&url).await?;
+        Ok(Self { pool, backend })
+    }
+
+    /// A store that connects on first use, so that a process started while the
+    /// database is down starts anyway (the verifier then retries until it loads).
+    pub fn connect_lazy(url: &str) -> Result<Self> {
+        let (backend, url, options) = Self::pool_options(url)?;
+        let pool = options.connect_lazy(&url)?;
+        Ok(Self { pool, backend })
+    }
+
+    fn pool_options(url: &str) -> Result<(Backend, String, AnyPoolOptions)> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of(url)?;
         let url = match backend {
@@ -350,7 +364,7 @@ impl SqlStore {
             Backend::Sqlite => 4,
             Backend::Postgres => 8,
         };
-        let pool = AnyPoolOptions::new()
+        let options = AnyPoolOptions::new()
             .max_connections(connections)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .after_connect(move |connection, _| {
@@ -375,10 +389,8 @@ impl SqlStore {
                     }
                     Ok(())
                 })
-            })
-            .connect(&url)
-            .await?;
-        Ok(Self { pool, backend })
+            });
+        Ok((backend, url, options))
     }
 
     /// Applies the embedded migrations for this backend.

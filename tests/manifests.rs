@@ -601,6 +601,7 @@ fn config_runs_the_verifier_least_privileged_with_flags_it_has() {
         ("keyHeader", "--key-header"),
         ("maxStaleness", "--max-staleness"),
         ("maxFallbacks", "--max-fallbacks"),
+        ("fallbackTimeoutMs", "--fallback-timeout-ms"),
     ] {
         let expected = match &values["verifier"][value] {
             Value::String(s) => s.clone(),

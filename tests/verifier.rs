@@ -30,7 +30,7 @@ use keyward::{
     store::{KeyRecord, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
     verifier::{
-        Verifier, VerifierConfig,
+        Checked, Code, Verifier, VerifierConfig,
         listen::{VerifierSettings, start},
     },
 };
@@ -82,10 +82,14 @@ fn http(address: SocketAddr, method: &str, path: &str, headers: &[&str], body: &
         request.push_str("\r\n");
     }
     if !body.is_empty() {
-        request.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        // JSON unless the caller names a content type (or none: "Content-Type:").
+        if !headers
+            .iter()
+            .any(|h| h.to_ascii_lowercase().starts_with("content-type:"))
+        {
+            request.push_str("Content-Type: application/json\r\n");
+        }
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     request.push_str("\r\n");
     request.push_str(body);
@@ -321,6 +325,39 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
             verify_json(address, &key, &["admin"]).0,
             "INSUFFICIENT_SCOPE"
         );
+        // A body that is not {"key": string, "scopes": [string]} asks nothing: 422.
+        let scopes_as_key = serde_json::json!({"key": key, "scopes": key}).to_string();
+        for body in [
+            r#"["x"]"#,
+            &format!(r#"["{key}"]"#),
+            "not json",
+            "{",
+            r#"{"key": 1}"#,
+            r#"{"scopes": []}"#,
+            r#"{"key": "x", "other": 1}"#,
+            "null",
+            &scopes_as_key,
+        ] {
+            let reply = http(address, "POST", "/v1/verify", &[], body);
+            assert_eq!(reply.status, 422, "{body}: {}", reply.body);
+            let answer: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+            assert!(answer["error"].is_string(), "{}", reply.body);
+            assert!(!reply.body.contains(&key[3..]), "the key is not echoed");
+        }
+        let body = serde_json::json!({"key": key}).to_string();
+        for content_type in ["Content-Type: text/plain", "Content-Type:"] {
+            let reply = http(address, "POST", "/v1/verify", &[content_type], &body);
+            assert_eq!(reply.status, 415, "{content_type}");
+        }
+        let reply = http(
+            address,
+            "POST",
+            "/v1/verify",
+            &["Content-Type: application/json; charset=utf-8"],
+            &body,
+        );
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        assert_eq!(http(address, "GET", "/v1/verify", &[], "").status, 405);
     });
     checks.await.unwrap();
 
@@ -494,8 +531,9 @@ async fn postgres_verifier_keeps_the_contract() {
     contract(store, &url, Duration::from_secs(3)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postgres_restart_loses_no_revocation() {
+/// Whether PostgreSQL's server binaries are here for a test that stops and
+/// starts its own server; skips (or fails under CI) when not.
+fn postgres_binaries(test: &str) -> bool {
     if !std::path::Path::new("/usr/lib/postgresql").exists()
         && Command::new("sh")
             .args(["-c", "command -v initdb"])
@@ -504,9 +542,17 @@ async fn a_postgres_restart_loses_no_revocation() {
             .unwrap_or(true)
     {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("a_postgres_restart_loses_no_revocation: PostgreSQL is required in CI");
+            panic!("{test}: PostgreSQL is required in CI");
         }
-        eprintln!("SKIP: a_postgres_restart_loses_no_revocation: no PostgreSQL server binaries");
+        eprintln!("SKIP: {test}: no PostgreSQL server binaries");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_loses_no_revocation() {
+    if !postgres_binaries("a_postgres_restart_loses_no_revocation") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -569,6 +615,263 @@ async fn a_postgres_restart_loses_no_revocation() {
     .unwrap();
     pg.restart();
     wait_ready(late_address).await;
+}
+
+/// Leaves a socket file nobody listens on where the stopped server's was, as a
+/// killed postmaster does: connecting is then refused (ECONNREFUSED), which
+/// sqlx retries until its acquire timeout, rather than failing at once on a
+/// missing file. The server removes it when it starts again.
+fn stale_socket(pg_dir: &std::path::Path) {
+    let path = pg_dir.join(".s.PGSQL.5432");
+    let _ = std::fs::remove_file(&path);
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+}
+
+/// `keyward verifier` on a free local port, its log in `log`; killed on drop.
+struct VerifierProcess {
+    child: std::process::Child,
+    address: SocketAddr,
+}
+
+impl VerifierProcess {
+    fn start(url: &str, log: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["verifier", "--database-url", url, "--address"])
+            .arg(address.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, address }
+    }
+
+    /// Waits until the port answers; panics if the process exits first.
+    fn wait_listening(&mut self) {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(self.address).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("keyward verifier exited with {status}");
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "not listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for VerifierProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The gRPC status code of an ext_authz Check.
+async fn grpc_code(address: SocketAddr, key: &str) -> i32 {
+    let mut client = AuthorizationClient::connect(format!("http://{address}"))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {key}");
+    client
+        .check(check_request(&[("authorization", &bearer)], None))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_started_while_postgres_is_down_serves_probes_and_becomes_ready() {
+    let test = "a_verifier_started_while_postgres_is_down_serves_probes_and_becomes_ready";
+    if !postgres_binaries(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = postgres::Postgres::start(dir.path());
+    let key = {
+        let store = Arc::new(SqlStore::connect(&pg.url).await.unwrap());
+        store.migrate().await.unwrap();
+        let key = Issuer::new(store.clone(), 41)
+            .issue(&["inference"], None)
+            .await
+            .0;
+        store.close().await;
+        key
+    };
+    pg.stop();
+    stale_socket(&pg.dir);
+
+    // The library entry, and the real binary.
+    let started = Instant::now();
+    let lazy = Arc::new(SqlStore::connect_lazy(&pg.url).unwrap());
+    let (_verifier, library) = start_verifier(lazy, &pg.url).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "started at once"
+    );
+    let (url, log) = (pg.url.clone(), dir.path().join("verifier.log"));
+    let mut process = tokio::task::spawn_blocking(move || {
+        let mut process = VerifierProcess::start(&url, &log);
+        process.wait_listening();
+        process
+    })
+    .await
+    .unwrap();
+    let binary = process.address;
+
+    for address in [library, binary] {
+        let key_copy = key.clone();
+        let asked = Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let key = key_copy;
+            assert_eq!(http(address, "GET", "/healthz", &[], "").status, 200);
+            let readyz = http(address, "GET", "/readyz", &[], "");
+            assert_eq!(readyz.status, 503, "{}", readyz.body);
+            let bearer = format!("Authorization: Bearer {key}");
+            assert_eq!(http(address, "GET", "/check", &[&bearer], "").status, 503);
+            let body = serde_json::json!({"key": key}).to_string();
+            assert_eq!(http(address, "POST", "/v1/verify", &[], &body).status, 503);
+        })
+        .await
+        .unwrap();
+        assert_eq!(grpc_code(address, &key).await, 14, "UNAVAILABLE");
+        assert!(
+            asked.elapsed() < Duration::from_secs(1),
+            "answered at once: {:?}",
+            asked.elapsed()
+        );
+    }
+    // Still serving well past the pool's 5 s acquire timeout: no exit, no crash loop.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(started.elapsed())).await;
+    assert!(
+        process.child.try_wait().unwrap().is_none(),
+        "the verifier exited"
+    );
+
+    pg.restart();
+    for address in [library, binary] {
+        wait_ready(address).await;
+        let key = key.clone();
+        let code = tokio::task::spawn_blocking(move || verify_json(address, &key, &[]).0)
+            .await
+            .unwrap();
+        assert_eq!(code, "VALID");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_postgres_outage_a_key_not_in_memory_is_answered_at_once_and_refused() {
+    let test = "during_a_postgres_outage_a_key_not_in_memory_is_answered_at_once_and_refused";
+    if !postgres_binaries(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pg = postgres::Postgres::start(dir.path());
+    let store = Arc::new(SqlStore::connect(&pg.url).await.unwrap());
+    store.migrate().await.unwrap();
+    let issuer = Issuer::new(store.clone(), 51);
+    let (known, _) = issuer.issue(&["inference"], None).await;
+    let (_verifier, address) = start_verifier(store.clone(), &pg.url).await;
+    wait_ready(address).await;
+    pg.stop();
+
+    let strangers: Vec<String> = (0..4).map(|_| issuer.stranger()).collect();
+    let pg_dir = pg.dir.clone();
+    tokio::task::spawn_blocking(move || {
+        // Right after the stop, and again once the verifier knows it is down;
+        // first with the socket gone, then with a stale one that refuses.
+        for (round, stranger) in strangers.iter().enumerate() {
+            if round == 2 {
+                stale_socket(&pg_dir);
+            }
+            let bearer = format!("Authorization: Bearer {stranger}");
+            let asked = Instant::now();
+            let check = http(address, "GET", "/check", &[&bearer], "");
+            let body = serde_json::json!({"key": stranger}).to_string();
+            let verify = http(address, "POST", "/v1/verify", &[], &body);
+            let took = asked.elapsed();
+            assert!(took < Duration::from_secs(1), "round {round}: {took:?}");
+            assert_eq!(check.status, 503, "round {round}: {}", check.body);
+            assert_eq!(verify.status, 503, "round {round}: {}", verify.body);
+            assert!(!verify.body.contains("VALID"));
+            // Known keys still answer from memory.
+            assert_eq!(verify_json(address, &known, &[]).0, "VALID");
+            std::thread::sleep(Duration::from_millis(700));
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// A full reload over a real database keeps unchanged keys as they are and
+/// drops the revoked ones, without the follower.
+async fn reload_in_place(store: SqlStore) {
+    let store = Arc::new(store);
+    let issuer = Issuer::new(store.clone(), 61);
+    let (kept, _) = issuer.issue(&["inference"], None).await;
+    let (doomed, doomed_record) = issuer.issue(&["inference"], None).await;
+    let verifier = Verifier::new(
+        store.clone(),
+        Arc::new(keyward::clock::SystemClock),
+        VerifierConfig::default(),
+        Arc::new(Metrics::default()),
+    );
+    assert_eq!(verifier.reload().await.unwrap(), 2);
+    let identity = |checked: Checked| match checked {
+        Checked::Answer(verdict) => verdict.identity.unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let before = identity(verifier.check(&kept, &[]).await);
+    store
+        .revoke(
+            &doomed_record.key_id,
+            RevokeReason::Deleted,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
+    let (added, _) = issuer.issue(&[], None).await;
+    assert_eq!(verifier.reload().await.unwrap(), 2);
+    let after = identity(verifier.check(&kept, &[]).await);
+    assert!(
+        Arc::ptr_eq(&before, &after),
+        "the unchanged key was kept in place"
+    );
+    for (key, code) in [
+        (&kept, Code::Valid),
+        (&added, Code::Valid),
+        (&doomed, Code::Revoked),
+    ] {
+        match verifier.check(key, &[]).await {
+            Checked::Answer(verdict) => assert_eq!(verdict.code, code),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sqlite_reload_updates_the_key_set_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    reload_in_place(store).await;
+}
+
+#[tokio::test]
+async fn postgres_reload_updates_the_key_set_in_place() {
+    let Some(store) = support::postgres_store("postgres_reload_updates_the_key_set_in_place").await
+    else {
+        return;
+    };
+    reload_in_place(store).await;
 }
 
 #[test]

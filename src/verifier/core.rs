@@ -6,7 +6,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -64,10 +67,11 @@ pub struct VerifierConfig {
     pub max_staleness: Duration,
     /// How long an "unknown" answer from the database is reused (a change clears it).
     pub negative_ttl: Duration,
-    /// Database fallbacks in flight at most; more wait up to `fallback_wait`.
+    /// Database fallbacks in flight at most; more wait for a slot within `fallback_timeout`.
     pub max_fallbacks: usize,
-    /// How long a fallback waits for a slot before the key is refused.
-    pub fallback_wait: Duration,
+    /// The whole database fallback's deadline (the wait for a slot and the
+    /// query): well under a gateway's own timeout (Envoy's ext_authz: 200 ms).
+    pub fallback_timeout: Duration,
     /// Keys whose last use is remembered between flushes; more are dropped (counted).
     pub max_last_used: usize,
     /// How often remembered last uses are written (by `follow`).
@@ -80,7 +84,7 @@ impl Default for VerifierConfig {
             max_staleness: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(2),
             max_fallbacks: 16,
-            fallback_wait: Duration::from_millis(100),
+            fallback_timeout: Duration::from_millis(100),
             max_last_used: 100_000,
             last_used_flush: Duration::from_secs(60),
         }
@@ -101,6 +105,38 @@ const CHANGE_BATCH: i64 = 5_000;
 /// Negative answers remembered at most; beyond, the oldest half goes.
 const MAX_NEGATIVE: usize = 10_000;
 
+/// Why a key not in memory gets no answer while the database cannot be asked.
+const CANNOT_ASK: &str = "the key is not in memory and the key database did not answer";
+
+/// What a database fallback came to.
+#[derive(Clone, Debug)]
+enum Asked {
+    /// The database answered; judged without scopes.
+    Answered(Verdict),
+    /// No slot before the deadline: a flood of keys not in memory.
+    Shed,
+    /// The query failed, or the deadline passed before its answer.
+    Failed,
+}
+
+/// The answer to a check from what the database said of a key not in memory.
+/// Shed keys are refused (well-formed garbage is cheap to mint); a database
+/// that cannot answer makes the check unanswerable, never valid.
+fn after_fallback(asked: Asked, required: &[&str]) -> Checked {
+    match asked {
+        Asked::Answered(Verdict {
+            code: Code::Valid,
+            identity: Some(identity),
+        }) => Checked::Answer(scoped(identity, required)),
+        Asked::Answered(verdict) => Checked::Answer(verdict),
+        Asked::Shed => Checked::Answer(Verdict {
+            code: Code::Unknown,
+            identity: None,
+        }),
+        Asked::Failed => Checked::Unavailable(CANNOT_ASK),
+    }
+}
+
 /// An in-memory key set that answers checks in microseconds and follows the key
 /// database. Cheap to share: wrap it in an `Arc`.
 pub struct Verifier {
@@ -111,8 +147,14 @@ pub struct Verifier {
     snapshot: RwLock<Option<Snapshot>>,
     /// When the database last answered a catch-up or reload.
     synced_at: Mutex<Option<Instant>>,
+    /// Set when the database last failed (a catch-up, reload or fallback
+    /// query), cleared when it answers: keys not in memory are then
+    /// answered at once instead of each waiting for the deadline.
+    unreachable: AtomicBool,
+    /// One reload or catch-up at a time, so that changes apply in order.
+    updating: tokio::sync::Mutex<()>,
     negative: Mutex<HashMap<Digest32, (Instant, Code)>>,
-    in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Option<Verdict>>>>>,
+    in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Asked>>>>,
     fallbacks: Semaphore,
     last_used: Mutex<HashMap<Arc<str>, Timestamp>>,
 }
@@ -133,6 +175,8 @@ impl Verifier {
             metrics,
             snapshot: RwLock::new(None),
             synced_at: Mutex::new(None),
+            unreachable: AtomicBool::new(false),
+            updating: tokio::sync::Mutex::new(()),
             negative: Mutex::default(),
             in_flight: Mutex::default(),
             last_used: Mutex::default(),
@@ -141,6 +185,12 @@ impl Verifier {
 
     fn synced(&self) {
         *self.synced_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Notes whether the database answered, and passes the outcome on.
+    fn reached<T>(&self, outcome: Result<T>) -> Result<T> {
+        self.unreachable.store(outcome.is_err(), Ordering::Relaxed);
+        outcome
     }
 
     /// How long since the database last answered; `None` before the first load.
@@ -168,35 +218,62 @@ impl Verifier {
         snapshot.as_ref().map(|s| (s.seq(), s.len()))
     }
 
-    /// Replaces the key set with a full load from the database.
+    /// Brings the key set level with a full load from the database. The first
+    /// load builds it; later ones update it in place (unchanged keys are kept,
+    /// keys the load does not bring are dropped at its end), so there is never
+    /// a second copy of the key set, and checks are answered throughout.
     pub async fn reload(&self) -> Result<usize> {
-        let mut fresh = Snapshot::default();
-        let seq = self
-            .source
-            .live_keys(&mut |record| {
-                fresh.insert(record);
-            })
-            .await?;
-        fresh.advance(seq);
-        let count = fresh.len();
-        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        let _one = self.updating.lock().await;
+        if self.position().is_some() {
+            self.write(Snapshot::begin_reload);
+            let seq = self
+                .source
+                .live_keys(&mut |record| self.write(|snapshot| snapshot.reloaded(record)))
+                .await;
+            let seq = self.reached(seq)?;
+            self.write(|snapshot| {
+                snapshot.finish_reload(seq);
+            });
+        } else {
+            let mut fresh = Snapshot::default();
+            fresh.begin_reload();
+            let seq = self
+                .source
+                .live_keys(&mut |record| fresh.reloaded(record))
+                .await;
+            fresh.finish_reload(self.reached(seq)?);
+            *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh);
+        }
         self.negative
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         self.synced();
         self.observe_position();
-        Ok(count)
+        Ok(self.position().map_or(0, |(_, keys)| keys))
+    }
+
+    /// Runs `change` on the loaded key set, under the write lock for just that long.
+    fn write(&self, change: impl FnOnce(&mut Snapshot)) {
+        if let Some(snapshot) = self
+            .snapshot
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            change(snapshot);
+        }
     }
 
     /// Applies every change since the last one seen; returns how many were applied.
     pub async fn catch_up(&self) -> Result<usize> {
+        let _one = self.updating.lock().await;
         let mut applied = 0;
         loop {
             let Some(after) = self.position().map(|(seq, _)| seq) else {
                 return Ok(applied);
             };
-            let changes = self.source.changes_since(after, CHANGE_BATCH).await?;
+            let changes = self.reached(self.source.changes_since(after, CHANGE_BATCH).await)?;
             let batch = changes.len();
             {
                 let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
@@ -247,19 +324,25 @@ impl Verifier {
                 None => return Checked::Unavailable("the key set has not been loaded yet"),
             }
         };
-        let verdict = match known {
-            Some(verdict) => verdict,
+        let checked = match known {
+            Some(verdict) => Checked::Answer(verdict),
             None => self.fall_back(presented, required, now).await,
         };
-        if let Some(identity) = &verdict.identity {
+        if let Checked::Answer(Verdict {
+            identity: Some(identity),
+            ..
+        }) = &checked
+        {
             self.note_use(&identity.key_id, now);
         }
-        Checked::Answer(verdict)
+        checked
     }
 
     /// Asks the database about a well-formed key that is not in memory: once per
-    /// hash however many requests carry it, bounded, with a short negative cache.
-    async fn fall_back(&self, presented: &str, required: &[&str], now: Timestamp) -> Verdict {
+    /// hash however many requests carry it, bounded, within `fallback_timeout`,
+    /// with a short negative cache; not at all while the database is known to
+    /// be unreachable.
+    async fn fall_back(&self, presented: &str, required: &[&str], now: Timestamp) -> Checked {
         let hash = digest(presented);
         let cached = {
             let negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
@@ -270,63 +353,69 @@ impl Verifier {
         };
         if let Some(code) = cached {
             self.metrics.count_fallback("cached");
-            return Verdict {
+            return Checked::Answer(Verdict {
                 code,
                 identity: None,
-            };
+            });
+        }
+        if self.unreachable.load(Ordering::Relaxed) {
+            self.metrics.count_fallback("unreachable");
+            return after_fallback(Asked::Failed, required);
         }
         let cell = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             in_flight.entry(hash).or_default().clone()
         };
-        let record = cell
-            .get_or_init(|| async {
-                let permit =
-                    tokio::time::timeout(self.config.fallback_wait, self.fallbacks.acquire()).await;
-                let Ok(Ok(_permit)) = permit else {
-                    self.metrics.count_fallback("shed");
-                    return None;
-                };
-                match self.source.find(&KeyHash::of(presented.as_bytes())).await {
-                    Ok(record) => {
-                        self.metrics.count_fallback(if record.is_some() {
-                            "found"
-                        } else {
-                            "unknown"
-                        });
-                        Some(answer_from_record(record.as_ref(), &[], now))
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "key database fallback failed");
-                        self.metrics.count_fallback("error");
-                        None
-                    }
-                }
-            })
-            .await
-            .clone();
+        let asked = cell.get_or_init(|| self.ask(presented, now)).await.clone();
         self.in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&hash);
-        let Some(base) = record else {
-            // Shed or failed: refuse rather than guess.
-            return Verdict {
-                code: Code::Unknown,
-                identity: None,
-            };
-        };
-        if matches!(base.code, Code::Unknown | Code::Revoked) {
+        if let Asked::Answered(Verdict {
+            code: code @ (Code::Unknown | Code::Revoked),
+            ..
+        }) = asked
+        {
             let mut negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
             if negative.len() >= MAX_NEGATIVE {
                 negative.clear();
             }
-            negative.insert(hash, (Instant::now(), base.code));
+            negative.insert(hash, (Instant::now(), code));
         }
-        // The record was judged without scopes; judge the scopes of this request.
-        match base.identity {
-            Some(identity) if base.code == Code::Valid => scoped(identity, required),
-            _ => base,
+        after_fallback(asked, required)
+    }
+
+    /// One database query for a key not in memory, slot wait included, within
+    /// `fallback_timeout`.
+    async fn ask(&self, presented: &str, now: Timestamp) -> Asked {
+        let deadline = tokio::time::Instant::now() + self.config.fallback_timeout;
+        let permit = tokio::time::timeout_at(deadline, self.fallbacks.acquire()).await;
+        // A slot freed at the deadline is no use: the query would have no time.
+        let (Ok(Ok(_permit)), false) = (permit, tokio::time::Instant::now() >= deadline) else {
+            self.metrics.count_fallback("shed");
+            return Asked::Shed;
+        };
+        let hash = KeyHash::of(presented.as_bytes());
+        let found = match tokio::time::timeout_at(deadline, self.source.find(&hash)).await {
+            Ok(found) => self.reached(found),
+            // Not taken as "unreachable": under a flood the slot wait leaves a
+            // query little time, and one slow answer says little.
+            Err(_) => {
+                self.metrics.count_fallback("timeout");
+                return Asked::Failed;
+            }
+        };
+        match found {
+            Ok(record) => {
+                self.metrics
+                    .count_fallback(if record.is_some() { "found" } else { "unknown" });
+                Asked::Answered(answer_from_record(record.as_ref(), &[], now))
+            }
+            Err(e) => {
+                warn!(error = %e, "key database fallback failed");
+                self.metrics.count_fallback("error");
+                Asked::Failed
+            }
         }
     }
 
@@ -411,7 +500,8 @@ pub async fn follow(
             Err(e) => {
                 warn!(error = %e, "cannot load the key set; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                // At most a second apart: ready soon after the database is back.
+                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }
@@ -460,7 +550,21 @@ mod tests {
         seq: Mutex<i64>,
         finds: AtomicUsize,
         down: AtomicBool,
+        /// `find` never answers (a database that accepts and hangs).
+        hangs: AtomicBool,
+        /// `find` calls running now, and the most at once.
+        finding: AtomicUsize,
+        most_finding: AtomicUsize,
         used: Mutex<Vec<(String, Timestamp)>>,
+    }
+
+    /// Counts a `find` call down when it ends.
+    struct Finding<'a>(&'a AtomicUsize);
+
+    impl Drop for Finding<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     impl FakeSource {
@@ -508,7 +612,16 @@ mod tests {
         async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
             self.check_up()?;
             self.finds.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.finding.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_finding.fetch_max(now, Ordering::SeqCst);
+            // Counted down however the call ends (a caller past its deadline drops it).
+            let _done = Finding(&self.finding);
+            let wait = if self.hangs.load(Ordering::SeqCst) {
+                Duration::from_secs(3_600)
+            } else {
+                Duration::from_millis(20)
+            };
+            tokio::time::sleep(wait).await;
             let rows = self.rows.lock().unwrap();
             Ok(rows
                 .iter()
@@ -737,10 +850,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_flood_of_unknown_keys_is_bounded() {
+    async fn a_flood_of_unknown_keys_is_bounded_and_never_accepted() {
         let w = world(VerifierConfig {
             max_fallbacks: 2,
-            fallback_wait: Duration::from_millis(1),
+            fallback_timeout: Duration::from_millis(30),
             ..VerifierConfig::default()
         });
         w.verifier.reload().await.unwrap();
@@ -749,17 +862,109 @@ mod tests {
             .collect();
         let checks = strangers.iter().map(|k| w.verifier.check(k, &[]));
         for checked in futures::future::join_all(checks).await {
-            assert!(matches!(
-                checked,
-                Checked::Answer(Verdict {
-                    code: Code::Unknown,
-                    ..
-                })
-            ));
+            // Answered (401), shed (401) or out of time (503): never valid.
+            assert!(
+                matches!(
+                    checked,
+                    Checked::Answer(Verdict {
+                        code: Code::Unknown,
+                        ..
+                    }) | Checked::Unavailable(_)
+                ),
+                "{checked:?}"
+            );
         }
         assert!(
-            w.source.finds.load(Ordering::SeqCst) <= 2 + 2,
+            w.source.most_finding.load(Ordering::SeqCst) <= 2,
             "at most the bound in flight"
+        );
+        assert!(
+            w.source.finds.load(Ordering::SeqCst) < strangers.len(),
+            "the rest shed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_not_in_memory_is_answered_within_the_deadline_and_never_accepted() {
+        let w = world(VerifierConfig {
+            fallback_timeout: Duration::from_millis(50),
+            ..VerifierConfig::default()
+        });
+        w.verifier.reload().await.unwrap();
+        let (fresh, _) = w.issue(KeyState::Active, &[]);
+        w.source.hangs.store(true, Ordering::SeqCst);
+        let started = Instant::now();
+        let checked = w.verifier.check(&fresh, &[]).await;
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(checked, Checked::Unavailable(CANNOT_ASK));
+        // A query that missed its deadline is no proof of an outage: the next asks again.
+        w.source.hangs.store(false, Ordering::SeqCst);
+        assert_eq!(w.code(&fresh, &[]).await, Code::Valid);
+    }
+
+    #[tokio::test]
+    async fn while_the_database_is_down_keys_not_in_memory_are_answered_at_once() {
+        let w = world(VerifierConfig::default());
+        let (known, _) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        let (fresh, _) = w.issue(KeyState::Active, &[]);
+        w.source.down.store(true, Ordering::SeqCst);
+        assert!(w.verifier.catch_up().await.is_err());
+        let finds = w.source.finds.load(Ordering::SeqCst);
+        assert_eq!(
+            w.code(&known, &[]).await,
+            Code::Valid,
+            "memory still answers"
+        );
+        let stranger = w.keys.new_key().unwrap();
+        for key in [fresh.as_str(), stranger.expose()] {
+            assert_eq!(
+                w.verifier.check(key, &[]).await,
+                Checked::Unavailable(CANNOT_ASK)
+            );
+        }
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), finds, "not asked");
+        // Back: the next catch-up clears it, and the fresh key verifies.
+        w.source.down.store(false, Ordering::SeqCst);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.code(&fresh, &[]).await, Code::Valid);
+        assert_eq!(w.code(stranger.expose(), &[]).await, Code::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_reload_updates_the_key_set_in_place_and_misses_no_revocation() {
+        let w = world(VerifierConfig::default());
+        let (kept, _) = w.issue(KeyState::Active, &["inference"]);
+        let (changed, mut changed_record) = w.issue(KeyState::Active, &["inference"]);
+        let (doomed, mut doomed_record) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        let identity = |key: &str| {
+            let snapshot = w.verifier.snapshot.read().unwrap();
+            match snapshot.as_ref().unwrap().lookup(&digest(key)) {
+                crate::verifier::snapshot::Lookup::Live(entry) => entry.identity.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let before = identity(&kept);
+        // Changes the verifier has not followed: only the reload brings them.
+        doomed_record.state = KeyState::Revoked;
+        w.source.write(doomed_record);
+        changed_record.metadata.scopes = vec!["admin".into()];
+        w.source.write(changed_record);
+        let (added, _) = w.issue(KeyState::Active, &[]);
+        assert_eq!(w.verifier.reload().await.unwrap(), 3);
+        assert!(
+            Arc::ptr_eq(&before, &identity(&kept)),
+            "unchanged: kept as is"
+        );
+        assert_eq!(w.code(&changed, &["admin"]).await, Code::Valid);
+        let finds = w.source.finds.load(Ordering::SeqCst);
+        assert_eq!(w.code(&added, &[]).await, Code::Valid);
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), finds, "from memory");
+        assert_eq!(w.code(&doomed, &[]).await, Code::Revoked);
+        assert_eq!(
+            w.verifier.position().unwrap().0,
+            *w.source.seq.lock().unwrap()
         );
     }
 }

@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
+    body::Bytes,
     extract::{Path, RawQuery, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -301,7 +302,49 @@ pub struct VerifyResponse {
     pub key: Option<Arc<Identity>>,
 }
 
-async fn verify(State(endpoint): State<Endpoint>, Json(request): Json<VerifyRequest>) -> Response {
+/// Why a `/v1/verify` body asks no question: 415 without a JSON content type,
+/// 422 for anything but `{"key": string, "scopes": [string]}` (not JSON, an
+/// array, missing or unknown fields, wrong types). The reason names no value,
+/// so the key is never echoed.
+pub fn verify_request(
+    content_type: Option<&[u8]>,
+    body: &[u8],
+) -> Result<VerifyRequest, (StatusCode, &'static str)> {
+    let json = content_type
+        .and_then(|value| std::str::from_utf8(value).ok())
+        .and_then(|value| value.split(';').next())
+        .map(|mime| mime.trim().to_ascii_lowercase())
+        .is_some_and(|mime| {
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+    if !json {
+        return Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "the body must be JSON (Content-Type: application/json)",
+        ));
+    }
+    let malformed = (
+        StatusCode::UNPROCESSABLE_ENTITY,
+        r#"the body must be {"key": string, "scopes": [string]}"#,
+    );
+    // serde would also read a struct from an array (`["x"]`): only an object will do.
+    if body.iter().find(|b| !b" \t\n\r".contains(b)) != Some(&b'{') {
+        return Err(malformed);
+    }
+    serde_json::from_slice(body).map_err(|_| malformed)
+}
+
+async fn verify(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Bytes) -> Response {
+    let request = match verify_request(
+        headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes),
+        &body,
+    ) {
+        Ok(request) => request,
+        Err((status, why)) => {
+            return (status, Json(serde_json::json!({"error": why}))).into_response();
+        }
+    };
     let started = Instant::now();
     let required: Vec<&str> = request.scopes.iter().map(String::as_str).collect();
     let key = request.key.trim();
@@ -391,4 +434,37 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std
         let _ = tcp.set_nodelay(true);
     });
     axum::serve(listener, router(endpoint)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_json_object_of_key_and_scopes_is_a_question() {
+        let json = Some(&b"application/json"[..]);
+        let asked = verify_request(json, br#" {"key": "kw_x", "scopes": ["a"]}"#).unwrap();
+        assert_eq!(
+            (asked.key.as_str(), asked.scopes),
+            ("kw_x", vec!["a".into()])
+        );
+        for body in [
+            &br#"["kw_x"]"#[..],
+            b"not json",
+            b"",
+            b"null",
+            br#"{"key": 1}"#,
+            br#"{"key": "kw_x", "scopes": "a"}"#,
+            br#"{"key": "kw_x", "other": 1}"#,
+        ] {
+            let refused = verify_request(json, body).unwrap_err();
+            assert_eq!(refused.0, StatusCode::UNPROCESSABLE_ENTITY);
+        }
+        for content_type in [None, Some(&b"text/plain"[..])] {
+            let refused = verify_request(content_type, br#"{"key": "kw_x"}"#).unwrap_err();
+            assert_eq!(refused.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        }
+        let problem = Some(&b"application/problem+json; charset=utf-8"[..]);
+        assert!(verify_request(problem, br#"{"key": "kw_x"}"#).is_ok());
+    }
 }

@@ -121,6 +121,24 @@ impl Entry {
             expires_at: record.expires_at,
         }
     }
+
+    /// Whether this entry already says what `record` says, so a reload can keep it.
+    fn holds(&self, record: &KeyRecord) -> bool {
+        let id = &self.identity;
+        self.state == record.state
+            && self.expires_at == record.expires_at
+            && *id.key_id == *record.key_id
+            && *id.namespace == *record.namespace
+            && *id.name == *record.name
+            && *id.owner == *record.metadata.owner
+            && *id.team == *record.metadata.team
+            && id.scopes.len() == record.metadata.scopes.len()
+            && id
+                .scopes
+                .iter()
+                .zip(&record.metadata.scopes)
+                .all(|(held, given)| **held == **given)
+    }
 }
 
 /// The outcome of a check: the code, and the identity when the key is known.
@@ -180,10 +198,20 @@ pub fn well_formed(presented: &str) -> bool {
     is_well_formed(presented)
 }
 
+/// A live key in the map, with the mark of the last full load that saw it.
+#[derive(Debug)]
+struct Slot {
+    entry: Arc<Entry>,
+    mark: u32,
+}
+
 /// Every live key, by hash, current to change `seq`.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    keys: HashMap<Digest32, Arc<Entry>>,
+    keys: HashMap<Digest32, Slot>,
+    /// The current full load's mark: rows it brings are marked, and the keys it
+    /// did not bring are swept at its end, so a reload needs no second key set.
+    mark: u32,
     /// Hashes revoked since the last full load, so that they answer `Revoked`
     /// without a database query; bounded, oldest forgotten first.
     revoked: HashSet<Digest32>,
@@ -202,9 +230,11 @@ impl Snapshot {
             seq,
             ..Snapshot::default()
         };
+        snapshot.begin_reload();
         for record in records {
-            snapshot.put(record);
+            snapshot.reloaded(record);
         }
+        snapshot.finish_reload(seq);
         snapshot
     }
 
@@ -233,15 +263,28 @@ impl Snapshot {
         self.put(record)
     }
 
-    /// Adds one row of a full load (before [`advance`](Self::advance) to the
-    /// load's change number).
-    pub fn insert(&mut self, record: KeyRecord) {
+    /// Starts a full load in place: [`reloaded`](Self::reloaded) marks each row
+    /// it brings, and [`finish_reload`](Self::finish_reload) drops the keys it
+    /// did not bring. Until then every key stays as it was, so checks go on.
+    pub fn begin_reload(&mut self) {
+        self.mark = self.mark.wrapping_add(1);
+    }
+
+    /// Takes one row of a full load. The rows are read after the load's change
+    /// number, so each is at least as new as what the snapshot holds.
+    pub fn reloaded(&mut self, record: KeyRecord) {
         self.put(record);
     }
 
-    /// Moves the snapshot to `seq` without a row (a change number that wrote nothing).
-    pub fn advance(&mut self, seq: i64) {
+    /// Ends a full load current to change `seq`: drops the keys it did not bring
+    /// (revoked, or gone, at or before `seq`); returns how many.
+    pub fn finish_reload(&mut self, seq: i64) -> usize {
+        let before = self.keys.len();
+        let mark = self.mark;
+        self.keys.retain(|_, slot| slot.mark == mark);
         self.seq = self.seq.max(seq);
+        self.compact();
+        before - self.keys.len()
     }
 
     fn put(&mut self, record: KeyRecord) -> Option<Digest32> {
@@ -258,8 +301,16 @@ impl Snapshot {
             }
             return Some(hash);
         }
-        let entry = Entry::of(&record, |text| self.intern(text));
-        self.keys.insert(hash, Arc::new(entry));
+        let mark = self.mark;
+        if let Some(slot) = self.keys.get_mut(&hash)
+            && slot.entry.holds(&record)
+        {
+            // Unchanged (most rows of a reload): keep the entry, allocate nothing.
+            slot.mark = mark;
+            return Some(hash);
+        }
+        let entry = Arc::new(Entry::of(&record, |text| self.intern(text)));
+        self.keys.insert(hash, Slot { entry, mark });
         Some(hash)
     }
 
@@ -276,7 +327,7 @@ impl Snapshot {
     /// What the snapshot knows of a hash.
     pub fn lookup(&self, hash: &Digest32) -> Lookup {
         match self.keys.get(hash) {
-            Some(entry) => Lookup::Live(Arc::clone(entry)),
+            Some(slot) => Lookup::Live(Arc::clone(&slot.entry)),
             None if self.revoked.contains(hash) => Lookup::Revoked,
             None => Lookup::Missing,
         }
@@ -392,6 +443,38 @@ mod tests {
         assert_eq!(state(&snapshot, "key-a"), Some(KeyState::Revoked));
         assert_eq!(snapshot.len(), 1);
         assert_eq!(state(&snapshot, "key-c"), None);
+    }
+
+    #[test]
+    fn a_full_load_in_place_keeps_what_it_brings_and_drops_the_rest() {
+        let mut snapshot = Snapshot::load(
+            3,
+            vec![
+                record("a", "key-a", KeyState::Active),
+                record("b", "key-b", KeyState::Active),
+            ],
+        );
+        let entry = |snapshot: &Snapshot, key: &str| match snapshot.lookup(&digest(key)) {
+            Lookup::Live(entry) => entry,
+            other => panic!("{other:?}"),
+        };
+        let a = entry(&snapshot, "key-a");
+        snapshot.begin_reload();
+        snapshot.reloaded(record("a", "key-a", KeyState::Active));
+        snapshot.reloaded(record("c", "key-c", KeyState::Pending));
+        // Until the load ends, the keys it has not brought yet still answer.
+        assert_eq!(state(&snapshot, "key-b"), Some(KeyState::Active));
+        assert_eq!(snapshot.finish_reload(5), 1);
+        assert!(Arc::ptr_eq(&a, &entry(&snapshot, "key-a")), "unchanged");
+        assert_eq!(state(&snapshot, "key-b"), None, "not brought: dropped");
+        assert_eq!(state(&snapshot, "key-c"), Some(KeyState::Pending));
+        assert_eq!((snapshot.seq(), snapshot.len()), (5, 2));
+        // A changed row replaces its entry.
+        snapshot.begin_reload();
+        snapshot.reloaded(record("a", "key-a", KeyState::Retiring));
+        snapshot.reloaded(record("c", "key-c", KeyState::Pending));
+        assert_eq!(snapshot.finish_reload(5), 0);
+        assert_eq!(state(&snapshot, "key-a"), Some(KeyState::Retiring));
     }
 
     #[test]
