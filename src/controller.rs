@@ -458,9 +458,9 @@ pub struct RunConfig {
 /// (then it exits with an error at once, so it never writes as a former leader).
 pub async fn run(config: RunConfig) -> Result<()> {
     let keys = KeyFactory::new(&config.key_prefix, Arc::new(OsEntropy))?;
-    let store = Arc::new(SqlStore::connect(&config.database_url).await?);
-    store.migrate().await?;
-    info!(backend = ?store.backend(), "key database ready");
+    // Connected on first use: a database that is down at start delays the
+    // reconciles below, while the probes and the verifier answer at once.
+    let store = Arc::new(SqlStore::connect_lazy(&config.database_url)?);
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
@@ -490,6 +490,14 @@ pub async fn run(config: RunConfig) -> Result<()> {
             metrics.clone(),
         )
         .await?;
+    }
+
+    tokio::select! {
+        migrated = migrate_when_reachable(&store) => migrated?,
+        () = shutdown_signal() => {
+            info!("stopped before the key database was reachable");
+            return Ok(());
+        }
     }
 
     let secrets = SecretCache::default();
@@ -525,6 +533,45 @@ pub async fn run(config: RunConfig) -> Result<()> {
     };
     store.close().await;
     outcome
+}
+
+/// Applies the migrations, retrying (1 s, 2 s … 30 s apart) while the key
+/// database cannot be reached: an operator started during a database outage
+/// waits for it instead of exiting into a crash loop.
+async fn migrate_when_reachable(store: &SqlStore) -> Result<()> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match store.migrate().await {
+            Ok(()) => {
+                info!(backend = ?store.backend(), "key database ready");
+                return Ok(());
+            }
+            // A database that answers but refuses the migrations needs a person.
+            Err(e) if !unreachable(&e) => return Err(e),
+            Err(e) => {
+                warn!(error = %e, retry_in_secs = delay.as_secs(), "cannot migrate the key database; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+/// Whether a migration failed for want of a connection (worth retrying).
+fn unreachable(error: &Error) -> bool {
+    use sqlx::migrate::MigrateError;
+    let database = match error {
+        Error::Migrate(MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) => e,
+        Error::Database(e) => e,
+        _ => return false,
+    };
+    matches!(
+        database,
+        sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+    )
 }
 
 /// Waits for the leader Lease, then runs the controller while holding it.

@@ -8,18 +8,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{Cluster, wait_for};
+use crate::harness::{Cluster, Postgres, wait_for};
 
 const NS: &str = "default";
 
 /// The HTTP status of `GET /check` with the key as a Bearer token.
 fn check(address: SocketAddr, key: &str) -> u16 {
+    get(
+        address,
+        "/check?scope=inference",
+        &format!("Authorization: Bearer {key}\r\n"),
+    )
+}
+
+/// The HTTP status of a GET with these raw header lines; 0 when nothing answers.
+fn get(address: SocketAddr, path: &str, headers: &str) -> u16 {
     let Ok(mut stream) = TcpStream::connect(address) else {
         return 0;
     };
-    let request = format!(
-        "GET /check?scope=inference HTTP/1.1\r\nHost: v\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
-    );
+    let request = format!("GET {path} HTTP/1.1\r\nHost: v\r\n{headers}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).unwrap();
     let mut reply = String::new();
     let _ = stream.read_to_string(&mut reply);
@@ -41,6 +48,13 @@ fn until_status(address: SocketAddr, key: &str, status: u16) -> Duration {
     started.elapsed()
 }
 
+fn free_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 fn apikey(name: &str) -> String {
     format!(
         "apiVersion: keyward.dev/v1alpha1\nkind: ApiKey\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  owner: alice@example.com\n  team: ml\n  scopes: [inference]\n"
@@ -54,12 +68,7 @@ fn the_verifier_refuses_deleted_and_emergency_rotated_keys_and_reports_last_use(
     ) else {
         return;
     };
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let address: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let address = free_address();
     let url = format!("sqlite://{}", cluster.dir.path().join("keys.db").display());
     let flags = [
         "--verifier-address".to_owned(),
@@ -119,4 +128,56 @@ fn the_verifier_refuses_deleted_and_emergency_rotated_keys_and_reports_last_use(
         cluster.secret_key(NS, "rotated").filter(|k| *k != rotated)
     });
     assert_eq!(check(address, &fresh), 200);
+}
+
+#[test]
+fn an_operator_started_during_a_database_outage_serves_probes_and_waits_for_it() {
+    let test = "an_operator_started_during_a_database_outage_serves_probes_and_waits_for_it";
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    let postgres = Postgres::start(cluster.dir.path());
+    postgres.stop();
+    let (verifier, endpoints) = (free_address(), free_address());
+    let (verifier_flag, endpoints_flag) = (verifier.to_string(), endpoints.to_string());
+    let mut operator = cluster.operator(
+        &postgres.url,
+        &[
+            "--verifier-address",
+            &verifier_flag,
+            "--http-address",
+            &endpoints_flag,
+        ],
+        "info",
+    );
+    // The probes answer at once: alive, not ready.
+    for address in [verifier, endpoints] {
+        wait_for("the probes", Duration::from_secs(5), || {
+            (get(address, "/healthz", "") == 200).then_some(())
+        });
+        assert_eq!(get(address, "/readyz", ""), 503, "{address} is not ready");
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(
+        operator.process.0.try_wait().unwrap().is_none(),
+        "the operator waits for its database instead of exiting: {}",
+        operator.log_text()
+    );
+    // Before its first load the verifier answers nothing but 503.
+    assert_eq!(check(verifier, "kw_not-a-key"), 503);
+
+    postgres.restart();
+    wait_for("the CRD", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    cluster.apply(&apikey("after-outage"));
+    let key = wait_for(
+        "a key once the database is back",
+        Duration::from_secs(60),
+        || cluster.secret_key(NS, "after-outage"),
+    );
+    until_status(verifier, &key, 200);
+    wait_for("the verifier to be ready", Duration::from_secs(10), || {
+        (get(verifier, "/readyz", "") == 200).then_some(())
+    });
 }
