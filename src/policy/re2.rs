@@ -1042,13 +1042,13 @@ mod tests {
             let translated = anchored(&pattern);
             // What it writes is a pattern, or a size the regex crate refuses
             // (compiling is slow, so one in fifty is compiled).
-            if let (Ok(translated), 0) = (translated, round % 50) {
-                if let Err(e) = Regex::new(&translated) {
-                    assert!(
-                        matches!(e, regex::Error::CompiledTooBig(_)),
-                        "{pattern:?} became {translated:?}: {e}"
-                    );
-                }
+            if let (Ok(translated), 0) = (translated, round % 50)
+                && let Err(e) = Regex::new(&translated)
+            {
+                assert!(
+                    matches!(e, regex::Error::CompiledTooBig(_)),
+                    "{pattern:?} became {translated:?}: {e}"
+                );
             }
         }
     }
