@@ -651,6 +651,13 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Whether status shows the ApiKey holding a key.
+fn holds_key(key: Option<&DeserializeGuard<ApiKey>>) -> bool {
+    key.and_then(|k| k.0.as_ref().ok())
+        .and_then(|k| k.status.as_ref())
+        .is_some_and(|s| s.key_id.is_some())
+}
+
 /// Keeps only what the operator reads of an ApiKey: no managedFields, no
 /// labels, and of the annotations only keyward's own.
 fn slim_apikey(object: &mut DeserializeGuard<ApiKey>) {
@@ -778,12 +785,25 @@ async fn run_controller(
     let queue = context.clone();
     let seen = context.clone();
     let known = keys.clone();
+    let before = keys.clone();
+    let (waiting_index, waiting_requeue) = (policies.clone(), requeue.clone());
     let key_changes = watcher(
         Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
         watcher::Config::default().page_size(LIST_PAGE_SIZE),
     )
     .default_backoff()
     .modify(slim_apikey)
+    .inspect_ok(move |event| {
+        // An ApiKey that lost its key (a policy revoked it) frees its place
+        // under maxKeysPerNamespace: compared with the cache before it moves.
+        if let watcher::Event::Apply(key) = event
+            && holds_key(before.get(&reflector::ObjectRef::from_obj(key)).as_deref())
+            && !holds_key(Some(key))
+        {
+            let namespace = key.namespace().unwrap_or_default();
+            policy_watch::requeue_waiting(&waiting_index, &waiting_requeue, &namespace);
+        }
+    })
     .reflect(key_writer)
     .inspect_ok(move |event| {
         // Policy status follows ApiKey changes (debounced by its writer).

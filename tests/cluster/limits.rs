@@ -180,6 +180,42 @@ fn a_burst_never_passes_max_keys_per_namespace_and_a_deletion_frees_a_place() {
             (violating == "8" && flagged(&cluster) == listed(&cluster, "two")).then_some(())
         },
     );
+
+    // A holder whose key a policy revokes frees its place as well: its team
+    // becomes one a `Revoke` policy forbids, and the next in line gets a key
+    // within seconds.
+    cluster.apply(
+        "apiVersion: keyward.dev/v1alpha1\nkind: ApiKeyPolicy\nmetadata:\n  name: ml-only\nspec:\n  namespaceSelector: {matchLabels: {burst: \"yes\"}}\n  teams: {allowed: [ml]}\n  onViolation: Revoke\n",
+    );
+    let holding = |namespace: &str| -> BTreeSet<&str> {
+        orders[1]
+            .1
+            .iter()
+            .copied()
+            .filter(|name| cluster.secret_key(namespace, name).is_some())
+            .collect()
+    };
+    let before = holding("burst-2");
+    let moved = *before.iter().next().unwrap();
+    let key = cluster.secret_key("burst-2", moved).unwrap();
+    cluster.kubectl(&[
+        "patch",
+        "apikey",
+        moved,
+        "-n",
+        "burst-2",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"team":"search"}}"#,
+    ]);
+    // Its Secret stays (with the revoked key); the key database counts holders.
+    wait_for("a new holder in burst-2", Duration::from_secs(15), || {
+        let now = holding("burst-2");
+        (now.len() == 3 && now.is_superset(&before) && holders(&url, "burst-2") == 2).then_some(())
+    });
+    assert_ne!(verify(&url, &key).0, 0, "the moved key is revoked");
+
     done.store(true, Ordering::SeqCst);
     sampler.join().unwrap();
     assert_eq!(holders(&url, "burst-1"), 2);
