@@ -72,6 +72,9 @@ pub async fn follow(
             }
         };
         since = started - OVERLAP;
+        if used.is_empty() {
+            continue;
+        }
         let cached = keys.state();
         let live: Vec<&ApiKey> = cached.iter().filter_map(|k| live(k)).collect();
         let refs = due(&used, &live);

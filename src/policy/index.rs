@@ -11,7 +11,7 @@ use kube::{ResourceExt, core::DeserializeGuard, runtime::reflector::Store};
 
 use super::{
     evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate},
-    limit::{Holders, place},
+    limit::{Holders, eligible, limited, place},
 };
 use crate::{Error, Result, crd::ApiKey};
 
@@ -164,15 +164,7 @@ impl PolicyIndex {
             .filter_map(|guarded| live(guarded))
             .filter(|other| other.metadata.namespace.as_deref() == namespace)
             .collect();
-        let eligible = |other: &ApiKey| {
-            let context = KeyContext {
-                namespace: namespace.unwrap_or_default(),
-                namespace_labels: labels,
-                rank: &|| 0,
-                now,
-            };
-            evaluate(&state.policies, &other.spec, &context, false).allowed()
-        };
+        let eligible = |other: &ApiKey| eligible(&state.policies, other, labels, now);
         place(key, holders, &peers, &eligible)
     }
 }
@@ -202,7 +194,7 @@ impl Governance for PolicyIndex {
         let Some(labels) = state.namespaces.get(namespace) else {
             return false;
         };
-        state.policies.iter().any(|p| p.limits(labels))
+        limited(&state.policies, labels)
     }
 
     fn check(&self, key: &ApiKey, holders: Option<&Holders>, now: Timestamp) -> Result<Verdict> {
@@ -218,7 +210,7 @@ impl Governance for PolicyIndex {
                 "namespace {namespace} has not been seen yet"
             )));
         };
-        let limited = state.policies.iter().any(|p| p.limits(labels));
+        let limited = limited(&state.policies, labels);
         let none = Holders::new();
         let holders = match holders {
             Some(holders) => holders,

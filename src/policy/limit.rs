@@ -10,15 +10,41 @@
 //! first (creation time, then name); a waiting key that some other rule forbids
 //! holds no place in the line, so it cannot block the keys behind it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
+use jiff::Timestamp;
 use kube::ResourceExt;
 
-use super::index::age_order;
+use super::{
+    evaluate::{CompiledPolicy, KeyContext, evaluate},
+    index::age_order,
+};
 use crate::crd::ApiKey;
 
 /// The uids of a namespace's ApiKeys that hold a live key, from the key database.
 pub type Holders = HashSet<String>;
+
+/// Whether any policy limits the keys of a namespace with these labels.
+pub fn limited(policies: &[CompiledPolicy], labels: &BTreeMap<String, String>) -> bool {
+    policies.iter().any(|p| p.limits(labels))
+}
+
+/// Whether every rule but the limit allows `key`: only then does a waiting key
+/// hold a place in the line.
+pub fn eligible(
+    policies: &[CompiledPolicy],
+    key: &ApiKey,
+    labels: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> bool {
+    let context = KeyContext {
+        namespace: key.metadata.namespace.as_deref().unwrap_or_default(),
+        namespace_labels: labels,
+        rank: &|| 0,
+        now,
+    };
+    evaluate(policies, &key.spec, &context, false).allowed()
+}
 
 /// How many keys come before `key` in its namespace's line. `peers` are the
 /// namespace's ApiKeys as the cache shows them (any order, `key` may be among

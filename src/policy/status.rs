@@ -10,7 +10,7 @@ use kube::ResourceExt;
 use super::{
     crd::{ApiKeyPolicyStatus, PolicyViolationEntry},
     evaluate::{CompiledPolicy, KeyContext, evaluate},
-    limit::{Holders, place},
+    limit::{Holders, eligible, limited, place},
 };
 use crate::crd::{ApiKey, READY};
 
@@ -40,21 +40,14 @@ pub fn summarize(
     let mut places: HashMap<&str, usize> = HashMap::new();
     for (namespace, list) in &by_namespace {
         let labels = namespaces.get(namespace).unwrap_or(&empty);
-        let limited = policies.iter().any(|p| p.limits(labels));
-        if !limited {
+        if !limited(policies, labels) {
             continue;
         }
         let eligible: HashMap<&str, bool> = list
             .iter()
             .map(|key| {
-                let context = KeyContext {
-                    namespace,
-                    namespace_labels: labels,
-                    rank: &|| 0,
-                    now,
-                };
-                let allowed = evaluate(policies, &key.spec, &context, false).allowed();
-                (key.metadata.uid.as_deref().unwrap_or_default(), allowed)
+                let uid = key.metadata.uid.as_deref().unwrap_or_default();
+                (uid, eligible(policies, key, labels, now))
             })
             .collect();
         let is_eligible = |key: &ApiKey| {

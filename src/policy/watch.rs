@@ -24,7 +24,7 @@ use super::{
     crd::ApiKeyPolicy,
     evaluate::CompiledPolicy,
     index::{Governance, PolicyIndex, live},
-    limit::Holders,
+    limit::{Holders, limited},
     status::summarize,
 };
 use crate::{
@@ -281,8 +281,7 @@ async fn limited_holders(
 ) -> crate::Result<HashMap<String, Holders>> {
     let mut holders = HashMap::new();
     for (namespace, labels) in namespaces {
-        let limited = policies.iter().any(|p| p.limits(labels));
-        if limited {
+        if limited(policies, labels) {
             holders.insert(namespace.clone(), store.holders(namespace).await?);
         }
     }
