@@ -260,6 +260,7 @@ fn record(i: usize, key_id: &str, key: &PlainKey, now: Timestamp) -> KeyRecord {
         revoke_reason: None,
         issue_reason: IssueReason::Initial,
         rotation_request: None,
+        cluster: "default".into(),
     }
 }
 

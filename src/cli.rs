@@ -11,7 +11,7 @@ use crate::{
     controller::{self, RunConfig},
     crd::{crd_yaml, policy_crd_yaml},
     policy::admission::{self, AdmissionVersion},
-    store::{DEFAULT_DATABASE_URL, SqlStore},
+    store::{DEFAULT_CLUSTER_NAME, DEFAULT_DATABASE_URL, SqlStore},
     verifier::{
         VerifierConfig,
         listen::{self, VerifierSettings},
@@ -92,6 +92,23 @@ pub struct DatabaseArgs {
     pub database_url: String,
 }
 
+/// A cluster name: a DNS label (lower-case letters, digits and `-`, at most 63),
+/// since it travels in headers and metric labels.
+fn cluster_name(value: &str) -> std::result::Result<String, String> {
+    let label = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if label {
+        Ok(value.to_owned())
+    } else {
+        Err("a cluster name is a DNS label: lower-case letters, digits and '-', at most 63 characters".into())
+    }
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -100,6 +117,16 @@ pub enum Command {
         /// The key database.
         #[command(flatten)]
         database: DatabaseArgs,
+        /// This cluster's name in the key database. It is stored in every record
+        /// and audit row and names the cluster to gateways; the operator touches
+        /// only its own cluster's records. Give each cluster that shares a
+        /// database its own name; it cannot change once used (docs/database.md).
+        #[arg(long, env = "KEYWARD_CLUSTER_NAME", default_value = DEFAULT_CLUSTER_NAME, value_parser = cluster_name)]
+        cluster_name: String,
+        /// Seconds between the leader's anti-entropy passes, which revoke the
+        /// keys that no ApiKey of this cluster accounts for (docs/database.md).
+        #[arg(long, env = "KEYWARD_ANTI_ENTROPY_INTERVAL", default_value_t = 60)]
+        anti_entropy_interval: u64,
         /// Prefix of every issued key, before the `_`.
         #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw")]
         key_prefix: String,
@@ -229,6 +256,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
             database,
+            cluster_name,
+            anti_entropy_interval,
             key_prefix,
             log_format,
             skip_crd_install,
@@ -246,6 +275,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             init_logging(log_format);
             controller::run(RunConfig {
                 database_url: database.database_url,
+                cluster_name,
+                anti_entropy_interval: std::time::Duration::from_secs(anti_entropy_interval.max(1)),
                 key_prefix,
                 skip_crd_install,
                 max_concurrent_reconciles,

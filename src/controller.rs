@@ -13,7 +13,7 @@ use json_patch::{
     AddOperation, PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf,
 };
 use k8s_openapi::{
-    api::core::v1::{ObjectReference, Secret},
+    api::core::v1::{Namespace, ObjectReference, Secret},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -42,7 +42,7 @@ use crate::{
     policy::{PolicyIndex, watch as policy_watch},
     reconciler::{KubeCluster, RateLimiter, Reconciler, StatusMemo},
     secret_cache::SecretCache,
-    store::SqlStore,
+    store::{KeyStore, SqlStore},
     telemetry::{Endpoints, Health, InstrumentedStore, Metrics},
 };
 
@@ -430,6 +430,10 @@ pub fn error_policy(
 pub struct RunConfig {
     /// sqlite: or postgres: URL of the key database.
     pub database_url: String,
+    /// This cluster's name in the key database (`--cluster-name`).
+    pub cluster_name: String,
+    /// Time between the leader's anti-entropy passes.
+    pub anti_entropy_interval: Duration,
     /// Key prefix, e.g. `kw`.
     pub key_prefix: String,
     /// Leave the CRD alone at start.
@@ -460,7 +464,8 @@ pub async fn run(config: RunConfig) -> Result<()> {
     let keys = KeyFactory::new(&config.key_prefix, Arc::new(OsEntropy))?;
     // Connected on first use: a database that is down at start delays the
     // reconciles below, while the probes and the verifier answer at once.
-    let store = Arc::new(SqlStore::connect_lazy(&config.database_url)?);
+    let store =
+        Arc::new(SqlStore::connect_lazy(&config.database_url)?.with_cluster(&config.cluster_name));
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
@@ -499,6 +504,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
             return Ok(());
         }
     }
+    register_cluster(&store, &client).await?;
 
     let secrets = SecretCache::default();
     let policies = PolicyIndex::new(config.require_policy);
@@ -555,6 +561,25 @@ async fn migrate_when_reachable(store: &SqlStore) -> Result<()> {
             }
         }
     }
+}
+
+/// Registers `--cluster-name` in the key database under this Kubernetes
+/// cluster's identity (the kube-system Namespace uid), or checks that it is
+/// registered so; a name that belongs to another cluster, or a changed name,
+/// stops the operator with a message that says what to do.
+async fn register_cluster(store: &SqlStore, client: &Client) -> Result<()> {
+    let kube_system = Api::<Namespace>::all(client.clone())
+        .get_metadata("kube-system")
+        .await?;
+    let uid = kube_system
+        .metadata
+        .uid
+        .ok_or(Error::MissingMetadata("uid"))?;
+    store
+        .register_cluster(&uid, jiff::Timestamp::now())
+        .await?;
+    info!(cluster = store.cluster(), "cluster registered in the key database");
+    Ok(())
 }
 
 /// Whether a migration failed for want of a connection (worth retrying).

@@ -665,6 +665,7 @@ mod tests {
             revoke_reason: None,
             issue_reason: IssueReason::Initial,
             rotation_request: None,
+            cluster: "default".into(),
         }
     }
 

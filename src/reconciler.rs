@@ -986,6 +986,7 @@ impl Reconciler {
             revoke_reason: None,
             issue_reason: reason,
             rotation_request: policy.rotation_request.clone(),
+            cluster: self.store.cluster().to_owned(),
         };
         self.store.insert_pending(&record).await?;
 

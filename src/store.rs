@@ -75,6 +75,12 @@ pub enum RevokeReason {
     Expired,
     /// An ApiKeyPolicy forbids the key (its `Revoke` or `RefuseRotation` action).
     PolicyViolation,
+    /// Anti-entropy: the ApiKey that owned the key no longer exists (a restored
+    /// or failed-over database brought back a key revoked since).
+    Orphaned,
+    /// Anti-entropy: the ApiKey exists, and the key is neither the one in its
+    /// Secret nor a previous key in its grace period.
+    Superseded,
 }
 
 impl RevokeReason {
@@ -88,6 +94,8 @@ impl RevokeReason {
             RevokeReason::Emergency => "emergency",
             RevokeReason::Expired => "expired",
             RevokeReason::PolicyViolation => "policy_violation",
+            RevokeReason::Orphaned => "orphaned",
+            RevokeReason::Superseded => "superseded",
         }
     }
 }
@@ -191,6 +199,9 @@ pub struct KeyRecord {
     pub issue_reason: IssueReason,
     /// The `keyward.dev/rotate` value in force when it was issued; that request is handled.
     pub rotation_request: Option<String>,
+    /// The cluster whose operator issued it (`--cluster-name`); a store writes
+    /// its own cluster's name, whatever this says.
+    pub cluster: String,
 }
 
 /// The records of one ApiKey that are not revoked, and how many keys it has had.
@@ -221,6 +232,8 @@ pub struct AuditEntry {
 /// idempotent or guarded by the state it expects, and audited in the same transaction.
 #[async_trait]
 pub trait KeyStore: Send + Sync {
+    /// The cluster whose records this store reads and writes (`--cluster-name`).
+    fn cluster(&self) -> &str;
     /// The live records of one ApiKey and its issued count.
     async fn load(&self, apikey_uid: &str) -> Result<KeySet>;
     /// Inserts a new record in state `pending` and audits `issued`.
@@ -293,13 +306,17 @@ impl Backend {
             Backend::Sqlite => [
                 include_str!("../migrations/sqlite/0001_keys.sql"),
                 include_str!("../migrations/sqlite/0002_changes.sql"),
+                include_str!("../migrations/sqlite/0003_governance_and_use.sql"),
+                include_str!("../migrations/sqlite/0004_clusters.sql"),
             ],
             Backend::Postgres => [
                 include_str!("../migrations/postgres/0001_keys.sql"),
                 include_str!("../migrations/postgres/0002_changes.sql"),
+                include_str!("../migrations/postgres/0003_governance_and_use.sql"),
+                include_str!("../migrations/postgres/0004_clusters.sql"),
             ],
         };
-        let names = ["keys", "changes"];
+        let names = ["keys", "changes", "governance_and_use", "clusters"];
         Migrator::with_migrations(
             scripts
                 .into_iter()
@@ -324,6 +341,8 @@ impl Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// The cluster whose records the [`KeyStore`] methods read and write.
+    cluster: String,
 }
 
 /// The PostgreSQL NOTIFY channel that carries each change number at commit.
@@ -332,12 +351,49 @@ pub const CHANGE_CHANNEL: &str = "keyward_key_changes";
 /// The URL used when none is given: `keyward.db` in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
 
+/// The cluster name when `--cluster-name` is not given: enough for a key
+/// database that one cluster uses.
+pub const DEFAULT_CLUSTER_NAME: &str = "default";
+
+/// A live record as the anti-entropy pass sees it: no hash, no metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRow {
+    /// Public id.
+    pub key_id: String,
+    /// `metadata.uid` of the owning ApiKey.
+    pub apikey_uid: String,
+    /// The ApiKey's namespace.
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub name: String,
+    /// Pending, active or retiring.
+    pub state: KeyState,
+    /// When the record was inserted.
+    pub created_at: Timestamp,
+    /// When it stops verifying, if it does.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// Where the change sequence stands: what a verifier compares with what it has
+/// seen, to notice history that moved backwards (a restore, a failover).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangePosition {
+    /// The last change number handed out.
+    pub seq: i64,
+    /// The change number the witness key's row carries now; `None` when the
+    /// row does not exist.
+    pub witness_seq: Option<i64>,
+}
 impl SqlStore {
     /// Connects to `url`. An SQLite file is created if missing.
     pub async fn connect(url: &str) -> Result<Self> {
         let (backend, url, options) = Self::pool_options(url)?;
         let pool = options.connect(&url).await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            cluster: DEFAULT_CLUSTER_NAME.to_owned(),
+        })
     }
 
     /// A store that connects on first use, so that a process started while the
@@ -345,7 +401,17 @@ impl SqlStore {
     pub fn connect_lazy(url: &str) -> Result<Self> {
         let (backend, url, options) = Self::pool_options(url)?;
         let pool = options.connect_lazy(&url)?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            cluster: DEFAULT_CLUSTER_NAME.to_owned(),
+        })
+    }
+
+    /// The same database, scoped to another cluster's records.
+    pub fn with_cluster(mut self, cluster: &str) -> Self {
+        cluster.clone_into(&mut self.cluster);
+        self
     }
 
     fn pool_options(url: &str) -> Result<(Backend, String, AnyPoolOptions)> {
@@ -559,25 +625,154 @@ impl SqlStore {
         Ok(moved)
     }
 
+    /// Registers this store's cluster under `kube_system_uid` (the uid of the
+    /// Kubernetes cluster's `kube-system` Namespace), or checks an earlier
+    /// registration. The first cluster ever registered claims the rows written
+    /// before migration 4. Refuses (`Error::Config`) a name that another
+    /// Kubernetes cluster registered, and a cluster registered under another
+    /// name: either would make this operator treat another cluster's keys, or
+    /// its own, as unknown.
+    pub async fn register_cluster(&self, kube_system_uid: &str, at: Timestamp) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let by_uid: Option<String> =
+            sqlx::query("SELECT name FROM key_clusters WHERE kube_system_uid = $1")
+                .bind(kube_system_uid)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get("name"))
+                .transpose()?;
+        if let Some(name) = by_uid {
+            if name == self.cluster {
+                return Ok(());
+            }
+            return Err(Error::Config(format!(
+                "this Kubernetes cluster's keys are in the key database under the cluster name {name:?}, but --cluster-name is {:?}. \
+                 The name is stored in every record and audit row and cannot change on an existing database: start with --cluster-name {name}",
+                self.cluster
+            )));
+        }
+        let by_name: Option<String> =
+            sqlx::query("SELECT kube_system_uid FROM key_clusters WHERE name = $1")
+                .bind(&self.cluster)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|row| row.try_get("kube_system_uid"))
+                .transpose()?;
+        if let Some(other) = by_name {
+            return Err(Error::Config(format!(
+                "the cluster name {:?} belongs to another Kubernetes cluster in this key database (kube-system uid {other}); \
+                 give each cluster that shares the database its own --cluster-name",
+                self.cluster
+            )));
+        }
+        let first: i64 = sqlx::query("SELECT COUNT(*) AS n FROM key_clusters")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        if first == 0 {
+            sqlx::query("UPDATE api_keys SET cluster = $1 WHERE cluster IS NULL")
+                .bind(&self.cluster)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE key_audit SET cluster = $1 WHERE cluster IS NULL")
+                .bind(&self.cluster)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO key_clusters (name, kube_system_uid, registered_at) VALUES ($1, $2, $3)",
+        )
+        .bind(&self.cluster)
+        .bind(kube_system_uid)
+        .bind(at.as_millisecond())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Streams this cluster's live records (pending, active, retiring) to
+    /// `sink` in one query, without hashes or metadata: the anti-entropy pass.
+    pub async fn each_live_row(&self, sink: &mut (dyn FnMut(LiveRow) + Send)) -> Result<()> {
+        use futures::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT key_id, apikey_uid, namespace, name, state, created_at, expires_at FROM api_keys \
+             WHERE cluster = $1 AND state <> 'revoked'",
+        )
+        .bind(&self.cluster)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            sink(LiveRow {
+                key_id: row.try_get("key_id")?,
+                apikey_uid: row.try_get("apikey_uid")?,
+                namespace: row.try_get("namespace")?,
+                name: row.try_get("name")?,
+                state: row.try_get::<String, _>("state")?.parse()?,
+                created_at: from_millis(row.try_get("created_at")?)?,
+                expires_at: row
+                    .try_get::<Option<i64>, _>("expires_at")?
+                    .map(from_millis)
+                    .transpose()?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The change counter, and the change number of `witness`'s row: a
+    /// verifier that saw `witness` written at change N knows history moved
+    /// backwards when the counter is below what it saw, or that row now
+    /// carries a number below N (or is gone).
+    pub async fn change_position(&self, witness: Option<&str>) -> Result<ChangePosition> {
+        let seq: i64 = sqlx::query("SELECT seq FROM key_change_counter WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("seq")?;
+        let witness_seq = match witness {
+            Some(key_id) => sqlx::query("SELECT change_seq FROM api_keys WHERE key_id = $1")
+                .bind(key_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|row| row.try_get("change_seq"))
+                .transpose()?,
+            None => None,
+        };
+        Ok(ChangePosition { seq, witness_seq })
+    }
+
+    /// Whether this is a PostgreSQL hot standby (read-only, no LISTEN).
+    pub async fn is_standby(&self) -> Result<bool> {
+        if self.backend != Backend::Postgres {
+            return Ok(false);
+        }
+        Ok(sqlx::query("SELECT pg_is_in_recovery() AS standby")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("standby")?)
+    }
+
     async fn audit_in(
+        &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Any>,
         key_id: &str,
         at: Timestamp,
         action: &str,
         detail: &str,
     ) -> Result<()> {
-        sqlx::query("INSERT INTO key_audit (key_id, at, action, detail) VALUES ($1, $2, $3, $4)")
-            .bind(key_id)
-            .bind(at.as_millisecond())
-            .bind(action)
-            .bind(detail)
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO key_audit (key_id, at, action, detail, cluster) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(key_id)
+        .bind(at.as_millisecond())
+        .bind(action)
+        .bind(detail)
+        .bind(&self.cluster)
+        .execute(&mut **tx)
+        .await?;
         Ok(())
     }
 }
 
-const RECORD_COLUMNS: &str = "key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, activated_at, expires_at, revoked_at, revoke_reason, issue_reason, rotation_request";
+const RECORD_COLUMNS: &str = "key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, activated_at, expires_at, revoked_at, revoke_reason, issue_reason, rotation_request, COALESCE(cluster, '') AS cluster";
 
 fn from_millis(ms: i64) -> Result<Timestamp> {
     Timestamp::from_millisecond(ms).map_err(|e| Error::Serialize(e.to_string()))
@@ -614,26 +809,33 @@ fn record_from_row(row: &AnyRow) -> Result<KeyRecord> {
         revoke_reason: row.try_get("revoke_reason")?,
         issue_reason: row.try_get::<String, _>("issue_reason")?.parse()?,
         rotation_request: row.try_get("rotation_request")?,
+        cluster: row.try_get("cluster")?,
     })
 }
 
 #[async_trait]
 impl KeyStore for SqlStore {
+    fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
     async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
         let query = format!(
-            "SELECT {RECORD_COLUMNS} FROM api_keys WHERE apikey_uid = $1 AND state <> 'revoked' ORDER BY created_at, key_id"
+            "SELECT {RECORD_COLUMNS} FROM api_keys WHERE apikey_uid = $1 AND cluster = $2 AND state <> 'revoked' ORDER BY created_at, key_id"
         );
         let live = sqlx::query(sqlx::AssertSqlSafe(query))
             .bind(apikey_uid)
+            .bind(&self.cluster)
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(record_from_row)
             .collect::<Result<Vec<_>>>()?;
         let row = sqlx::query(
-            "SELECT COUNT(activated_at) AS issued, MAX(last_used_at) AS last_used_at FROM api_keys WHERE apikey_uid = $1",
+            "SELECT COUNT(activated_at) AS issued, MAX(last_used_at) AS last_used_at FROM api_keys WHERE apikey_uid = $1 AND cluster = $2",
         )
         .bind(apikey_uid)
+        .bind(&self.cluster)
         .fetch_one(&self.pool)
         .await?;
         let issued: i64 = row.try_get("issued")?;
@@ -652,8 +854,8 @@ impl KeyStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         let change = self.next_change(&mut tx).await?;
         sqlx::query(
-            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request, change_seq) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13)",
+            "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request, change_seq, cluster) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14)",
         )
         .bind(&record.key_id)
         .bind(record.key_hash.as_str())
@@ -668,6 +870,7 @@ impl KeyStore for SqlStore {
         .bind(record.issue_reason.as_str())
         .bind(record.rotation_request.as_deref())
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?;
         let detail = format!(
@@ -676,7 +879,7 @@ impl KeyStore for SqlStore {
             record.name,
             record.issue_reason.as_str()
         );
-        Self::audit_in(
+        self.audit_in(
             &mut tx,
             &record.key_id,
             record.created_at,
@@ -697,12 +900,13 @@ impl KeyStore for SqlStore {
         let mut tx = self.pool.begin().await?;
         let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3, change_seq = $4 WHERE key_id = $1 AND state = 'pending'",
+            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3, change_seq = $4 WHERE key_id = $1 AND state = 'pending' AND cluster = $5",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(expires_at.map(|t| t.as_millisecond()))
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -712,7 +916,7 @@ impl KeyStore for SqlStore {
                 expected: "pending",
             });
         }
-        Self::audit_in(
+        self.audit_in(
             &mut tx,
             key_id,
             at,
@@ -730,17 +934,18 @@ impl KeyStore for SqlStore {
         let updated = sqlx::query(
             "UPDATE api_keys SET state = 'retiring', change_seq = $3, \
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $2 THEN expires_at ELSE $2 END \
-             WHERE key_id = $1 AND state = 'active'",
+             WHERE key_id = $1 AND state = 'active' AND cluster = $4",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated > 0 {
             let detail = format!("valid until {expires_at}");
-            Self::audit_in(&mut tx, key_id, at, "retired", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "retired", &detail).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -756,17 +961,18 @@ impl KeyStore for SqlStore {
         let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
             "UPDATE api_keys SET expires_at = $2, change_seq = $3 \
-             WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2)",
+             WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2) AND cluster = $4",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated > 0 {
             let detail = format!("expires at {expires_at}");
-            Self::audit_in(&mut tx, key_id, at, "expiry_changed", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "expiry_changed", &detail).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -783,13 +989,14 @@ impl KeyStore for SqlStore {
         let scopes = metadata.scopes.join(" ");
         let updated = sqlx::query(
             "UPDATE api_keys SET owner = $2, team = $3, scopes = $4, change_seq = $5 \
-             WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4)",
+             WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4) AND cluster = $6",
         )
         .bind(key_id)
         .bind(&metadata.owner)
         .bind(&metadata.team)
         .bind(&scopes)
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -798,7 +1005,7 @@ impl KeyStore for SqlStore {
                 "owner={} team={} scopes={}",
                 metadata.owner, metadata.team, scopes
             );
-            Self::audit_in(&mut tx, key_id, at, "metadata_changed", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "metadata_changed", &detail).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -809,17 +1016,18 @@ impl KeyStore for SqlStore {
         let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
             "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3, change_seq = $4 \
-             WHERE key_id = $1 AND state <> 'revoked'",
+             WHERE key_id = $1 AND state <> 'revoked' AND cluster = $5",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(reason.as_str())
         .bind(change)
+        .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated > 0 {
-            Self::audit_in(&mut tx, key_id, at, "revoked", reason.as_str()).await?;
+            self.audit_in(&mut tx, key_id, at, "revoked", reason.as_str()).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -838,9 +1046,10 @@ impl KeyStore for SqlStore {
 
     async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>> {
         sqlx::query(
-            "SELECT apikey_uid, MAX(last_used_at) AS used FROM api_keys WHERE last_used_at >= $1 GROUP BY apikey_uid",
+            "SELECT apikey_uid, MAX(last_used_at) AS used FROM api_keys WHERE last_used_at >= $1 AND cluster = $2 GROUP BY apikey_uid",
         )
         .bind(since.as_millisecond())
+        .bind(&self.cluster)
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -850,8 +1059,9 @@ impl KeyStore for SqlStore {
 
     async fn holders(&self, namespace: &str) -> Result<HashSet<String>> {
         sqlx::query(
-            "SELECT DISTINCT apikey_uid FROM api_keys WHERE namespace = $1 AND state <> 'revoked'",
+            "SELECT DISTINCT apikey_uid FROM api_keys WHERE cluster = $1 AND namespace = $2 AND state <> 'revoked'",
         )
+        .bind(&self.cluster)
         .bind(namespace)
         .fetch_all(&self.pool)
         .await?

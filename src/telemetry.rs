@@ -401,6 +401,9 @@ impl InstrumentedStore {
 
 #[async_trait]
 impl KeyStore for InstrumentedStore {
+    fn cluster(&self) -> &str {
+        self.inner.cluster()
+    }
     async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
         self.timed("load", self.inner.load(apikey_uid)).await
     }

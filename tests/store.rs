@@ -38,6 +38,7 @@ fn pending(keys: &KeyFactory, uid: &str, at: Timestamp) -> (PlainKey, KeyRecord)
         revoke_reason: None,
         issue_reason: IssueReason::Initial,
         rotation_request: None,
+        cluster: "default".into(),
     };
     (plain, record)
 }

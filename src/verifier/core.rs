@@ -687,6 +687,7 @@ mod tests {
                 revoke_reason: None,
                 issue_reason: IssueReason::Initial,
                 rotation_request: None,
+                cluster: "default".into(),
             };
             self.source.write(record.clone());
             (plain.expose().to_owned(), record)

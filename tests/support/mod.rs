@@ -449,6 +449,9 @@ impl FaultyStore {
 
 #[async_trait]
 impl KeyStore for FaultyStore {
+    fn cluster(&self) -> &str {
+        self.inner.cluster()
+    }
     async fn load(&self, apikey_uid: &str) -> Result<KeySet> {
         self.check(StoreOp::Load)?;
         self.inner.load(apikey_uid).await
@@ -555,6 +558,7 @@ pub async fn issue_active(
         revoke_reason: None,
         issue_reason: keyward::store::IssueReason::Initial,
         rotation_request: None,
+        cluster: "default".into(),
     };
     store.insert_pending(&record).await.unwrap();
     store

@@ -1,0 +1,31 @@
+-- Several clusters may share one key database: each record and audit row names
+-- the cluster whose operator wrote it (`keyward run --cluster-name`).
+-- The PostgreSQL migration (../postgres) has the same tables, columns and meaning.
+
+-- NULL only on rows written before this migration, until the first cluster
+-- registers (below) and claims them.
+ALTER TABLE api_keys ADD COLUMN cluster TEXT;
+ALTER TABLE key_audit ADD COLUMN cluster TEXT;
+
+-- One row per cluster name: the kube-system Namespace uid of the Kubernetes
+-- cluster that uses it. An operator refuses to start when its name belongs to
+-- another cluster, or when its cluster is registered under another name.
+CREATE TABLE key_clusters (
+    name            TEXT    PRIMARY KEY,
+    kube_system_uid TEXT    NOT NULL UNIQUE,
+    registered_at   INTEGER NOT NULL
+);
+
+-- The operator's live rows by cluster: its anti-entropy pass streams them, and
+-- maxKeysPerNamespace counts them per namespace.
+DROP INDEX api_keys_live_by_namespace;
+CREATE INDEX api_keys_live_by_cluster ON api_keys (cluster, namespace, apikey_uid) WHERE state <> 'revoked';
+
+-- The audit trail stays append-only, with one exception: a row from before this
+-- migration is given its cluster once, and nothing else of it changes.
+DROP TRIGGER key_audit_no_update;
+CREATE TRIGGER key_audit_no_update BEFORE UPDATE ON key_audit
+WHEN NOT (OLD.cluster IS NULL AND NEW.cluster IS NOT NULL AND NEW.id = OLD.id
+          AND NEW.key_id = OLD.key_id AND NEW.at = OLD.at
+          AND NEW.action = OLD.action AND NEW.detail = OLD.detail)
+BEGIN SELECT RAISE(ABORT, 'key_audit is append-only'); END;
