@@ -36,6 +36,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     Error, Result,
+    anti_entropy::AntiEntropy,
     clock::SystemClock,
     crd::{ApiKey, FIELD_MANAGER, FINALIZER, MANAGED_BY_LABEL, MANAGED_BY_VALUE},
     key::{KeyFactory, OsEntropy},
@@ -528,14 +529,18 @@ pub async fn run(config: RunConfig) -> Result<()> {
         issue_turns: Arc::default(),
     };
 
+    let parts = Parts {
+        database: store.clone(),
+        client,
+        reconciler,
+        secrets,
+        policies,
+    };
     let outcome = if config.leader_election {
-        lead_then_run(
-            &config, client, reconciler, secrets, policies, &metrics, health,
-        )
-        .await
+        lead_then_run(&config, parts, &metrics, health).await
     } else {
         metrics.leader.set(1);
-        run_controller(&config, client, reconciler, secrets, policies, health).await
+        run_controller(&config, parts, health).await
     };
     store.close().await;
     outcome
@@ -599,18 +604,25 @@ fn unreachable(error: &Error) -> bool {
     )
 }
 
-/// Waits for the leader Lease, then runs the controller while holding it.
-async fn lead_then_run(
-    config: &RunConfig,
+/// What the controller runs with, built once at start.
+struct Parts {
+    /// The key database, for the anti-entropy pass.
+    database: Arc<SqlStore>,
     client: Client,
     reconciler: Reconciler,
     secrets: SecretCache,
     policies: PolicyIndex,
+}
+
+/// Waits for the leader Lease, then runs the controller while holding it.
+async fn lead_then_run(
+    config: &RunConfig,
+    parts: Parts,
     metrics: &Metrics,
     health: Arc<Health>,
 ) -> Result<()> {
     health.standby.store(true, Ordering::SeqCst);
-    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+    let manager = LeaseManagerBuilder::new(parts.client.clone(), &config.lease_name)
         .with_namespace(&config.lease_namespace)
         .with_identity(&config.identity)
         .with_duration(LEASE_DURATION_SECS)
@@ -638,7 +650,7 @@ async fn lead_then_run(
     health.standby.store(false, Ordering::SeqCst);
     metrics.leader.set(1);
     let outcome = tokio::select! {
-        ran = run_controller(config, client, reconciler, secrets, policies, health) => ran,
+        ran = run_controller(config, parts, health) => ran,
         lost = leading.wait_for(|is_leader| !*is_leader) => {
             metrics.leader.set(0);
             let why = if lost.is_ok() { "lost the leader lease" } else { "the lease manager stopped" };
@@ -752,14 +764,14 @@ fn watch_secrets(
 }
 
 /// Installs the CRD if asked, then runs the controller until a shutdown signal.
-async fn run_controller(
-    config: &RunConfig,
-    client: Client,
-    reconciler: Reconciler,
-    secrets: SecretCache,
-    policies: PolicyIndex,
-    health: Arc<Health>,
-) -> Result<()> {
+async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -> Result<()> {
+    let Parts {
+        database,
+        client,
+        reconciler,
+        secrets,
+        policies,
+    } = parts;
     if !config.skip_crd_install {
         install_crds(client.clone()).await?;
     }
@@ -776,6 +788,17 @@ async fn run_controller(
     let (requeue, requeued) = tokio::sync::mpsc::unbounded_channel();
     let policy_changed = Arc::new(tokio::sync::Notify::new());
     let store = context.reconciler.store.clone();
+    let anti_entropy = AntiEntropy {
+        client: client.clone(),
+        store: database.clone(),
+        keys: keys.clone(),
+        secrets: secrets.clone(),
+        requeue: requeue.clone(),
+        cluster: context.reconciler.cluster.clone(),
+        clock: clock.clone(),
+        metrics: metrics.clone(),
+    };
+    let anti_entropy = tokio::spawn(anti_entropy.follow(health.clone(), config.anti_entropy_interval));
     let last_use = tokio::spawn(crate::last_used::follow(
         store.clone(),
         keys.clone(),
@@ -887,7 +910,7 @@ async fn run_controller(
             }
         })
         .await;
-    for task in policy_watches.into_iter().chain([last_use]) {
+    for task in policy_watches.into_iter().chain([last_use, anti_entropy]) {
         task.abort();
     }
     info!("stopped");

@@ -13,6 +13,7 @@
 //! - [`verify`](mod@verify): checking a presented key against the database, for one-off checks.
 //! - [`verifier`]: the verifier for gateways and services: an in-memory key set that follows the database.
 
+pub mod anti_entropy;
 pub mod cli;
 pub mod clock;
 pub mod controller;

@@ -372,6 +372,8 @@ pub struct LiveRow {
     pub created_at: Timestamp,
     /// When it stops verifying, if it does.
     pub expires_at: Option<Timestamp>,
+    /// The cluster that issued it.
+    pub cluster: String,
 }
 
 /// Where the change sequence stands: what a verifier compares with what it has
@@ -696,7 +698,7 @@ impl SqlStore {
     pub async fn each_live_row(&self, sink: &mut (dyn FnMut(LiveRow) + Send)) -> Result<()> {
         use futures::TryStreamExt;
         let mut rows = sqlx::query(
-            "SELECT key_id, apikey_uid, namespace, name, state, created_at, expires_at FROM api_keys \
+            "SELECT key_id, apikey_uid, namespace, name, state, created_at, expires_at, cluster FROM api_keys \
              WHERE cluster = $1 AND state <> 'revoked'",
         )
         .bind(&self.cluster)
@@ -713,6 +715,7 @@ impl SqlStore {
                     .try_get::<Option<i64>, _>("expires_at")?
                     .map(from_millis)
                     .transpose()?,
+                cluster: row.try_get("cluster")?,
             });
         }
         Ok(())

@@ -153,6 +153,20 @@ pub struct Metrics {
     pub verifier_last_used_flushed: Counter,
     /// Last-used times dropped because the pending map was full.
     pub verifier_last_used_dropped: Counter,
+    /// 1 while last-used times are not recorded (a read replica and no primary URL).
+    pub verifier_last_used_disabled: Gauge,
+    /// Full reloads because the change history moved backwards (a restore or failover).
+    pub verifier_history_resets: Counter,
+    /// Changes the primary announced that the read replica has not replayed yet.
+    pub verifier_replica_behind: Gauge,
+    /// Keys revoked by the anti-entropy pass, by reason (`orphaned`, `superseded`).
+    pub anti_entropy_revocations: Family<ReasonLabel, Counter>,
+    /// Anti-entropy passes by outcome (`ok`, `error`).
+    pub anti_entropy_passes: Family<OutcomeLabel, Counter>,
+    /// Live records of this cluster the last anti-entropy pass compared.
+    pub anti_entropy_records: Gauge,
+    /// Duration of an anti-entropy pass.
+    pub anti_entropy_duration: Histogram,
 }
 
 fn verify_histogram() -> Histogram {
@@ -194,6 +208,13 @@ impl Default for Metrics {
             verifier_last_used_pending: Gauge::default(),
             verifier_last_used_flushed: Counter::default(),
             verifier_last_used_dropped: Counter::default(),
+            verifier_last_used_disabled: Gauge::default(),
+            verifier_history_resets: Counter::default(),
+            verifier_replica_behind: Gauge::default(),
+            anti_entropy_revocations: Family::default(),
+            anti_entropy_passes: Family::default(),
+            anti_entropy_records: Gauge::default(),
+            anti_entropy_duration: latency_histogram(),
             registry: Registry::default(),
         };
         registry.register(
@@ -305,6 +326,41 @@ impl Default for Metrics {
             "verifier_last_used_dropped",
             "Last-used times dropped because the pending map was full",
             metrics.verifier_last_used_dropped.clone(),
+        );
+        registry.register(
+            "verifier_last_used_disabled",
+            "1 while last-used times are not recorded (a read replica and no --primary-database-url)",
+            metrics.verifier_last_used_disabled.clone(),
+        );
+        registry.register(
+            "verifier_history_resets",
+            "Full reloads because the key database's change history moved backwards (a restore or a failover)",
+            metrics.verifier_history_resets.clone(),
+        );
+        registry.register(
+            "verifier_replica_behind",
+            "Changes the primary announced that the read replica has not replayed yet",
+            metrics.verifier_replica_behind.clone(),
+        );
+        registry.register(
+            "anti_entropy_revocations",
+            "Keys revoked by the anti-entropy pass because no ApiKey of this cluster accounts for them, by reason",
+            metrics.anti_entropy_revocations.clone(),
+        );
+        registry.register(
+            "anti_entropy_passes",
+            "Anti-entropy passes by outcome",
+            metrics.anti_entropy_passes.clone(),
+        );
+        registry.register(
+            "anti_entropy_records",
+            "Live records of this cluster that the last anti-entropy pass compared with the ApiKeys",
+            metrics.anti_entropy_records.clone(),
+        );
+        registry.register(
+            "anti_entropy_duration_seconds",
+            "Duration of an anti-entropy pass",
+            metrics.anti_entropy_duration.clone(),
         );
         Self {
             registry,
