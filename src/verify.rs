@@ -54,6 +54,8 @@ pub struct VerifiedKey {
     pub scopes: Vec<String>,
     /// `pending` (in its Secret, confirmation under way), `active` or `retiring`.
     pub state: String,
+    /// The cluster whose operator issued the key.
+    pub cluster: String,
 }
 
 /// Verifies `presented` at time `now`.
@@ -86,6 +88,7 @@ pub async fn verify(
             team: record.metadata.team,
             scopes: record.metadata.scopes,
             state: record.state.as_str().to_owned(),
+            cluster: record.cluster,
         }),
     };
     Ok(verdict)

@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -25,7 +25,7 @@ use crate::{
     Result,
     clock::Clock,
     key::KeyHash,
-    store::{KeyRecord, SqlStore},
+    store::{ChangePosition, KeyRecord, SqlStore},
     telemetry::Metrics,
 };
 
@@ -41,6 +41,8 @@ pub trait KeySource: Send + Sync {
     async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
     /// Moves `last_used_at` forward for these keys.
     async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64>;
+    /// The change counter, and the change number `witness`'s row carries now.
+    async fn position(&self, witness: Option<&str>) -> Result<ChangePosition>;
 }
 
 #[async_trait]
@@ -56,6 +58,9 @@ impl KeySource for SqlStore {
     }
     async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
         SqlStore::record_last_used(self, uses).await
+    }
+    async fn position(&self, witness: Option<&str>) -> Result<ChangePosition> {
+        SqlStore::change_position(self, witness).await
     }
 }
 
@@ -76,6 +81,8 @@ pub struct VerifierConfig {
     pub max_last_used: usize,
     /// How often remembered last uses are written (by `follow`).
     pub last_used_flush: Duration,
+    /// The clusters whose keys verify; `None` accepts every cluster's.
+    pub accept_clusters: Option<Vec<String>>,
 }
 
 impl Default for VerifierConfig {
@@ -87,6 +94,7 @@ impl Default for VerifierConfig {
             fallback_timeout: Duration::from_millis(100),
             max_last_used: 100_000,
             last_used_flush: Duration::from_secs(60),
+            accept_clusters: None,
         }
     }
 }
@@ -157,6 +165,11 @@ pub struct Verifier {
     in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Asked>>>>,
     fallbacks: Semaphore,
     last_used: Mutex<HashMap<Arc<str>, Timestamp>>,
+    /// The highest change number the primary announced (read replicas).
+    announced: AtomicI64,
+    /// Since when the key set has been behind an announced change: the read
+    /// replica has not replayed it yet. Counts as staleness.
+    behind_since: Mutex<Option<Instant>>,
 }
 
 impl Verifier {
@@ -180,6 +193,8 @@ impl Verifier {
             negative: Mutex::default(),
             in_flight: Mutex::default(),
             last_used: Mutex::default(),
+            announced: AtomicI64::new(0),
+            behind_since: Mutex::default(),
         }
     }
 
@@ -193,12 +208,43 @@ impl Verifier {
         outcome
     }
 
-    /// How long since the database last answered; `None` before the first load.
+    /// How long since the database last answered, or since the key set fell
+    /// behind a change the primary announced, whichever is longer; `None`
+    /// before the first load.
     pub fn staleness(&self) -> Option<Duration> {
-        self.synced_at
+        let answered = self
+            .synced_at
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .map(|at| at.elapsed())
+            .map(|at| at.elapsed())?;
+        let behind = self
+            .behind_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or(Duration::ZERO, |since| since.elapsed());
+        Some(answered.max(behind))
+    }
+
+    /// Notes a change number the primary announced (its NOTIFY), which a read
+    /// replica may not have replayed yet.
+    pub fn announce(&self, seq: i64) {
+        self.announced.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// Whether the key set is behind an announced change, after updating the
+    /// replica metrics: the follower then looks again soon.
+    pub fn behind(&self) -> bool {
+        let seen = self.position().map_or(0, |(seq, _)| seq);
+        let missing = self.announced.load(Ordering::SeqCst) - seen;
+        self.metrics.verifier_replica_behind.set(missing.max(0));
+        let mut since = self.behind_since.lock().unwrap_or_else(|p| p.into_inner());
+        if missing > 0 {
+            since.get_or_insert_with(Instant::now);
+            true
+        } else {
+            *since = None;
+            false
+        }
     }
 
     /// Whether checks are answered: loaded, and not stale past the limit.
@@ -224,6 +270,11 @@ impl Verifier {
     /// a second copy of the key set, and checks are answered throughout.
     pub async fn reload(&self) -> Result<usize> {
         let _one = self.updating.lock().await;
+        self.reload_locked().await
+    }
+
+    /// [`reload`](Self::reload) under the `updating` lock.
+    async fn reload_locked(&self) -> Result<usize> {
         if self.position().is_some() {
             self.write(Snapshot::begin_reload);
             let seq = self
@@ -265,9 +316,32 @@ impl Verifier {
         }
     }
 
-    /// Applies every change since the last one seen; returns how many were applied.
+    /// Applies every change since the last one seen; returns how many were
+    /// applied. When the database's history moved backwards (a restore, a
+    /// failover that lost commits, another database behind the URL), the
+    /// changes since the last one seen would miss what was rewritten below
+    /// it: the whole key set is reloaded at once instead.
     pub async fn catch_up(&self) -> Result<usize> {
         let _one = self.updating.lock().await;
+        let Some((seen, witness)) = self.seen() else {
+            return Ok(0);
+        };
+        let now = self.reached(
+            self.source
+                .position(witness.as_ref().map(|(id, _)| id.as_str()))
+                .await,
+        )?;
+        let rewound = now.seq < seen
+            || witness.is_some_and(|(_, at)| now.witness_seq.is_none_or(|current| current < at));
+        if rewound {
+            warn!(
+                seen,
+                counter = now.seq,
+                "the key database's change history moved backwards (a restore or a failover); reloading every key"
+            );
+            self.metrics.verifier_history_resets.inc();
+            return self.reload_locked().await;
+        }
         let mut applied = 0;
         loop {
             let Some(after) = self.position().map(|(seq, _)| seq) else {
@@ -302,6 +376,17 @@ impl Verifier {
         Ok(applied)
     }
 
+    /// The change number the key set is current to, and its witness.
+    fn seen(&self) -> Option<(i64, Option<(String, i64)>)> {
+        let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        snapshot.as_ref().map(|s| {
+            (
+                s.seq(),
+                s.witness().map(|(id, seq)| (id.to_owned(), seq)),
+            )
+        })
+    }
+
     fn observe_position(&self) {
         if let Some((seq, keys)) = self.position() {
             self.metrics.verifier_change_seq.set(seq);
@@ -328,6 +413,7 @@ impl Verifier {
             Some(verdict) => Checked::Answer(verdict),
             None => self.fall_back(presented, required, now).await,
         };
+        let checked = self.from_accepted_cluster(checked);
         if let Checked::Answer(Verdict {
             identity: Some(identity),
             ..
@@ -336,6 +422,25 @@ impl Verifier {
             self.note_use(&identity.key_id, now);
         }
         checked
+    }
+
+    /// A key of a cluster outside `accept_clusters` is answered as unknown.
+    fn from_accepted_cluster(&self, checked: Checked) -> Checked {
+        let Some(accepted) = &self.config.accept_clusters else {
+            return checked;
+        };
+        match &checked {
+            Checked::Answer(Verdict {
+                identity: Some(identity),
+                ..
+            }) if !accepted.iter().any(|c| **c == *identity.cluster) => {
+                Checked::Answer(Verdict {
+                    code: Code::Unknown,
+                    identity: None,
+                })
+            }
+            _ => checked,
+        }
     }
 
     /// Asks the database about a well-formed key that is not in memory: once per

@@ -27,13 +27,14 @@ use crate::telemetry::Metrics;
 pub const MAX_KEY_HEADER: usize = 256;
 
 /// Identity headers on an allowed request.
-pub const IDENTITY_HEADERS: [&str; 6] = [
+pub const IDENTITY_HEADERS: [&str; 7] = [
     "x-keyward-key-id",
     "x-keyward-owner",
     "x-keyward-team",
     "x-keyward-scopes",
     "x-keyward-namespace",
     "x-keyward-name",
+    "x-keyward-cluster",
 ];
 
 /// The header a gateway may set instead of `?scope=`: required scopes,
@@ -134,6 +135,7 @@ pub fn identity_headers(identity: &Identity) -> Vec<(&'static str, String)> {
         scopes.join(" "),
         identity.namespace.to_string(),
         identity.name.to_string(),
+        identity.cluster.to_string(),
     ];
     IDENTITY_HEADERS.into_iter().zip(values).collect()
 }

@@ -90,6 +90,8 @@ pub struct Identity {
     pub team: Arc<str>,
     /// Granted scopes.
     pub scopes: Arc<[Arc<str>]>,
+    /// The cluster whose operator issued the key (`--cluster-name`).
+    pub cluster: Arc<str>,
 }
 
 /// One live key in memory.
@@ -114,6 +116,7 @@ impl Entry {
             owner: shared(&record.metadata.owner),
             team: shared(&record.metadata.team),
             scopes: record.metadata.scopes.iter().map(|s| shared(s)).collect(),
+            cluster: shared(&record.cluster),
         });
         Entry {
             identity,
@@ -132,6 +135,7 @@ impl Entry {
             && *id.name == *record.name
             && *id.owner == *record.metadata.owner
             && *id.team == *record.metadata.team
+            && *id.cluster == *record.cluster
             && id.scopes.len() == record.metadata.scopes.len()
             && id
                 .scopes
@@ -217,6 +221,10 @@ pub struct Snapshot {
     revoked: HashSet<Digest32>,
     revoked_order: std::collections::VecDeque<Digest32>,
     seq: i64,
+    /// The last change applied since the last full load (key id, change
+    /// number): its row must still carry at least that number, or the
+    /// database's history moved backwards.
+    witness: Option<(String, i64)>,
     strings: HashSet<Arc<str>>,
 }
 
@@ -243,6 +251,11 @@ impl Snapshot {
         self.seq
     }
 
+    /// The last change applied since the last full load: (key id, change number).
+    pub fn witness(&self) -> Option<(&str, i64)> {
+        self.witness.as_ref().map(|(id, seq)| (id.as_str(), *seq))
+    }
+
     /// How many live keys it holds.
     pub fn len(&self) -> usize {
         self.keys.len()
@@ -260,6 +273,7 @@ impl Snapshot {
             return None;
         }
         self.seq = seq;
+        self.witness = Some((record.key_id.clone(), seq));
         self.put(record)
     }
 
@@ -277,12 +291,14 @@ impl Snapshot {
     }
 
     /// Ends a full load current to change `seq`: drops the keys it did not bring
-    /// (revoked, or gone, at or before `seq`); returns how many.
+    /// (revoked, or gone, at or before `seq`); returns how many. The load's
+    /// number replaces the snapshot's: lower only when history moved backwards.
     pub fn finish_reload(&mut self, seq: i64) -> usize {
         let before = self.keys.len();
         let mark = self.mark;
         self.keys.retain(|_, slot| slot.mark == mark);
-        self.seq = self.seq.max(seq);
+        self.seq = seq;
+        self.witness = None;
         self.compact();
         before - self.keys.len()
     }
@@ -300,6 +316,11 @@ impl Snapshot {
                 }
             }
             return Some(hash);
+        }
+        if self.revoked.contains(&hash) {
+            // Revocation is final: a restored or failed-over database that
+            // shows this key live again is wrong, and is not believed.
+            return None;
         }
         let mark = self.mark;
         if let Some(slot) = self.keys.get_mut(&hash)
