@@ -561,6 +561,7 @@ async fn serve_verifier(url: &str) {
         address: "127.0.0.1:0".parse().expect("an address"),
         key_header: "x-api-key".into(),
         config: VerifierConfig::default(),
+        primary_database_url: None,
     };
     let (verifier, address) = start(store, url, settings, Arc::new(Metrics::default()))
         .await
@@ -593,6 +594,8 @@ async fn serve_verifier_nodelay(url: &str) {
     let (_wake, woken) = tokio::sync::mpsc::channel(1);
     let timing = Follow {
         poll: Duration::from_millis(100),
+        unheard_poll: Duration::from_millis(100),
+        listening: Arc::default(),
         full_reload: Duration::from_secs(300),
         flush: Duration::from_secs(60),
     };
@@ -1357,6 +1360,7 @@ async fn part_revocation(args: &Args) -> String {
             address: "127.0.0.1:0".parse().expect("an address"),
             key_header: "x-api-key".into(),
             config: VerifierConfig::default(),
+            primary_database_url: None,
         };
         let (verifier, _address) = start(reader, &url, settings, Arc::new(Metrics::default()))
             .await

@@ -66,18 +66,30 @@ pub struct VerifierArgs {
     /// Seconds between the batched writes of last-used times.
     #[arg(long, env = "KEYWARD_LAST_USED_FLUSH", default_value_t = 60)]
     pub last_used_flush: u64,
+    /// Accept only keys issued by these clusters (`--cluster-name` of their
+    /// operators), comma-separated; keys of other clusters answer unknown.
+    /// Empty accepts every cluster's keys.
+    #[arg(long, env = "KEYWARD_ACCEPT_CLUSTERS", value_delimiter = ',', value_parser = cluster_name)]
+    pub accept_clusters: Vec<String>,
 }
 
 impl VerifierArgs {
-    fn settings(&self, address: std::net::SocketAddr) -> VerifierSettings {
+    fn settings(
+        &self,
+        address: std::net::SocketAddr,
+        primary_database_url: Option<String>,
+    ) -> VerifierSettings {
         VerifierSettings {
             address,
+            primary_database_url,
             key_header: self.key_header.clone(),
             config: VerifierConfig {
                 last_used_flush: std::time::Duration::from_secs(self.last_used_flush.max(1)),
                 max_staleness: std::time::Duration::from_secs(self.max_staleness),
                 max_fallbacks: self.max_fallbacks.max(1),
                 fallback_timeout: std::time::Duration::from_millis(self.fallback_timeout_ms.max(1)),
+                accept_clusters: (!self.accept_clusters.is_empty())
+                    .then(|| self.accept_clusters.clone()),
                 ..VerifierConfig::default()
             },
         }
@@ -180,6 +192,12 @@ pub enum Command {
         /// Where to listen, e.g. 0.0.0.0:9000.
         #[arg(long, env = "KEYWARD_VERIFIER_ADDRESS", default_value = "0.0.0.0:9000")]
         address: std::net::SocketAddr,
+        /// The primary's URL when --database-url is a read replica (a hot
+        /// standby): the verifier LISTENs there for changes and writes
+        /// last-used times there. Without it, a replica is polled every 250 ms
+        /// and last-used times are not recorded.
+        #[arg(long, env = "KEYWARD_PRIMARY_DATABASE_URL", hide_env_values = true)]
+        primary_database_url: Option<String>,
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
@@ -287,7 +305,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 lease_namespace,
                 identity: identity.unwrap_or_else(default_identity),
                 require_policy,
-                verifier: verifier_address.map(|address| verifier.settings(address)),
+                verifier: verifier_address.map(|address| verifier.settings(address, None)),
             })
             .await?;
             Ok(ExitCode::SUCCESS)
@@ -323,6 +341,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Verifier {
             database,
             address,
+            primary_database_url,
             log_format,
             verifier,
         } => {
@@ -334,7 +353,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen::start(
                 store,
                 &database.database_url,
-                verifier.settings(address),
+                verifier.settings(address, primary_database_url),
                 metrics,
             )
             .await?;

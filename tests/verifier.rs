@@ -143,6 +143,7 @@ async fn start_verifier(store: Arc<SqlStore>, url: &str) -> (Arc<Verifier>, Sock
             max_staleness: Duration::from_secs(10),
             ..VerifierConfig::default()
         },
+        primary_database_url: None,
     };
     start(store, url, settings, Arc::new(Metrics::default()))
         .await

@@ -358,6 +358,7 @@ async fn nginx_auth_request_allows_good_keys_and_refuses_bad_revoked_and_unscope
         address: "127.0.0.1:0".parse().unwrap(),
         key_header: "x-api-key".into(),
         config: VerifierConfig::default(),
+        primary_database_url: None,
     };
     let (_verifier, verifier_address) =
         keyward::verifier::listen::start(store.clone(), &url, settings, metrics)

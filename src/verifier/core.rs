@@ -413,7 +413,7 @@ impl Verifier {
             Some(verdict) => Checked::Answer(verdict),
             None => self.fall_back(presented, required, now).await,
         };
-        let checked = self.from_accepted_cluster(checked);
+        let checked = self.only_accepted_clusters(checked);
         if let Checked::Answer(Verdict {
             identity: Some(identity),
             ..
@@ -425,7 +425,7 @@ impl Verifier {
     }
 
     /// A key of a cluster outside `accept_clusters` is answered as unknown.
-    fn from_accepted_cluster(&self, checked: Checked) -> Checked {
+    fn only_accepted_clusters(&self, checked: Checked) -> Checked {
         let Some(accepted) = &self.config.accept_clusters else {
             return checked;
         };
@@ -579,13 +579,21 @@ impl Verifier {
 
 /// How the follower learns that something changed.
 pub struct Follow {
-    /// Poll for changes this often even without a wake-up.
+    /// Poll for changes this often while a listener wakes the follower.
     pub poll: Duration,
+    /// Poll this often while nothing would wake it (no listener, or the
+    /// listener's connection is down, as during a failover).
+    pub unheard_poll: Duration,
+    /// Set while a listener is connected (PostgreSQL LISTEN).
+    pub listening: Arc<AtomicBool>,
     /// Reload everything this often, as a safety net.
     pub full_reload: Duration,
     /// Flush last-used times this often.
     pub flush: Duration,
 }
+
+/// How soon to look again while a read replica has not replayed an announced change.
+const REPLAY_POLL: Duration = Duration::from_millis(20);
 
 /// Keeps a verifier current until the process ends: the first full load (retried
 /// until the database answers), then a catch-up on every wake-up and poll, a
@@ -612,10 +620,11 @@ pub async fn follow(
     }
     let mut last_reload = Instant::now();
     let mut last_flush = Instant::now();
+    let mut next_poll = timing.poll;
     loop {
         tokio::select! {
             _ = wake.recv() => {}
-            () = tokio::time::sleep(timing.poll) => {}
+            () = tokio::time::sleep(next_poll) => {}
         }
         let outcome = if last_reload.elapsed() >= timing.full_reload {
             last_reload = Instant::now();
@@ -626,6 +635,13 @@ pub async fn follow(
         if let Err(e) = outcome {
             warn!(error = %e, "cannot reach the key database; answering from memory");
         }
+        next_poll = if verifier.behind() {
+            REPLAY_POLL
+        } else if timing.listening.load(Ordering::SeqCst) {
+            timing.poll
+        } else {
+            timing.unheard_poll
+        };
         if last_flush.elapsed() >= timing.flush {
             last_flush = Instant::now();
             if let Err(e) = verifier.flush_last_used().await {
@@ -679,6 +695,17 @@ mod tests {
             let mut rows = self.rows.lock().unwrap();
             rows.retain(|(_, r)| r.key_id != record.key_id);
             rows.push((*seq, record));
+        }
+
+        /// The rows and counter as they are now, as a backup holds them.
+        fn backup(&self) -> (Vec<(i64, KeyRecord)>, i64) {
+            (self.rows.lock().unwrap().clone(), *self.seq.lock().unwrap())
+        }
+
+        /// Puts a backup back: every later change is gone.
+        fn restore(&self, (rows, seq): (Vec<(i64, KeyRecord)>, i64)) {
+            *self.rows.lock().unwrap() = rows;
+            *self.seq.lock().unwrap() = seq;
         }
 
         fn check_up(&self) -> Result<()> {
@@ -737,6 +764,16 @@ mod tests {
             self.check_up()?;
             self.used.lock().unwrap().extend_from_slice(uses);
             Ok(uses.len() as u64)
+        }
+        async fn position(&self, witness: Option<&str>) -> Result<ChangePosition> {
+            self.check_up()?;
+            let rows = self.rows.lock().unwrap();
+            Ok(ChangePosition {
+                seq: *self.seq.lock().unwrap(),
+                witness_seq: witness.and_then(|id| {
+                    rows.iter().find(|(_, r)| r.key_id == id).map(|(s, _)| *s)
+                }),
+            })
         }
     }
 
@@ -1072,5 +1109,100 @@ mod tests {
             w.verifier.position().unwrap().0,
             *w.source.seq.lock().unwrap()
         );
+    }
+
+    #[tokio::test]
+    async fn a_restore_reloads_at_once_and_a_key_seen_revoked_stays_revoked() {
+        let w = world(VerifierConfig::default());
+        let (leaked, mut leaked_record) = w.issue(KeyState::Active, &[]);
+        let (kept, mut kept_record) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        let backup = w.source.backup();
+        // After the backup: the leaked key is revoked, and the verifier sees it.
+        leaked_record.state = KeyState::Revoked;
+        w.source.write(leaked_record);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.code(&leaked, &[]).await, Code::Revoked);
+
+        // The restore brings the leaked key back as active, and the operator
+        // writes enough afterwards that the counter passes what the verifier
+        // saw: only the rewound witness row tells.
+        w.source.restore(backup);
+        kept_record.metadata.team = "search".into();
+        w.source.write(kept_record.clone());
+        let (fresh, _) = w.issue(KeyState::Active, &[]);
+        assert!(*w.source.seq.lock().unwrap() > w.verifier.position().unwrap().0);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.verifier.metrics.verifier_history_resets.get(), 1);
+        assert_eq!(w.code(&fresh, &[]).await, Code::Valid);
+        assert_eq!(
+            w.verifier.position().unwrap().0,
+            *w.source.seq.lock().unwrap(),
+            "current to the restored history"
+        );
+        // Revocation is final, whatever the restored rows say.
+        assert_eq!(w.code(&leaked, &[]).await, Code::Revoked);
+
+        // A later revocation in the restored history is seen, though its
+        // change number is below what the verifier had seen before.
+        kept_record.state = KeyState::Revoked;
+        w.source.write(kept_record);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.code(&kept, &[]).await, Code::Revoked);
+        assert_eq!(w.verifier.metrics.verifier_history_resets.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_counter_below_what_was_seen_reloads() {
+        let w = world(VerifierConfig::default());
+        let (_, _) = w.issue(KeyState::Active, &[]);
+        let backup = w.source.backup();
+        let (later, _) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        assert_eq!(w.code(&later, &[]).await, Code::Valid);
+        w.source.restore(backup);
+        w.verifier.catch_up().await.unwrap();
+        assert_eq!(w.verifier.metrics.verifier_history_resets.get(), 1);
+        let finds = w.source.finds.load(Ordering::SeqCst);
+        assert_eq!(w.code(&later, &[]).await, Code::Unknown);
+        assert_eq!(w.source.finds.load(Ordering::SeqCst), finds + 1);
+    }
+
+    #[tokio::test]
+    async fn only_keys_of_accepted_clusters_verify() {
+        let w = world(VerifierConfig {
+            accept_clusters: Some(vec!["eu-1".into()]),
+            ..VerifierConfig::default()
+        });
+        let (ours, mut record) = w.issue(KeyState::Active, &[]);
+        record.cluster = "eu-1".into();
+        w.source.write(record);
+        let (theirs, _) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        assert_eq!(w.code(&ours, &[]).await, Code::Valid);
+        assert_eq!(w.code(&theirs, &[]).await, Code::Unknown);
+    }
+
+    #[tokio::test]
+    async fn a_replica_behind_an_announced_change_counts_as_stale() {
+        let w = world(VerifierConfig {
+            max_staleness: Duration::from_millis(50),
+            ..VerifierConfig::default()
+        });
+        let (key, record) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        let seen = w.verifier.position().unwrap().0;
+        w.verifier.announce(seen + 1);
+        assert!(w.verifier.behind());
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        w.verifier.catch_up().await.unwrap();
+        assert!(
+            matches!(w.verifier.check(&key, &[]).await, Checked::Unavailable(_)),
+            "the database answers, but from a replica behind the primary"
+        );
+        w.source.write(record);
+        w.verifier.catch_up().await.unwrap();
+        assert!(!w.verifier.behind());
+        assert_eq!(w.code(&key, &[]).await, Code::Valid);
     }
 }
