@@ -416,9 +416,11 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
             "x-keyward-team",
             "x-keyward-scopes",
             "x-keyward-namespace",
-            "x-keyward-name"
+            "x-keyward-name",
+            "x-keyward-cluster"
         ]
     );
+    assert_eq!(added["x-keyward-cluster"], "default");
     for option in &ok.headers {
         assert_eq!(
             option.append_action(),
