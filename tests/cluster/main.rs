@@ -3,11 +3,16 @@
 
 mod admission;
 mod chart;
+mod database;
 mod harness;
 mod limits;
 mod policy;
 mod roles;
 mod verifier;
+// Only part of it serves these tests; tests/replication.rs uses all of it.
+#[allow(dead_code)]
+#[path = "../support/replication.rs"]
+mod replication;
 
 use std::{collections::BTreeSet, time::Duration};
 

@@ -13,7 +13,7 @@ use crate::harness::{Cluster, Postgres, wait_for};
 const NS: &str = "default";
 
 /// The HTTP status of `GET /check` with the key as a Bearer token.
-fn check(address: SocketAddr, key: &str) -> u16 {
+pub(crate) fn check(address: SocketAddr, key: &str) -> u16 {
     get(
         address,
         "/check?scope=inference",
@@ -48,7 +48,7 @@ fn until_status(address: SocketAddr, key: &str, status: u16) -> Duration {
     started.elapsed()
 }
 
-fn free_address() -> SocketAddr {
+pub(crate) fn free_address() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -120,7 +120,7 @@ fn id(args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
 }
 
-fn tool(binary: &str) -> PathBuf {
+pub fn tool(binary: &str) -> PathBuf {
     match tools() {
         Ok(tools) => tools.bindir.join(binary),
         Err(why) => panic!("{why} (call replication::available first)"),
