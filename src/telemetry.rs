@@ -149,7 +149,7 @@ pub struct Metrics {
     pub verifier_listener_reconnects: Counter,
     /// Keys whose last use waits for the next flush.
     pub verifier_last_used_pending: Gauge,
-    /// Last-used times written to the database.
+    /// Last-used times that moved a key's `last_used_at` forward in the database.
     pub verifier_last_used_flushed: Counter,
     /// Last-used times dropped because the pending map was full.
     pub verifier_last_used_dropped: Counter,
@@ -319,7 +319,7 @@ impl Default for Metrics {
         );
         registry.register(
             "verifier_last_used_flushed",
-            "Last-used times written to the key database",
+            "Last-used times that moved a key's last_used_at forward in the key database",
             metrics.verifier_last_used_flushed.clone(),
         );
         registry.register(

@@ -557,10 +557,8 @@ impl Verifier {
             return Ok(0);
         }
         match self.source.record_last_used(&uses).await {
-            Ok(_) => {
-                self.metrics
-                    .verifier_last_used_flushed
-                    .inc_by(u64::try_from(uses.len()).unwrap_or(u64::MAX));
+            Ok(moved) => {
+                self.metrics.verifier_last_used_flushed.inc_by(moved);
                 Ok(uses.len())
             }
             Err(e) => {
@@ -620,7 +618,8 @@ pub async fn follow(
     }
     let mut last_reload = Instant::now();
     let mut last_flush = Instant::now();
-    let mut next_poll = timing.poll;
+    // Until a listener says it is connected, nothing else would wake us.
+    let mut next_poll = timing.unheard_poll;
     loop {
         tokio::select! {
             _ = wake.recv() => {}
