@@ -686,6 +686,8 @@ fn verifier_with_postgresql_is_the_deployment_config_ships() {
             "database.existingSecret=keyward-database,verifier.enabled=true",
             "--set",
             "verifier.database.existingSecret=keyward-verifier-database",
+            "--set",
+            "verifier.primaryDatabase.existingSecret=keyward-verifier-primary-database",
         ],
     ) else {
         return;
@@ -713,7 +715,17 @@ fn verifier_with_postgresql_is_the_deployment_config_ships() {
     let shipped_container = &pod_spec(&shipped)["containers"][0];
     assert_same_container(container, shipped_container, "verifier");
     assert_eq!(container["resources"], shipped_container["resources"]);
-    assert_eq!(container["env"], shipped_container["env"]);
+    // config/ marks the primary's Secret optional, so that it works without one; a
+    // Secret named in the chart's values is required.
+    let mut shipped_env = shipped_container["env"].clone();
+    for entry in shipped_env.as_sequence_mut().unwrap() {
+        if entry["name"] == "KEYWARD_PRIMARY_DATABASE_URL" {
+            let key = &mut entry["valueFrom"]["secretKeyRef"];
+            assert_eq!(key["optional"], true);
+            key.as_mapping_mut().unwrap().remove("optional");
+        }
+    }
+    assert_eq!(container["env"], shipped_env);
     for field in [
         "securityContext",
         "serviceAccountName",
@@ -803,6 +815,127 @@ fn verifier_with_postgresql_is_the_deployment_config_ships() {
         url["valueFrom"]["secretKeyRef"],
         serde_yaml::from_str::<Value>("{name: keyward-database, key: dsn}").unwrap()
     );
+}
+
+/// The value of the environment variable `name` in a container, if set.
+fn env_var<'a>(container: &'a Value, name_: &str) -> Option<&'a Value> {
+    container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name_)
+}
+
+fn verifier_container(chart: &Rendering) -> &Value {
+    &pod_spec(chart.get("Deployment", "keyward-verifier"))["containers"][0]
+}
+
+#[test]
+fn a_shared_database_needs_a_cluster_name() {
+    let test = "a_shared_database_needs_a_cluster_name";
+    for (values, message) in [
+        (
+            "database.existingSecret=db,database.shared=true",
+            "database.shared is true: set clusterName",
+        ),
+        (
+            "database.shared=true,clusterName=eu-west",
+            "only a PostgreSQL key database can be shared",
+        ),
+        (
+            "database.existingSecret=db,clusterName=EU_West",
+            "clusterName must be a DNS label",
+        ),
+    ] {
+        let Some(output) = helm_render(test, &["--set", values]) else {
+            return;
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{values}");
+        assert!(stderr.contains(message), "{values}: {stderr}");
+    }
+}
+
+#[test]
+fn cluster_name_and_anti_entropy_interval_reach_the_operator() {
+    let test = "cluster_name_and_anti_entropy_interval_reach_the_operator";
+    let (Some(defaults), Some(shared)) = (
+        render(test, &["--set", "database.existingSecret=db"]),
+        render(
+            test,
+            &[
+                "--set",
+                "database.existingSecret=db,database.shared=true,clusterName=eu-west",
+                "--set",
+                "antiEntropyInterval=300",
+            ],
+        ),
+    ) else {
+        return;
+    };
+    // Unset: the operator's own default name, `default`.
+    assert!(env_var(defaults.container(), "KEYWARD_CLUSTER_NAME").is_none());
+    assert_eq!(
+        env_var(defaults.container(), "KEYWARD_ANTI_ENTROPY_INTERVAL").unwrap()["value"],
+        "60"
+    );
+    assert_eq!(
+        env_var(shared.container(), "KEYWARD_CLUSTER_NAME").unwrap()["value"],
+        "eu-west"
+    );
+    assert_eq!(
+        env_var(shared.container(), "KEYWARD_ANTI_ENTROPY_INTERVAL").unwrap()["value"],
+        "300"
+    );
+    // The same args as without them: the values travel as environment variables.
+    assert_eq!(defaults.args(), shared.args());
+}
+
+#[test]
+fn verifier_reads_the_primary_url_from_its_secret_and_accepts_listed_clusters() {
+    let test = "verifier_reads_the_primary_url_from_its_secret_and_accepts_listed_clusters";
+    let (Some(defaults), Some(replica)) = (
+        render(
+            test,
+            &["--set", "database.existingSecret=db,verifier.enabled=true"],
+        ),
+        render(
+            test,
+            &[
+                "--set",
+                "database.existingSecret=db,verifier.enabled=true",
+                "--set",
+                "verifier.database.existingSecret=keyward-ro,verifier.primaryDatabase.existingSecret=keyward-rw",
+                "--set",
+                "verifier.primaryDatabase.existingSecretKey=uri",
+                "--set-json",
+                r#"verifier.acceptClusters=["eu-west","us-east"]"#,
+            ],
+        ),
+    ) else {
+        return;
+    };
+    let container = verifier_container(&defaults);
+    assert!(env_var(container, "KEYWARD_PRIMARY_DATABASE_URL").is_none());
+    assert!(env_var(container, "KEYWARD_ACCEPT_CLUSTERS").is_none());
+
+    let container = verifier_container(&replica);
+    assert_eq!(
+        env_var(container, "KEYWARD_DATABASE_URL").unwrap()["valueFrom"]["secretKeyRef"],
+        serde_yaml::from_str::<Value>("{name: keyward-ro, key: url}").unwrap()
+    );
+    assert_eq!(
+        env_var(container, "KEYWARD_PRIMARY_DATABASE_URL").unwrap()["valueFrom"]["secretKeyRef"],
+        serde_yaml::from_str::<Value>("{name: keyward-rw, key: uri}").unwrap()
+    );
+    assert_eq!(
+        env_var(container, "KEYWARD_ACCEPT_CLUSTERS").unwrap()["value"],
+        "eu-west,us-east"
+    );
+    // The operator keeps its own URL, and gets neither.
+    for name_ in ["KEYWARD_PRIMARY_DATABASE_URL", "KEYWARD_ACCEPT_CLUSTERS"] {
+        assert!(env_var(replica.container(), name_).is_none(), "{name_}");
+    }
 }
 
 #[test]

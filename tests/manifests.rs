@@ -848,3 +848,142 @@ fn yaml_contains(value: &Value, test: &dyn Fn(&Value) -> bool) -> bool {
             _ => false,
         }
 }
+
+/// The `KEYWARD_*` variables a manifest sets (commented-out ones are not read).
+fn keyward_env_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| line.trim().strip_prefix("- name: KEYWARD_"))
+        .map(|rest| format!("KEYWARD_{}", rest.trim()))
+        .collect()
+}
+
+#[test]
+fn every_keyward_variable_the_manifests_set_is_read_by_the_command() {
+    for (command, files) in [
+        (
+            "run",
+            [
+                "config/deployment.yaml",
+                "charts/keyward/templates/deployment.yaml",
+            ],
+        ),
+        (
+            "verifier",
+            [
+                "config/verifier.yaml",
+                "charts/keyward/templates/verifier-deployment.yaml",
+            ],
+        ),
+    ] {
+        let help = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for file in files {
+            let names = keyward_env_names(&read(file));
+            assert!(names.contains("KEYWARD_DATABASE_URL"), "{file}: {names:?}");
+            for name in names {
+                assert!(
+                    help.contains(&format!("[env: {name}")),
+                    "{file} sets {name}, which keyward {command} does not read"
+                );
+            }
+        }
+    }
+    // The new values travel as variables, not flags.
+    let chart = read("charts/keyward/templates/deployment.yaml");
+    assert!(keyward_env_names(&chart).contains("KEYWARD_CLUSTER_NAME"));
+    assert!(keyward_env_names(&chart).contains("KEYWARD_ANTI_ENTROPY_INTERVAL"));
+    let verifier = read("charts/keyward/templates/verifier-deployment.yaml");
+    assert!(keyward_env_names(&verifier).contains("KEYWARD_PRIMARY_DATABASE_URL"));
+    assert!(keyward_env_names(&verifier).contains("KEYWARD_ACCEPT_CLUSTERS"));
+}
+
+/// The SQL statements from `GRANT` to `;` in a text, whitespace collapsed.
+fn grants(text: &str) -> Vec<String> {
+    text.split("GRANT ")
+        .skip(1)
+        .map(|rest| {
+            let statement = rest.split(';').next().unwrap();
+            format!(
+                "GRANT {}",
+                statement.split_whitespace().collect::<Vec<_>>().join(" ")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn cloudnativepg_example_wires_the_urls_config_reads_and_the_documented_grants() {
+    let example = documents(&read("examples/cloudnativepg.yaml"));
+    let cluster = only(&example, "Cluster");
+    assert_eq!(cluster["apiVersion"], "postgresql.cnpg.io/v1");
+    let name = cluster["metadata"]["name"].as_str().unwrap();
+    let spec = &cluster["spec"];
+    assert_eq!(spec["instances"], 3);
+    assert_eq!(spec["postgresql"]["synchronous"]["method"], "any");
+    assert_eq!(spec["postgresql"]["synchronous"]["number"], 1);
+    assert_eq!(
+        spec["postgresql"]["parameters"]["synchronous_commit"],
+        "remote_apply"
+    );
+    assert_eq!(spec["bootstrap"]["initdb"]["database"], "keyward");
+    let roles = spec["managed"]["roles"].as_sequence().unwrap();
+    assert!(
+        roles
+            .iter()
+            .any(|r| r["name"] == "keyward_verifier" && r["login"] == true)
+    );
+    // Everything in the namespace the operator and the verifier run in.
+    for object in &example {
+        assert_eq!(object["metadata"]["namespace"], VERIFIER_NAMESPACE);
+    }
+
+    // The Secrets config/verifier.yaml reads: the replicas (-ro) and the primary (-rw).
+    let verifier = documents(&read("config/verifier.yaml"));
+    let env = &only(&verifier, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"];
+    for (variable, service) in [
+        ("KEYWARD_DATABASE_URL", format!("@{name}-ro.")),
+        ("KEYWARD_PRIMARY_DATABASE_URL", format!("@{name}-rw.")),
+    ] {
+        let reference = &env
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == variable)
+            .unwrap_or_else(|| panic!("config/verifier.yaml sets {variable}"))["valueFrom"]["secretKeyRef"];
+        let secret = example
+            .iter()
+            .find(|o| o["kind"] == "Secret" && o["metadata"]["name"] == reference["name"])
+            .unwrap_or_else(|| panic!("the example has no Secret {:?}", reference["name"]));
+        let url = secret["stringData"][reference["key"].as_str().unwrap()]
+            .as_str()
+            .unwrap();
+        assert!(
+            url.starts_with("postgresql://keyward_verifier:") && url.contains(&service),
+            "{variable}: {url}"
+        );
+    }
+    // The operator's URL is the one CloudNativePG generates for the owner.
+    let text = read("examples/cloudnativepg.yaml");
+    assert!(text.contains(&format!(
+        "database.existingSecret={name}-app,database.existingSecretKey=uri"
+    )));
+
+    // The Job grants exactly what docs/verifier.md grants.
+    let docs = read("docs/verifier.md");
+    let documented = docs
+        .split("## The database role")
+        .nth(1)
+        .and_then(|section| section.split("```sql").nth(1))
+        .and_then(|block| block.split("```").next())
+        .unwrap();
+    let job = only(&example, "Job");
+    let script = job["spec"]["template"]["spec"]["containers"][0]["args"][0]
+        .as_str()
+        .unwrap();
+    assert_eq!(grants(script), grants(documented));
+    assert_eq!(grants(script).len(), 4);
+}
