@@ -571,7 +571,10 @@ async fn migrate_when_reachable(store: &SqlStore) -> Result<()> {
 /// Registers `--cluster-name` in the key database under this Kubernetes
 /// cluster's identity (the kube-system Namespace uid), or checks that it is
 /// registered so; a name that belongs to another cluster, or a changed name,
-/// stops the operator with a message that says what to do.
+/// stops the operator with a message that says what to do. Rows written
+/// before migration 4 are claimed only when some of their ApiKeys exist here
+/// with the same uid: another cluster's rows are never claimed, so never
+/// judged as orphans by this one.
 async fn register_cluster(store: &SqlStore, client: &Client) -> Result<()> {
     let kube_system = Api::<Namespace>::all(client.clone())
         .get_metadata("kube-system")
@@ -580,9 +583,30 @@ async fn register_cluster(store: &SqlStore, client: &Client) -> Result<()> {
         .metadata
         .uid
         .ok_or(Error::MissingMetadata("uid"))?;
+    let unclaimed = store.unclaimed_owners(20).await?;
+    let mut claim = false;
+    for (owner_uid, namespace, name) in &unclaimed {
+        // Before the CRD is installed nothing here can own them.
+        let found = Api::<PartialObjectMeta<ApiKey>>::namespaced(client.clone(), namespace)
+            .get_metadata_opt(name)
+            .await
+            .ok()
+            .flatten();
+        if found.and_then(|key| key.metadata.uid).as_ref() == Some(owner_uid) {
+            claim = true;
+            break;
+        }
+    }
     store
-        .register_cluster(&uid, jiff::Timestamp::now())
+        .register_cluster(&uid, claim, jiff::Timestamp::now())
         .await?;
+    if claim {
+        info!(cluster = store.cluster(), "claimed the keys written before the cluster name existed");
+    } else if !unclaimed.is_empty() {
+        warn!(
+            "the key database holds keys written before the cluster name existed, and none of the ApiKeys sampled is in this cluster: they are left to the cluster that owns them"
+        );
+    }
     info!(cluster = store.cluster(), "cluster registered in the key database");
     Ok(())
 }

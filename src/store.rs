@@ -627,15 +627,58 @@ impl SqlStore {
         Ok(moved)
     }
 
+    /// A few ApiKeys (uid, namespace, name) that own rows written before
+    /// migration 4, which no cluster has claimed yet: owners of live keys
+    /// first, since their ApiKeys still exist.
+    pub async fn unclaimed_owners(&self, limit: i64) -> Result<Vec<(String, String, String)>> {
+        for only_live in ["AND state <> 'revoked'", ""] {
+            let query = format!(
+                "SELECT DISTINCT apikey_uid, namespace, name FROM api_keys WHERE cluster IS NULL {only_live} LIMIT $1"
+            );
+            let owners = sqlx::query(sqlx::AssertSqlSafe(query))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok((
+                        row.try_get("apikey_uid")?,
+                        row.try_get("namespace")?,
+                        row.try_get("name")?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if !owners.is_empty() {
+                return Ok(owners);
+            }
+        }
+        Ok(Vec::new())
+    }
+
     /// Registers this store's cluster under `kube_system_uid` (the uid of the
     /// Kubernetes cluster's `kube-system` Namespace), or checks an earlier
-    /// registration. The first cluster ever registered claims the rows written
-    /// before migration 4. Refuses (`Error::Config`) a name that another
-    /// Kubernetes cluster registered, and a cluster registered under another
-    /// name: either would make this operator treat another cluster's keys, or
-    /// its own, as unknown.
-    pub async fn register_cluster(&self, kube_system_uid: &str, at: Timestamp) -> Result<()> {
+    /// registration. With `claim`, it also claims the rows written before
+    /// migration 4 (the caller found its own ApiKeys among their owners).
+    /// Refuses (`Error::Config`) a name that another Kubernetes cluster
+    /// registered, and a cluster registered under another name: either would
+    /// make this operator treat another cluster's keys, or its own, as unknown.
+    pub async fn register_cluster(
+        &self,
+        kube_system_uid: &str,
+        claim: bool,
+        at: Timestamp,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        if claim {
+            sqlx::query("UPDATE api_keys SET cluster = $1 WHERE cluster IS NULL")
+                .bind(&self.cluster)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE key_audit SET cluster = $1 WHERE cluster IS NULL")
+                .bind(&self.cluster)
+                .execute(&mut *tx)
+                .await?;
+        }
         let by_uid: Option<String> =
             sqlx::query("SELECT name FROM key_clusters WHERE kube_system_uid = $1")
                 .bind(kube_system_uid)
@@ -645,6 +688,7 @@ impl SqlStore {
                 .transpose()?;
         if let Some(name) = by_uid {
             if name == self.cluster {
+                tx.commit().await?;
                 return Ok(());
             }
             return Err(Error::Config(format!(
@@ -666,20 +710,6 @@ impl SqlStore {
                  give each cluster that shares the database its own --cluster-name",
                 self.cluster
             )));
-        }
-        let first: i64 = sqlx::query("SELECT COUNT(*) AS n FROM key_clusters")
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
-        if first == 0 {
-            sqlx::query("UPDATE api_keys SET cluster = $1 WHERE cluster IS NULL")
-                .bind(&self.cluster)
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query("UPDATE key_audit SET cluster = $1 WHERE cluster IS NULL")
-                .bind(&self.cluster)
-                .execute(&mut *tx)
-                .await?;
         }
         sqlx::query(
             "INSERT INTO key_clusters (name, kube_system_uid, registered_at) VALUES ($1, $2, $3)",

@@ -216,8 +216,9 @@ pub struct Snapshot {
     /// The current full load's mark: rows it brings are marked, and the keys it
     /// did not bring are swept at its end, so a reload needs no second key set.
     mark: u32,
-    /// Hashes revoked since the last full load, so that they answer `Revoked`
-    /// without a database query; bounded, oldest forgotten first.
+    /// Hashes revoked since the verifier started, so that they answer
+    /// `Revoked` without a database query, and are never believed live again
+    /// (a restored database); bounded, oldest forgotten first.
     revoked: HashSet<Digest32>,
     revoked_order: std::collections::VecDeque<Digest32>,
     seq: i64,

@@ -447,3 +447,58 @@ fn two_clusters_share_one_database_without_touching_each_others_keys() {
     assert_eq!(verdict(&url, &us_keys[0]), "valid");
     assert_eq!(verdict(&url, &eu_keys[1]), "valid");
 }
+
+#[test]
+fn keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster() {
+    let test = "keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster";
+    if !replication::available(test) {
+        return;
+    }
+    let (Some(owner), Some(newcomer)) = (Cluster::start(test), Cluster::start(test)) else {
+        return;
+    };
+    let database = Server::primary(owner.dir.path(), false);
+    let url = database.url();
+    let operator = owner.operator(&url, &[], "info");
+    wait_for("the CRDs", Duration::from_secs(60), || {
+        owner.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    let before = keys(&owner, &["upgraded"]);
+    operator.stop();
+    // The database as a release before migration 4 left it: no cluster names.
+    database.sql(
+        "ALTER TABLE key_audit DISABLE TRIGGER ALL; UPDATE key_audit SET cluster = NULL; \
+         ALTER TABLE key_audit ENABLE TRIGGER ALL; UPDATE api_keys SET cluster = NULL; DELETE FROM key_clusters",
+    );
+
+    // Another cluster joining first claims nothing, so its anti-entropy never
+    // sees those keys, let alone revokes them.
+    let flags = |name| ["--cluster-name", name, "--anti-entropy-interval", "1"];
+    let _newcomer = newcomer.operator(&url, &flags("us-1"), "info");
+    wait_for("the newcomer to register", Duration::from_secs(60), || {
+        (database.sql("SELECT count(*) FROM key_clusters") == "1").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        database.sql("SELECT count(*) FROM api_keys WHERE cluster IS NOT NULL"),
+        "0"
+    );
+    assert_eq!(verdict(&url, &before[0]), "valid");
+
+    // The owner claims its keys under its new name and keeps them: no new key.
+    let _owner = owner.operator(&url, &flags("eu-1"), "info");
+    wait_for("the owner to claim its keys", Duration::from_secs(60), || {
+        (database.sql("SELECT count(*) FROM api_keys WHERE cluster IS NULL") == "0").then_some(())
+    });
+    assert_eq!(
+        database.sql("SELECT string_agg(DISTINCT cluster, ',') FROM key_audit"),
+        "eu-1"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(verdict(&url, &before[0]), "valid");
+    assert_eq!(owner.secret_key(NS, "upgraded").as_ref(), Some(&before[0]));
+    assert_eq!(
+        database.sql("SELECT count(*) FROM api_keys WHERE state = 'revoked'"),
+        "0"
+    );
+}
