@@ -258,6 +258,30 @@ impl Verifier {
         }
     }
 
+    /// What `/readyz` says while ready: `ok`, and what is happening when the
+    /// answers come from memory alone (a database outage, a failover, a
+    /// replica behind its primary), with the time left before checks fail closed.
+    pub fn readiness(&self) -> String {
+        let left = self
+            .config
+            .max_staleness
+            .saturating_sub(self.staleness().unwrap_or_default());
+        let behind = self.metrics.verifier_replica_behind.get();
+        if self.unreachable.load(Ordering::Relaxed) {
+            format!(
+                "ok: the key database is not answering; answering from memory, failing closed in {}s",
+                left.as_secs()
+            )
+        } else if behind > 0 {
+            format!(
+                "ok: the read replica is {behind} change(s) behind the primary; failing closed in {}s unless it catches up",
+                left.as_secs()
+            )
+        } else {
+            "ok".to_owned()
+        }
+    }
+
     /// The change number the key set is current to, and how many keys it holds.
     pub fn position(&self) -> Option<(i64, usize)> {
         let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());

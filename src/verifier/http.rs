@@ -382,7 +382,7 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(endpoint): State<Endpoint>) -> Response {
     match endpoint.verifier.is_ready() {
-        Ok(()) => "ok".into_response(),
+        Ok(()) => endpoint.verifier.readiness().into_response(),
         Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
     }
 }

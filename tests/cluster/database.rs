@@ -284,7 +284,18 @@ fn a_failover_with_asynchronous_replication_restores_lost_revocations() {
     // The Service address both processes use.
     let service = TcpProxy::start(&primary.address());
     let url = service.url();
-    let _operator = cluster.operator(&url, &["--anti-entropy-interval", "3"], "info");
+    let endpoints = free_address();
+    let endpoints_flag = endpoints.to_string();
+    let _operator = cluster.operator(
+        &url,
+        &[
+            "--anti-entropy-interval",
+            "3",
+            "--http-address",
+            &endpoints_flag,
+        ],
+        "info",
+    );
     wait_for("the CRDs", Duration::from_secs(60), || {
         cluster.try_kubectl(&["get", "apikeys"]).ok()
     });
@@ -303,6 +314,17 @@ fn a_failover_with_asynchronous_replication_restores_lost_revocations() {
 
     let killed = Instant::now();
     primary.kill();
+    // Meanwhile /readyz says what is happening: the verifier answers from
+    // memory, the operator's database does not answer.
+    let said = wait_for("the verifier's /readyz", Duration::from_secs(10), || {
+        let (status, reply) = get(verifier, "/readyz", "");
+        (status == 200 && reply.contains("not answering")).then_some(reply)
+    });
+    assert!(said.contains("failing closed in"), "{said}");
+    wait_for("the operator's /readyz", Duration::from_secs(10), || {
+        let (status, reply) = get(endpoints, "/readyz", "");
+        (status == 503 && reply.contains("database")).then_some(())
+    });
     standby.promote();
     service.retarget(&standby.address());
     assert_eq!(
