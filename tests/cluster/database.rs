@@ -524,3 +524,81 @@ fn keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster() {
         "0"
     );
 }
+
+/// Issues one active key through `store` (as its cluster's operator would).
+async fn issue(store: &keyward::store::SqlStore) -> String {
+    use keyward::store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore};
+    let keys = keyward::key::KeyFactory::new("kw", std::sync::Arc::new(keyward::key::OsEntropy))
+        .unwrap();
+    let plain = keys.new_key().unwrap();
+    let now = jiff::Timestamp::now();
+    let record = KeyRecord {
+        key_id: keys.new_key_id().unwrap(),
+        key_hash: plain.hash(),
+        key_hint: plain.hint(),
+        apikey_uid: "uid-of-another-cluster".into(),
+        namespace: NS.into(),
+        name: "first".into(),
+        metadata: KeyMetadata {
+            owner: "bob@example.com".into(),
+            team: "search".into(),
+            scopes: vec![],
+        },
+        state: KeyState::Pending,
+        created_at: now,
+        activated_at: None,
+        expires_at: None,
+        revoked_at: None,
+        revoke_reason: None,
+        issue_reason: IssueReason::Initial,
+        rotation_request: None,
+        cluster: store.cluster().to_owned(),
+    };
+    store.insert_pending(&record).await.unwrap();
+    store.activate(&record.key_id, now, None).await.unwrap();
+    plain.expose().to_owned()
+}
+
+#[test]
+fn an_empty_database_reissues_every_key_and_touches_no_other_cluster() {
+    let test = "an_empty_database_reissues_every_key_and_touches_no_other_cluster";
+    if !replication::available(test) {
+        return;
+    }
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    let database = Server::primary(cluster.dir.path(), false);
+    let operator = cluster.operator(&database.url(), &[], "info");
+    wait_for("the CRDs", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    let before = keys(&cluster, &["first", "second"]);
+    operator.stop();
+
+    // Another, empty database that already holds a key of another cluster.
+    database.sql("CREATE DATABASE emptied");
+    let url = format!("postgres://postgres@{}/emptied", database.address());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let theirs = runtime.block_on(async {
+        let store = keyward::store::SqlStore::connect(&url)
+            .await
+            .unwrap()
+            .with_cluster("us-1");
+        store.migrate().await.unwrap();
+        let plain = issue(&store).await;
+        store.close().await;
+        plain
+    });
+    let _operator = cluster.operator(&url, &["--anti-entropy-interval", "1"], "info");
+    for (name, old) in ["first", "second"].iter().zip(&before) {
+        let (fresh, _) = ready_key(&cluster, name, &[old]);
+        assert_eq!(verdict(&url, &fresh), "valid");
+        assert_eq!(verdict(&url, old), "unknown");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(verdict(&url, &theirs), "valid", "another cluster's key");
+}
