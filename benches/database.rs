@@ -164,14 +164,18 @@ fn main() {
         Timestamp::now().strftime("%Y-%m-%d")
     );
     let _ = writeln!(report, "machine            {}", machine());
+    let given: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let _ = writeln!(
         report,
-        "command            cargo bench --bench database -- {}",
-        std::env::args()
-            .skip(1)
-            .filter(|a| a != "--bench")
-            .collect::<Vec<_>>()
-            .join(" ")
+        "command            cargo bench --bench database{}",
+        if given.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", given.join(" "))
+        }
     );
     eprint!("{report}");
     let mut failures = Vec::new();
