@@ -151,6 +151,13 @@ fn main() {
         eprintln!("SKIP: database bench: run it with `cargo bench --bench database`");
         return;
     }
+    // RUST_LOG=keyward=info shows what the verifiers and pools under test do.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let parts = if args.parts.is_empty() {
         vec![Part::AntiEntropy, Part::Replica, Part::Failover]
     } else {
@@ -1108,7 +1115,7 @@ fn part_failover(args: &Args) -> (String, Vec<String>) {
     let _ = writeln!(s, "load average       {}", load_average());
     let _ = writeln!(
         s,
-        "setup              PostgreSQL 15 primary + asynchronous hot standby on loopback (fsync off), a TcpProxy in front of the primary as the Service address; the writer (SqlStore::connect_lazy, the operator's default pool: 8 connections, 5 s acquire timeout) and a verifier (listen::start, no primary URL) both on the proxy URL; 10 keys issued and replayed before the kill; a fresh key tried every 50 ms from the kill; the verifier polled every 1 ms (its key set's change number, then check); fresh servers per run"
+        "setup              PostgreSQL 15 primary + asynchronous hot standby on loopback (fsync off), a TcpProxy in front of the primary as the Service address; the writer (SqlStore::connect_lazy, the operator's default pool: 8 connections, 5 s acquire timeout) and a verifier (listen::start, no primary URL) both on the proxy URL; 10 keys issued and replayed before the kill, which comes 0.5 s plus a random 0–1 s after the verifier's first load; a fresh key tried every 50 ms once the primary is gone; the verifier polled every 1 ms (its key set's change number, then check); fresh servers per run"
     );
     let mut runs = Vec::new();
     for run in 0..args.failovers {
@@ -1253,21 +1260,36 @@ async fn failover_once(
             .await
             .expect("replayed");
     }
-    // Let the verifier's listener settle on its connection.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the verifier's listener settle on its connection, then de-phase
+    // the kill from the verifier's 1 s poll (a fixed pause would lock onto it).
+    let pause = {
+        use rand::{Rng, SeedableRng};
+        rand::rngs::StdRng::seed_from_u64(SEED + run as u64).random_range(0..1000)
+    };
+    tokio::time::sleep(Duration::from_millis(500 + pause)).await;
     let resets_before = metrics.verifier_history_resets.get();
     let reconnects_before = metrics.verifier_listener_reconnects.get();
 
+    // The clock starts at the kill; the writer starts once the primary is
+    // gone (`pg_ctl stop -m immediate` returned), so that no write can land
+    // on the old primary; promotion and retargeting go on beside it.
     let t0 = Instant::now();
-    let failover = {
-        let (primary, standby, proxy) = (primary.clone(), standby.clone(), proxy.clone());
+    let killed = {
+        let primary = primary.clone();
         tokio::task::spawn_blocking(move || {
             primary.kill();
-            let killed = t0.elapsed();
+            t0.elapsed()
+        })
+        .await
+        .map_err(|e| format!("the kill: {e}"))?
+    };
+    let failover = {
+        let (standby, proxy) = (standby.clone(), proxy.clone());
+        tokio::task::spawn_blocking(move || {
             standby.promote();
             let promoted = t0.elapsed();
             proxy.retarget(&standby.address());
-            (killed, promoted, t0.elapsed())
+            (promoted, t0.elapsed())
         })
     };
     // An existing key is checked every 10 ms throughout.
@@ -1307,8 +1329,7 @@ async fn failover_once(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let (killed, promoted, retargeted) =
-        failover.await.map_err(|e| format!("the failover: {e}"))?;
+    let (promoted, retargeted) = failover.await.map_err(|e| format!("the failover: {e}"))?;
 
     // The change number of the new key's activation, read on the new primary.
     let mut direct = sqlx::PgConnection::connect(&standby.url())
