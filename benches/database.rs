@@ -828,7 +828,9 @@ async fn wait_valid(verifier: &Verifier, keys: &[(String, PlainKey)], what: &str
 // ---------------------------------------------------------------------------
 // Part 2: revocation latency with verifiers on a streaming replica
 
-/// How long the verifiers run before the first revocation.
+/// How long after their first load the verifiers' steady state is measured:
+/// after a load, a follower's first look waits its LISTEN-time poll (1 s)
+/// even where no listener will wake it (docs/benchmarks.md).
 const SETTLE: Duration = Duration::from_millis(1500);
 
 const VERIFIERS: [&str; 3] = [
@@ -857,7 +859,7 @@ fn part_replica(args: &Args) -> (String, Vec<String>) {
     let _ = writeln!(s, "load average       {}", load_average());
     let _ = writeln!(
         s,
-        "setup              PostgreSQL 15 primary + hot standby (pg_basebackup -R, asynchronous streaming, TCP loopback, fsync off); {} keys issued on the primary through SqlStore; three verifiers by listen::start in this process, each with its own pool, measured from 1.5 s after their first load; a random 0–250 ms pause before each revoke; times from the start of revoke (its commit included)",
+        "setup              PostgreSQL 15 primary + hot standby (pg_basebackup -R, asynchronous streaming, TCP loopback, fsync off); {} + 1 keys issued on the primary through SqlStore; three verifiers by listen::start in this process, each with its own pool; one revocation right after their first load, the others from 1.5 s after it; a random 0–250 ms pause before each revoke; times from the start of revoke (its commit included)",
         args.revocations
     );
     let rt = runtime();
@@ -872,6 +874,76 @@ fn part_replica(args: &Args) -> (String, Vec<String>) {
     (s, failures)
 }
 
+/// What one revocation measured, each from the start of `revoke`.
+struct Revocation {
+    commit: Duration,
+    replayed: Duration,
+    /// Bytes of WAL the standby had not replayed at the first look after the commit.
+    behind: i64,
+    /// Per verifier: when it refused the key, and how, if not as REVOKED.
+    refused: [(Duration, Option<String>); 3],
+}
+
+/// Revokes `id` on the primary and polls every verifier's check every 1 ms
+/// until each refuses the key (at most 30 s each); the standby's replay is
+/// timed beside them.
+async fn revoke_once(
+    writer: &SqlStore,
+    verifiers: &[Arc<Verifier>],
+    pools: (&sqlx::PgPool, &sqlx::PgPool),
+    (id, key): &(String, PlainKey),
+    failures: &mut Vec<String>,
+) -> Revocation {
+    for (verifier, label) in verifiers.iter().zip(VERIFIERS) {
+        match verifier.check(key.expose(), &[]).await {
+            Checked::Answer(v) if v.code == Code::Valid => {}
+            other => panic!("{label}: a key was not VALID before its revocation: {other:?}"),
+        }
+    }
+    let started = Instant::now();
+    writer
+        .revoke(id, RevokeReason::Deleted, Timestamp::now())
+        .await
+        .expect("revoke");
+    let commit = started.elapsed();
+    let replay = tokio::spawn(replay_time(pools.0.clone(), pools.1.clone(), started));
+    let mut done: [Option<(Duration, Option<String>)>; 3] = Default::default();
+    while done.iter().any(Option::is_none) {
+        for (j, verifier) in verifiers.iter().enumerate() {
+            if done[j].is_some() {
+                continue;
+            }
+            match verifier.check(key.expose(), &[]).await {
+                Checked::Answer(v) if v.code == Code::Valid => {}
+                Checked::Answer(v) if v.code == Code::Revoked => {
+                    done[j] = Some((started.elapsed(), None));
+                }
+                // Fail-closed in another way: counted as refused, and reported.
+                other => done[j] = Some((started.elapsed(), Some(format!("{other:?}")))),
+            }
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            for (j, slot) in done.iter_mut().enumerate() {
+                if slot.is_none() {
+                    failures.push(format!(
+                        "replica: {}: {id} still VALID 30 s after its revocation",
+                        VERIFIERS[j]
+                    ));
+                    *slot = Some((started.elapsed(), Some("still VALID after 30 s".into())));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (replayed, behind) = replay.await.expect("the replay task");
+    Revocation {
+        commit,
+        replayed,
+        behind,
+        refused: done.map(|slot| slot.expect("set above")),
+    }
+}
+
 async fn measure_replica(args: &Args, primary: &Server, standby: &Server) -> (String, Vec<String>) {
     use rand::{Rng, SeedableRng};
     let mut s = String::new();
@@ -882,10 +954,23 @@ async fn measure_replica(args: &Args, primary: &Server, standby: &Server) -> (St
         .expect("the primary")
         .with_cluster(CLUSTER);
     writer.migrate().await.expect("migrations");
-    let keys = bench_keys(SEED, args.revocations);
+    // One more key than measured: the first is revoked right after the start.
+    let keys = bench_keys(SEED, args.revocations + 1);
     for (i, (id, key)) in keys.iter().enumerate() {
         issue_one(&writer, i, id, key).await.expect("a key issued");
     }
+    // Replay measured beside the verifiers, on connections of its own.
+    let primary_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&primary_url)
+        .await
+        .expect("the primary");
+    let standby_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&standby_url)
+        .await
+        .expect("the standby");
+    let pools = (&primary_pool, &standby_pool);
     let mut verifiers = Vec::new();
     for (url, primary_database_url) in [
         (&primary_url, None),
@@ -906,21 +991,10 @@ async fn measure_replica(args: &Args, primary: &Server, standby: &Server) -> (St
     for (verifier, label) in verifiers.iter().zip(VERIFIERS) {
         wait_valid(verifier, &keys, label).await;
     }
-    // Steady state: after its first load, a follower waits its LISTEN-time
-    // poll (1 s) before its first look whatever its wake-up, so a revocation
-    // in that first second reaches a polling verifier later (docs/benchmarks.md).
+    // Right after the start: every verifier has loaded, none has looked again yet.
+    let first = revoke_once(&writer, &verifiers, pools, &keys[0], &mut failures).await;
+    // Then the steady state, from SETTLE after the first load.
     tokio::time::sleep(SETTLE).await;
-    // Replay measured beside the verifiers, on connections of its own.
-    let primary_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&primary_url)
-        .await
-        .expect("the primary");
-    let standby_pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&standby_url)
-        .await
-        .expect("the standby");
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
     let mut commits = Vec::new();
@@ -928,63 +1002,17 @@ async fn measure_replica(args: &Args, primary: &Server, standby: &Server) -> (St
     let mut lag_bytes = Vec::new();
     let mut refused: [Vec<Duration>; 3] = Default::default();
     let mut odd: [Vec<String>; 3] = Default::default();
-    eprintln!("database bench: {} revocations", keys.len());
-    for (id, key) in &keys {
+    eprintln!("database bench: {} revocations", args.revocations);
+    for pair in &keys[1..] {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..250))).await;
-        for (verifier, label) in verifiers.iter().zip(VERIFIERS) {
-            match verifier.check(key.expose(), &[]).await {
-                Checked::Answer(v) if v.code == Code::Valid => {}
-                other => panic!("{label}: a key was not VALID before its revocation: {other:?}"),
-            }
+        let r = revoke_once(&writer, &verifiers, pools, pair, &mut failures).await;
+        commits.push(r.commit);
+        replays.push(r.replayed);
+        lag_bytes.push(r.behind);
+        for (j, (at, how)) in r.refused.into_iter().enumerate() {
+            refused[j].push(at);
+            odd[j].extend(how);
         }
-        let started = Instant::now();
-        writer
-            .revoke(id, RevokeReason::Deleted, Timestamp::now())
-            .await
-            .expect("revoke");
-        commits.push(started.elapsed());
-        let replay = tokio::spawn(replay_time(
-            primary_pool.clone(),
-            standby_pool.clone(),
-            started,
-        ));
-        let mut done: [Option<Duration>; 3] = [None; 3];
-        while done.iter().any(Option::is_none) {
-            for (j, verifier) in verifiers.iter().enumerate() {
-                if done[j].is_some() {
-                    continue;
-                }
-                match verifier.check(key.expose(), &[]).await {
-                    Checked::Answer(v) if v.code == Code::Valid => {}
-                    Checked::Answer(v) if v.code == Code::Revoked => {
-                        done[j] = Some(started.elapsed());
-                    }
-                    other => {
-                        // Fail-closed in another way: counted as refused, and reported.
-                        odd[j].push(format!("{other:?}"));
-                        done[j] = Some(started.elapsed());
-                    }
-                }
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                for (j, slot) in done.iter_mut().enumerate() {
-                    if slot.is_none() {
-                        failures.push(format!(
-                            "replica: {}: {id} still VALID 30 s after its revocation",
-                            VERIFIERS[j]
-                        ));
-                        *slot = Some(started.elapsed());
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        for (j, at) in done.into_iter().enumerate() {
-            refused[j].push(at.expect("set above"));
-        }
-        let (replayed, behind) = replay.await.expect("the replay task");
-        replays.push(replayed);
-        lag_bytes.push(behind);
     }
     let replay_p99 = {
         let mut sorted = replays.clone();
@@ -1042,6 +1070,24 @@ async fn measure_replica(args: &Args, primary: &Server, standby: &Server) -> (St
         percentile(&lag_bytes, 0.5),
         percentile(&lag_bytes, 0.99),
         lag_bytes.last().copied().unwrap_or(0),
+    );
+    let _ = writeln!(
+        s,
+        "the first revocation, right after the verifiers' first load (not in the table): {}; replayed after {:.1} ms",
+        first
+            .refused
+            .iter()
+            .zip(VERIFIERS)
+            .map(|((at, how), label)| format!(
+                "{label} {:.1} ms{}",
+                ms(*at),
+                how.as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        ms(first.replayed),
     );
     writer.close().await;
     (s, failures)
