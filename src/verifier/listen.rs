@@ -159,6 +159,10 @@ async fn listen(
                             }
                             Err(e) => {
                                 warn!(error = %e, "change listener failed; reconnecting");
+                                // Nothing wakes the follower until the listener is back:
+                                // it polls faster from now on, not after its current wait.
+                                listening.store(false, Ordering::SeqCst);
+                                let _ = wake.try_send(());
                                 break;
                             }
                         }
