@@ -1078,16 +1078,25 @@ impl KeyStore for SqlStore {
     }
 
     async fn used_since(&self, since: Timestamp) -> Result<Vec<(String, Timestamp)>> {
-        sqlx::query(
-            "SELECT apikey_uid, MAX(last_used_at) AS used FROM api_keys WHERE last_used_at >= $1 AND cluster = $2 GROUP BY apikey_uid",
+        // Grouped here, not in SQL: with GROUP BY, SQLite scans every row in
+        // uid order instead of reading the few recent ones from their index.
+        let mut latest: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+        for row in sqlx::query(
+            "SELECT apikey_uid, last_used_at FROM api_keys WHERE last_used_at >= $1 AND cluster = $2",
         )
         .bind(since.as_millisecond())
         .bind(&self.cluster)
         .fetch_all(&self.pool)
         .await?
-        .iter()
-        .map(|row| Ok((row.try_get("apikey_uid")?, from_millis(row.try_get("used")?)?)))
-        .collect()
+        {
+            let used: i64 = row.try_get("last_used_at")?;
+            let slot = latest.entry(row.try_get("apikey_uid")?).or_insert(used);
+            *slot = (*slot).max(used);
+        }
+        latest
+            .into_iter()
+            .map(|(uid, used)| Ok((uid, from_millis(used)?)))
+            .collect()
     }
 
     async fn holders(&self, namespace: &str) -> Result<HashSet<String>> {

@@ -16,10 +16,11 @@ CREATE TABLE key_clusters (
     registered_at   INTEGER NOT NULL
 );
 
--- The operator's live rows by cluster: its anti-entropy pass streams them, and
--- maxKeysPerNamespace counts them per namespace.
+-- maxKeysPerNamespace counts the live rows of one cluster in a namespace. The
+-- namespace leads: with the cluster first, SQLite would pick this index for
+-- the reconciler's load by ApiKey uid and scan every row of the cluster.
 DROP INDEX api_keys_live_by_namespace;
-CREATE INDEX api_keys_live_by_cluster ON api_keys (cluster, namespace, apikey_uid) WHERE state <> 'revoked';
+CREATE INDEX api_keys_live_by_namespace_and_cluster ON api_keys (namespace, cluster, apikey_uid) WHERE state <> 'revoked';
 
 -- The audit trail stays append-only, with one exception: a row from before this
 -- migration is given its cluster once, and nothing else of it changes.
