@@ -601,13 +601,19 @@ async fn register_cluster(store: &SqlStore, client: &Client) -> Result<()> {
         .register_cluster(&uid, claim, jiff::Timestamp::now())
         .await?;
     if claim {
-        info!(cluster = store.cluster(), "claimed the keys written before the cluster name existed");
+        info!(
+            cluster = store.cluster(),
+            "claimed the keys written before the cluster name existed"
+        );
     } else if !unclaimed.is_empty() {
         warn!(
             "the key database holds keys written before the cluster name existed, and none of the ApiKeys sampled is in this cluster: they are left to the cluster that owns them"
         );
     }
-    info!(cluster = store.cluster(), "cluster registered in the key database");
+    info!(
+        cluster = store.cluster(),
+        "cluster registered in the key database"
+    );
     Ok(())
 }
 
@@ -822,7 +828,8 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
         clock: clock.clone(),
         metrics: metrics.clone(),
     };
-    let anti_entropy = tokio::spawn(anti_entropy.follow(health.clone(), config.anti_entropy_interval));
+    let anti_entropy =
+        tokio::spawn(anti_entropy.follow(health.clone(), config.anti_entropy_interval));
     let last_use = tokio::spawn(crate::last_used::follow(
         store.clone(),
         keys.clone(),

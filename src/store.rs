@@ -978,7 +978,8 @@ impl KeyStore for SqlStore {
         .rows_affected();
         if updated > 0 {
             let detail = format!("valid until {expires_at}");
-            self.audit_in(&mut tx, key_id, at, "retired", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "retired", &detail)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1005,7 +1006,8 @@ impl KeyStore for SqlStore {
         .rows_affected();
         if updated > 0 {
             let detail = format!("expires at {expires_at}");
-            self.audit_in(&mut tx, key_id, at, "expiry_changed", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "expiry_changed", &detail)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1038,7 +1040,8 @@ impl KeyStore for SqlStore {
                 "owner={} team={} scopes={}",
                 metadata.owner, metadata.team, scopes
             );
-            self.audit_in(&mut tx, key_id, at, "metadata_changed", &detail).await?;
+            self.audit_in(&mut tx, key_id, at, "metadata_changed", &detail)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1060,7 +1063,8 @@ impl KeyStore for SqlStore {
         .await?
         .rows_affected();
         if updated > 0 {
-            self.audit_in(&mut tx, key_id, at, "revoked", reason.as_str()).await?;
+            self.audit_in(&mut tx, key_id, at, "revoked", reason.as_str())
+                .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -16,14 +16,20 @@ use replication::Server;
 fn certificate(dir: &std::path::Path) -> (String, String) {
     let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
     let made = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
         .args(["-subj", "/CN=127.0.0.1", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .expect("openssl makes the test certificate");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let postgres_user = Command::new("id").args(["-u", "postgres"]).output().ok();
     let root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
     if let (true, Some(uid)) = (root, postgres_user) {
@@ -34,10 +40,7 @@ fn certificate(dir: &std::path::Path) -> (String, String) {
         let _ = Command::new("chmod").arg("o+x").arg(dir).status();
     }
     let _ = Command::new("chmod").arg("600").arg(&key).status();
-    (
-        cert.display().to_string(),
-        key.display().to_string(),
-    )
+    (cert.display().to_string(), key.display().to_string())
 }
 
 #[tokio::test]

@@ -38,9 +38,7 @@ async fn verifier(url: &str, primary: Option<String>) -> (Arc<Verifier>, Arc<Met
         primary_database_url: primary,
     };
     let store = Arc::new(SqlStore::connect_lazy(url).unwrap());
-    let (verifier, _) = start(store, url, settings, metrics.clone())
-        .await
-        .unwrap();
+    let (verifier, _) = start(store, url, settings, metrics.clone()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while verifier.is_ready().is_err() {
         assert!(Instant::now() < deadline, "the verifier loads");
@@ -135,7 +133,10 @@ async fn a_verifier_on_a_hot_standby_follows_the_primary_within_the_bound() {
         if used == "50" {
             break;
         }
-        assert!(Instant::now() < deadline, "last-used times on the primary: {used}");
+        assert!(
+            Instant::now() < deadline,
+            "last-used times on the primary: {used}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(woken_metrics.verifier_last_used_disabled.get(), 0);
@@ -186,6 +187,9 @@ async fn a_lagging_replica_shows_in_the_metrics_and_keeps_the_staleness_bound() 
     let took = revoked.elapsed();
     eprintln!("refused {took:?} after the revocation, with a 3 s replay delay");
     assert!(took >= Duration::from_secs(2), "the replica held it back");
-    assert!(behind >= 1, "the lag showed in keyward_verifier_replica_behind");
+    assert!(
+        behind >= 1,
+        "the lag showed in keyward_verifier_replica_behind"
+    );
     assert_eq!(metrics.verifier_replica_behind.get(), 0, "caught up");
 }

@@ -165,7 +165,12 @@ mod tests {
             ..account(&status, Some("kid_new"))
         };
         assert_eq!(
-            judge(&old("kid_a", KeyState::Active), Some(&recreated), CLUSTER, at(NOW)),
+            judge(
+                &old("kid_a", KeyState::Active),
+                Some(&recreated),
+                CLUSTER,
+                at(NOW)
+            ),
             Finding::Orphaned
         );
     }
@@ -184,7 +189,12 @@ mod tests {
         let account = account(&status, Some("kid_next"));
         for key_id in ["kid_cur", "kid_next"] {
             assert_eq!(
-                judge(&old(key_id, KeyState::Active), Some(&account), CLUSTER, at(NOW)),
+                judge(
+                    &old(key_id, KeyState::Active),
+                    Some(&account),
+                    CLUSTER,
+                    at(NOW)
+                ),
                 Finding::Accounted,
                 "{key_id}"
             );
@@ -209,7 +219,12 @@ mod tests {
         let grace_ends = NOW + 600;
         let status = status(Some("kid_cur"), Some(grace_ends));
         let account = account(&status, Some("kid_cur"));
-        let retiring = row("kid_prev", KeyState::Retiring, NOW - 3_600, Some(grace_ends));
+        let retiring = row(
+            "kid_prev",
+            KeyState::Retiring,
+            NOW - 3_600,
+            Some(grace_ends),
+        );
         assert_eq!(
             judge(&retiring, Some(&account), CLUSTER, at(NOW)),
             Finding::Accounted
@@ -220,11 +235,22 @@ mod tests {
             Finding::Superseded
         );
         // A retiring key that outlives the grace period status shows is not one.
-        let longer = row("kid_prev", KeyState::Retiring, NOW - 3_600, Some(grace_ends + 60));
-        assert_eq!(judge(&longer, Some(&account), CLUSTER, at(NOW)), Finding::Superseded);
+        let longer = row(
+            "kid_prev",
+            KeyState::Retiring,
+            NOW - 3_600,
+            Some(grace_ends + 60),
+        );
+        assert_eq!(
+            judge(&longer, Some(&account), CLUSTER, at(NOW)),
+            Finding::Superseded
+        );
         // An active key is never in a grace period.
         let active = row("kid_prev", KeyState::Active, NOW - 3_600, Some(grace_ends));
-        assert_eq!(judge(&active, Some(&account), CLUSTER, at(NOW)), Finding::Superseded);
+        assert_eq!(
+            judge(&active, Some(&account), CLUSTER, at(NOW)),
+            Finding::Superseded
+        );
     }
 
     #[test]
@@ -243,7 +269,12 @@ mod tests {
         let status = status(None, None);
         let account = account(&status, Some("kid_a"));
         assert_eq!(
-            judge(&old("kid_a", KeyState::Active), Some(&account), CLUSTER, at(NOW)),
+            judge(
+                &old("kid_a", KeyState::Active),
+                Some(&account),
+                CLUSTER,
+                at(NOW)
+            ),
             Finding::Reconcile
         );
     }
@@ -266,7 +297,12 @@ mod tests {
             secret_key_id: None,
         };
         assert_eq!(
-            judge(&old("kid_a", KeyState::Active), Some(&unreadable), CLUSTER, at(NOW)),
+            judge(
+                &old("kid_a", KeyState::Active),
+                Some(&unreadable),
+                CLUSTER,
+                at(NOW)
+            ),
             Finding::Accounted
         );
     }
@@ -276,6 +312,8 @@ mod tests {
         let status = status(Some("kid_cur"), None);
         assert!(lost_current_key(Some(&status), &|id| id == "kid_other"));
         assert!(!lost_current_key(Some(&status), &|id| id == "kid_cur"));
-        assert!(!lost_current_key(Some(&ApiKeyStatus::default()), &|_| false));
+        assert!(!lost_current_key(Some(&ApiKeyStatus::default()), &|_| {
+            false
+        }));
     }
 }

@@ -279,11 +279,9 @@ impl AntiEntropy {
 
     /// The key id in the Secret this ApiKey controls, read fresh (metadata only).
     async fn secret_key_id(&self, key: &ApiKey) -> Result<Option<String>> {
-        let (Some(namespace), Some(secret_name), Some(uid)) = (
-            key.namespace(),
-            key.target_secret_name(),
-            key.uid(),
-        ) else {
+        let (Some(namespace), Some(secret_name), Some(uid)) =
+            (key.namespace(), key.target_secret_name(), key.uid())
+        else {
             return Ok(None);
         };
         let secret = Api::<Secret>::namespaced(self.client.clone(), &namespace)

@@ -403,12 +403,9 @@ impl Verifier {
     /// The change number the key set is current to, and its witness.
     fn seen(&self) -> Option<(i64, Option<(String, i64)>)> {
         let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
-        snapshot.as_ref().map(|s| {
-            (
-                s.seq(),
-                s.witness().map(|(id, seq)| (id.to_owned(), seq)),
-            )
-        })
+        snapshot
+            .as_ref()
+            .map(|s| (s.seq(), s.witness().map(|(id, seq)| (id.to_owned(), seq))))
     }
 
     fn observe_position(&self) {
@@ -457,12 +454,10 @@ impl Verifier {
             Checked::Answer(Verdict {
                 identity: Some(identity),
                 ..
-            }) if !accepted.iter().any(|c| **c == *identity.cluster) => {
-                Checked::Answer(Verdict {
-                    code: Code::Unknown,
-                    identity: None,
-                })
-            }
+            }) if !accepted.iter().any(|c| **c == *identity.cluster) => Checked::Answer(Verdict {
+                code: Code::Unknown,
+                identity: None,
+            }),
             _ => checked,
         }
     }
@@ -793,9 +788,8 @@ mod tests {
             let rows = self.rows.lock().unwrap();
             Ok(ChangePosition {
                 seq: *self.seq.lock().unwrap(),
-                witness_seq: witness.and_then(|id| {
-                    rows.iter().find(|(_, r)| r.key_id == id).map(|(s, _)| *s)
-                }),
+                witness_seq: witness
+                    .and_then(|id| rows.iter().find(|(_, r)| r.key_id == id).map(|(s, _)| *s)),
             })
         }
     }

@@ -85,7 +85,9 @@ impl KeySource for Databases {
             return primary.record_last_used(uses).await;
         }
         let standby = self.read.is_standby().await?;
-        self.metrics.verifier_last_used_disabled.set(i64::from(standby));
+        self.metrics
+            .verifier_last_used_disabled
+            .set(i64::from(standby));
         let was_off = self.last_used_off.swap(standby, Ordering::SeqCst);
         if standby {
             if !was_off {

@@ -41,8 +41,7 @@ fn ready_key(cluster: &Cluster, name: &str, not: &[&str]) -> (String, String) {
             NS,
             r#"{.metadata.annotations.keyward\.dev/key-id}"#,
         );
-        (ready == "True" && !not.contains(&key.as_str()) && id == secret_id)
-            .then_some((key, id))
+        (ready == "True" && !not.contains(&key.as_str()) && id == secret_id).then_some((key, id))
     })
 }
 
@@ -445,9 +444,8 @@ fn two_clusters_share_one_database_without_touching_each_others_keys() {
     assert_eq!(verdict(&url, &us_keys[0]), "valid");
     assert_eq!(verdict(&url, &eu_keys[1]), "valid");
     assert_eq!(
-        database.sql(
-            "SELECT count(*) FROM api_keys WHERE revoke_reason IN ('orphaned', 'superseded')"
-        ),
+        database
+            .sql("SELECT count(*) FROM api_keys WHERE revoke_reason IN ('orphaned', 'superseded')"),
         "0"
     );
     assert_eq!(
@@ -457,7 +455,10 @@ fn two_clusters_share_one_database_without_touching_each_others_keys() {
 
     // A changed name and a borrowed name are refused, and touch nothing.
     let renamed = refused(us.operator(&url, &flags("eu-2"), "info"));
-    assert!(renamed.contains("start with --cluster-name us-1"), "{renamed}");
+    assert!(
+        renamed.contains("start with --cluster-name us-1"),
+        "{renamed}"
+    );
     let Some(third) = Cluster::start(test) else {
         return;
     };
@@ -509,9 +510,14 @@ fn keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster() {
 
     // The owner claims its keys under its new name and keeps them: no new key.
     let _owner = owner.operator(&url, &flags("eu-1"), "info");
-    wait_for("the owner to claim its keys", Duration::from_secs(60), || {
-        (database.sql("SELECT count(*) FROM api_keys WHERE cluster IS NULL") == "0").then_some(())
-    });
+    wait_for(
+        "the owner to claim its keys",
+        Duration::from_secs(60),
+        || {
+            (database.sql("SELECT count(*) FROM api_keys WHERE cluster IS NULL") == "0")
+                .then_some(())
+        },
+    );
     assert_eq!(
         database.sql("SELECT string_agg(DISTINCT cluster, ',') FROM key_audit"),
         "eu-1"
@@ -528,8 +534,8 @@ fn keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster() {
 /// Issues one active key through `store` (as its cluster's operator would).
 async fn issue(store: &keyward::store::SqlStore) -> String {
     use keyward::store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore};
-    let keys = keyward::key::KeyFactory::new("kw", std::sync::Arc::new(keyward::key::OsEntropy))
-        .unwrap();
+    let keys =
+        keyward::key::KeyFactory::new("kw", std::sync::Arc::new(keyward::key::OsEntropy)).unwrap();
     let plain = keys.new_key().unwrap();
     let now = jiff::Timestamp::now();
     let record = KeyRecord {
