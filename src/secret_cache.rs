@@ -45,6 +45,14 @@ impl SecretFacts {
                 .cloned(),
         }
     }
+
+    /// The `keyward.dev/key-id` annotation, if the object with `owner_uid`
+    /// controls the Secret.
+    pub fn key_id_controlled_by(self, owner_uid: &str) -> Option<String> {
+        (self.controller_uid.as_deref() == Some(owner_uid))
+            .then_some(self.key_id)
+            .flatten()
+    }
 }
 
 type Entries = HashMap<(String, String), SecretFacts>;

@@ -74,18 +74,25 @@ fn p99(mut samples: Vec<Duration>) -> Duration {
     samples[(samples.len() * 99).div_ceil(100) - 1]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_verifier_on_a_hot_standby_follows_the_primary_within_the_bound() {
-    let test = "a_verifier_on_a_hot_standby_follows_the_primary_within_the_bound";
-    if !replication::available(test) {
-        return;
-    }
+/// A primary with a streaming hot standby, a migrated store on the primary
+/// and a key factory; the temp dir holds both servers.
+async fn replicated() -> (tempfile::TempDir, Server, Server, SqlStore, KeyFactory) {
     let dir = tempfile::tempdir().unwrap();
     let primary = Server::primary(dir.path(), false);
     let standby = Server::standby_of(&primary.address(), dir.path());
     let writer = SqlStore::connect(&primary.url()).await.unwrap();
     writer.migrate().await.unwrap();
     let keys = KeyFactory::new("kw", Arc::new(OsEntropy)).unwrap();
+    (dir, primary, standby, writer, keys)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_on_a_hot_standby_follows_the_primary_within_the_bound() {
+    let test = "a_verifier_on_a_hot_standby_follows_the_primary_within_the_bound";
+    if !replication::available(test) {
+        return;
+    }
+    let (_dir, primary, standby, writer, keys) = replicated().await;
     let mut issued = Vec::new();
     for i in 0..50 {
         let (plain, record) =
@@ -152,12 +159,7 @@ async fn a_lagging_replica_shows_in_the_metrics_and_keeps_the_staleness_bound() 
     if !replication::available(test) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let primary = Server::primary(dir.path(), false);
-    let standby = Server::standby_of(&primary.address(), dir.path());
-    let writer = SqlStore::connect(&primary.url()).await.unwrap();
-    writer.migrate().await.unwrap();
-    let keys = KeyFactory::new("kw", Arc::new(OsEntropy)).unwrap();
+    let (_dir, primary, standby, writer, keys) = replicated().await;
     let (plain, record) = support::issue_active(&writer, &keys, "lagging", &[], None).await;
     let key = plain.expose().to_owned();
     wait_replayed(&primary, &standby);

@@ -19,7 +19,6 @@ use std::{
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::PartialObjectMeta,
     core::DeserializeGuard,
     runtime::{
         events::{Event, EventType},
@@ -32,10 +31,10 @@ use self::decide::{Account, Finding, judge, lost_current_key};
 use crate::{
     Result,
     clock::Clock,
-    crd::{ApiKey, KEY_ID_ANNOTATION},
+    crd::ApiKey,
     policy::watch::Requeue,
     reconciler::Cluster,
-    secret_cache::SecretCache,
+    secret_cache::{SecretCache, SecretFacts},
     store::{KeyRecord, KeyStore, LiveRow, RevokeReason, SqlStore},
     telemetry::{Health, Metrics, OutcomeLabel, ReasonLabel},
 };
@@ -130,17 +129,14 @@ impl AntiEntropy {
                 let account = cached
                     .as_deref()
                     .map(|object| account_of(object, &self.secrets));
+                live_ids.insert(id_hash(&row.key_id));
                 match judge(&row, account.as_ref(), &cluster, now) {
                     Finding::Accounted => {}
                     Finding::Reconcile => {
                         reconcile.insert(reference);
                     }
-                    finding => suspects.push(Suspect {
-                        row: row.clone(),
-                        finding,
-                    }),
+                    finding => suspects.push(Suspect { row, finding }),
                 }
-                live_ids.insert(id_hash(&row.key_id));
             })
             .await?;
         self.metrics
@@ -212,7 +208,7 @@ impl AntiEntropy {
             uid: key.metadata.uid.as_deref().unwrap_or_default(),
             status: key.status.as_ref(),
             readable: true,
-            secret_key_id: secret_key_id.clone(),
+            secret_key_id,
         });
         for suspect in suspects {
             // Records of this ApiKey are judged as they are now; others (of a
@@ -221,7 +217,7 @@ impl AntiEntropy {
             let row = fresh
                 .iter()
                 .find(|r| r.key_id == suspect.row.key_id)
-                .map_or(suspect.row.clone(), |r| live_row(r, &suspect.row.cluster));
+                .map_or(suspect.row.clone(), live_row);
             let finding = judge(&row, account.as_ref(), &row.cluster, now);
             if finding != suspect.finding
                 && !(suspect.finding == Finding::Superseded && finding == Finding::Orphaned)
@@ -287,7 +283,7 @@ impl AntiEntropy {
         let secret = Api::<Secret>::namespaced(self.client.clone(), &namespace)
             .get_metadata_opt(secret_name)
             .await?;
-        Ok(secret.and_then(|secret| key_id_if_controlled(&secret, &uid)))
+        Ok(secret.and_then(|secret| SecretFacts::of(&secret.metadata).key_id_controlled_by(&uid)))
     }
 }
 
@@ -301,10 +297,9 @@ fn id_hash(key_id: &str) -> u64 {
 fn account_of<'a>(object: &'a DeserializeGuard<ApiKey>, secrets: &SecretCache) -> Account<'a> {
     let uid = object.meta().uid.as_deref().unwrap_or_default();
     let secret_key_id = object.0.as_ref().ok().and_then(|key| {
-        let facts = secrets.get(key.namespace().as_deref()?, key.target_secret_name()?)??;
-        (facts.controller_uid.as_deref() == Some(uid))
-            .then_some(facts.key_id)
-            .flatten()
+        secrets
+            .get(key.namespace().as_deref()?, key.target_secret_name()?)??
+            .key_id_controlled_by(uid)
     });
     Account {
         uid,
@@ -314,21 +309,8 @@ fn account_of<'a>(object: &'a DeserializeGuard<ApiKey>, secrets: &SecretCache) -
     }
 }
 
-/// The `keyward.dev/key-id` of a Secret that `owner_uid` controls.
-fn key_id_if_controlled(secret: &PartialObjectMeta<Secret>, owner_uid: &str) -> Option<String> {
-    let controlled = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.controller == Some(true) && o.uid == owner_uid);
-    controlled
-        .then(|| secret.annotations().get(KEY_ID_ANNOTATION).cloned())
-        .flatten()
-}
-
 /// A record as the pass sees it.
-fn live_row(record: &KeyRecord, cluster: &str) -> LiveRow {
+fn live_row(record: &KeyRecord) -> LiveRow {
     LiveRow {
         key_id: record.key_id.clone(),
         apikey_uid: record.apikey_uid.clone(),
@@ -337,6 +319,6 @@ fn live_row(record: &KeyRecord, cluster: &str) -> LiveRow {
         state: record.state,
         created_at: record.created_at,
         expires_at: record.expires_at,
-        cluster: cluster.to_owned(),
+        cluster: record.cluster.clone(),
     }
 }

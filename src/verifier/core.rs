@@ -225,6 +225,12 @@ impl Verifier {
         Some(answered.max(behind))
     }
 
+    /// Changes the primary announced that the key set does not have yet.
+    fn changes_behind(&self) -> i64 {
+        let seen = self.position().map_or(0, |(seq, _)| seq);
+        (self.announced.load(Ordering::SeqCst) - seen).max(0)
+    }
+
     /// Notes a change number the primary announced (its NOTIFY), which a read
     /// replica may not have replayed yet.
     pub fn announce(&self, seq: i64) {
@@ -234,9 +240,8 @@ impl Verifier {
     /// Whether the key set is behind an announced change, after updating the
     /// replica metrics: the follower then looks again soon.
     pub fn behind(&self) -> bool {
-        let seen = self.position().map_or(0, |(seq, _)| seq);
-        let missing = self.announced.load(Ordering::SeqCst) - seen;
-        self.metrics.verifier_replica_behind.set(missing.max(0));
+        let missing = self.changes_behind();
+        self.metrics.verifier_replica_behind.set(missing);
         let mut since = self.behind_since.lock().unwrap_or_else(|p| p.into_inner());
         if missing > 0 {
             since.get_or_insert_with(Instant::now);
@@ -266,7 +271,7 @@ impl Verifier {
             .config
             .max_staleness
             .saturating_sub(self.staleness().unwrap_or_default());
-        let behind = self.metrics.verifier_replica_behind.get();
+        let behind = self.changes_behind();
         if self.unreachable.load(Ordering::Relaxed) {
             format!(
                 "ok: the key database is not answering; answering from memory, failing closed in {}s",

@@ -531,40 +531,6 @@ fn keys_from_before_cluster_names_are_claimed_only_by_their_own_cluster() {
     );
 }
 
-/// Issues one active key through `store` (as its cluster's operator would).
-async fn issue(store: &keyward::store::SqlStore) -> String {
-    use keyward::store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore};
-    let keys =
-        keyward::key::KeyFactory::new("kw", std::sync::Arc::new(keyward::key::OsEntropy)).unwrap();
-    let plain = keys.new_key().unwrap();
-    let now = jiff::Timestamp::now();
-    let record = KeyRecord {
-        key_id: keys.new_key_id().unwrap(),
-        key_hash: plain.hash(),
-        key_hint: plain.hint(),
-        apikey_uid: "uid-of-another-cluster".into(),
-        namespace: NS.into(),
-        name: "first".into(),
-        metadata: KeyMetadata {
-            owner: "bob@example.com".into(),
-            team: "search".into(),
-            scopes: vec![],
-        },
-        state: KeyState::Pending,
-        created_at: now,
-        activated_at: None,
-        expires_at: None,
-        revoked_at: None,
-        revoke_reason: None,
-        issue_reason: IssueReason::Initial,
-        rotation_request: None,
-        cluster: store.cluster().to_owned(),
-    };
-    store.insert_pending(&record).await.unwrap();
-    store.activate(&record.key_id, now, None).await.unwrap();
-    plain.expose().to_owned()
-}
-
 #[test]
 fn an_empty_database_reissues_every_key_and_touches_no_other_cluster() {
     let test = "an_empty_database_reissues_every_key_and_touches_no_other_cluster";
@@ -595,9 +561,12 @@ fn an_empty_database_reissues_every_key_and_touches_no_other_cluster() {
             .unwrap()
             .with_cluster("us-1");
         store.migrate().await.unwrap();
-        let plain = issue(&store).await;
+        let keys =
+            keyward::key::KeyFactory::new("kw", std::sync::Arc::new(keyward::key::OsEntropy))
+                .unwrap();
+        let (plain, _) = crate::support::issue_active(&store, &keys, "first", &[], None).await;
         store.close().await;
-        plain
+        plain.expose().to_owned()
     });
     let _operator = cluster.operator(&url, &["--anti-entropy-interval", "1"], "info");
     for (name, old) in ["first", "second"].iter().zip(&before) {

@@ -8,6 +8,8 @@ mod harness;
 mod limits;
 mod policy;
 mod roles;
+#[path = "../support/mod.rs"]
+mod support;
 mod verifier;
 // Only part of it serves these tests; tests/replication.rs uses all of it.
 #[allow(dead_code)]
