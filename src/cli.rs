@@ -104,6 +104,19 @@ pub struct DatabaseArgs {
     pub database_url: String,
 }
 
+/// A usage retention: a duration of at least the 30 days `status.usage` shows.
+fn usage_retention(value: &str) -> std::result::Result<jiff::SignedDuration, String> {
+    let retention = crate::schedule::parse_duration(value)?;
+    let shown = jiff::SignedDuration::from_hours(24 * crate::usage::summary::DAYS);
+    if retention < shown {
+        return Err(format!(
+            "{value}: must be at least {}h, the 30 days status.usage shows",
+            shown.as_hours()
+        ));
+    }
+    Ok(retention)
+}
+
 /// A cluster name: a DNS label (lower-case letters, digits and `-`, at most 63),
 /// since it travels in headers and metric labels.
 fn cluster_name(value: &str) -> std::result::Result<String, String> {
@@ -139,6 +152,10 @@ pub enum Command {
         /// keys that no ApiKey of this cluster accounts for (docs/database.md).
         #[arg(long, env = "KEYWARD_ANTI_ENTROPY_INTERVAL", default_value_t = 60)]
         anti_entropy_interval: u64,
+        /// How long per-key usage counts are kept before the leader deletes
+        /// them, e.g. `2160h` (90 days); at least the 30 days status shows.
+        #[arg(long, env = "KEYWARD_USAGE_RETENTION", default_value = "2160h", value_parser = usage_retention)]
+        usage_retention: jiff::SignedDuration,
         /// Prefix of every issued key, before the `_`.
         #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw")]
         key_prefix: String,
@@ -276,6 +293,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             database,
             cluster_name,
             anti_entropy_interval,
+            usage_retention,
             key_prefix,
             log_format,
             skip_crd_install,
@@ -295,6 +313,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 database_url: database.database_url,
                 cluster_name,
                 anti_entropy_interval: std::time::Duration::from_secs(anti_entropy_interval.max(1)),
+                usage_retention,
                 key_prefix,
                 skip_crd_install,
                 max_concurrent_reconciles,

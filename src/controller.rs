@@ -45,6 +45,7 @@ use crate::{
     secret_cache::SecretCache,
     store::{KeyStore, SqlStore},
     telemetry::{Endpoints, Health, InstrumentedStore, Metrics},
+    usage::follow::UsageFollower,
 };
 
 /// Lease duration: a standby takes over at most this long after the leader stops renewing.
@@ -435,6 +436,8 @@ pub struct RunConfig {
     pub cluster_name: String,
     /// Time between the leader's anti-entropy passes.
     pub anti_entropy_interval: Duration,
+    /// How long usage counts are kept.
+    pub usage_retention: jiff::SignedDuration,
     /// Key prefix, e.g. `kw`.
     pub key_prefix: String,
     /// Leave the CRD alone at start.
@@ -527,6 +530,7 @@ pub async fn run(config: RunConfig) -> Result<()> {
         status_memo: Arc::new(StatusMemo::default()),
         governance: Arc::new(policies.clone()),
         issue_turns: Arc::default(),
+        usage: Arc::default(),
     };
 
     let parts = Parts {
@@ -830,12 +834,18 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
     };
     let anti_entropy =
         tokio::spawn(anti_entropy.follow(health.clone(), config.anti_entropy_interval));
-    let last_use = tokio::spawn(crate::last_used::follow(
-        store.clone(),
-        keys.clone(),
-        requeue.clone(),
-        clock.clone(),
-    ));
+    let usage = tokio::spawn(
+        UsageFollower {
+            store: database.clone(),
+            keys: keys.clone(),
+            requeue: requeue.clone(),
+            clock: clock.clone(),
+            book: context.reconciler.usage.clone(),
+            metrics: metrics.clone(),
+            retention: config.usage_retention,
+        }
+        .follow(),
+    );
     let policy_watches = [
         policy_watch::watch_policies(
             client.clone(),
@@ -941,7 +951,7 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
             }
         })
         .await;
-    for task in policy_watches.into_iter().chain([last_use, anti_entropy]) {
+    for task in policy_watches.into_iter().chain([usage, anti_entropy]) {
         task.abort();
     }
     info!("stopped");

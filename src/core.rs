@@ -9,13 +9,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
     crd::{
-        ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, POLICY_COMPLIANT, READY,
-        REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
+        ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE,
+        READY, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
     },
     key::KeyHash,
     policy::{Verdict, ViolationAction},
     schedule::{Schedule, parse_duration},
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, RevokeReason},
+    usage::summary::{
+        RecentUse, Summary, previous_key_condition, revoked_key_report, usage_to_show,
+    },
 };
 
 /// `status.lastUsedAt` moves only when the last use is this much newer.
@@ -472,8 +475,22 @@ pub struct StatusInput<'a> {
     pub outcome: &'a Outcome,
     /// The policy check, when it ran; sets the `PolicyCompliant` condition.
     pub verdict: Option<&'a Verdict>,
+    /// What the leader's usage scans know of this ApiKey, when the reconcile
+    /// got that far; sets `usage`, `PreviousKeyInUse` and the revoked-key report.
+    pub usage: Option<UsageView<'a>>,
     /// The current time, used only when the Ready condition changes status.
     pub now: Timestamp,
+}
+
+/// What the usage scans know of one ApiKey (`None` parts: no scan yet).
+#[derive(Clone, Copy, Debug)]
+pub struct UsageView<'a> {
+    /// The ApiKey's uid.
+    pub uid: &'a str,
+    /// Every ApiKey's counts.
+    pub summaries: Option<&'a std::collections::HashMap<String, Summary>>,
+    /// This ApiKey's retiring and revoked keys that clients presented lately.
+    pub recent: Option<&'a [RecentUse]>,
 }
 
 /// The status to show. Equal to `previous` when nothing changed, so the shell can skip the write.
@@ -524,6 +541,17 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
     };
     let mut replaced = vec![READY];
     let mut conditions = vec![condition(READY, status, reason, message)];
+    if let Some(usage) = &input.usage {
+        replaced.push(PREVIOUS_KEY_IN_USE);
+        conditions.extend(previous_key_condition(
+            Some(&previous),
+            usage.recent,
+            input.records,
+            input.secret_name,
+            input.generation,
+            input.now,
+        ));
+    }
     if let Some(verdict) = input.verdict {
         replaced.push(POLICY_COMPLIANT);
         let (status, reason, message) = compliance(verdict);
@@ -551,6 +579,20 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         && shows_use(previous.last_used_at.as_ref().map(|t| t.0), used)
     {
         status.last_used_at = Some(seconds(used));
+    }
+    if let Some(usage) = &input.usage {
+        status.usage = usage_to_show(
+            previous.usage.as_ref(),
+            usage.summaries,
+            usage.uid,
+            input.now,
+        );
+        let reported = previous.revoked_key_reported_at.as_ref().map(|t| t.0);
+        if let Some(recent) = usage.recent
+            && revoked_key_report(reported, recent, input.now).is_some()
+        {
+            status.revoked_key_reported_at = Some(seconds(input.now));
+        }
     }
     match (input.outcome, input.current) {
         (Outcome::Ready | Outcome::KeyExpired, Some(current)) => {
@@ -905,6 +947,7 @@ mod tests {
             secret_version: None,
             outcome: &Outcome::Ready,
             verdict: None,
+            usage: None,
             now,
         })
     }
@@ -942,6 +985,7 @@ mod tests {
                 secret_version: None,
                 outcome: &Outcome::Ready,
                 verdict: None,
+                usage: None,
                 now: t(0),
             })
         };
@@ -972,6 +1016,7 @@ mod tests {
                 message: "key database error: connection refused".into(),
             },
             verdict: None,
+            usage: None,
             now: t(20),
         });
         assert_eq!(failed.key_id, ready.key_id);
@@ -998,6 +1043,7 @@ mod tests {
                 secret_name: "key".into(),
             },
             verdict: None,
+            usage: None,
             now: t(0),
         });
         let condition = &status.conditions[0];
@@ -1429,6 +1475,7 @@ mod tests {
             secret_version: None,
             outcome: &Outcome::Ready,
             verdict: None,
+            usage: None,
             now: t(21),
         });
         assert_eq!(status.last_rotated_at, Some(Time(t(20))));
@@ -1600,6 +1647,7 @@ mod tests {
                     message: "forbidden".into(),
                 },
                 verdict: Some(verdict),
+                usage: None,
                 now: t(0),
             })
         };
@@ -1611,6 +1659,7 @@ mod tests {
                 message: "team \"x\" is not allowed".into(),
                 action: ViolationAction::Keep,
             }],
+            recheck_at: None,
         };
         let status = input(&forbidden);
         let ready = status.ready_condition().unwrap();
@@ -1631,6 +1680,7 @@ mod tests {
         let allowed = Verdict {
             governing: vec!["prod".into(), "base".into()],
             violations: vec![],
+            recheck_at: None,
         };
         let status = input(&allowed);
         let compliant = status

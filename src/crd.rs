@@ -27,6 +27,9 @@ pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
 /// Annotation on an ApiKey: the next new rotate request revokes the previous keys at
 /// once. keyward removes it when that emergency rotation is done.
 pub const REVOKE_PREVIOUS_ANNOTATION: &str = "keyward.dev/revoke-previous";
+/// The condition type that says whether clients still present the previous key
+/// in its grace period (they break when it ends).
+pub const PREVIOUS_KEY_IN_USE: &str = "PreviousKeyInUse";
 /// Grace period of a rotated-out key when `spec.rotation.gracePeriod` is not set.
 pub const DEFAULT_GRACE_PERIOD: &str = "1h";
 
@@ -52,6 +55,7 @@ pub const DEFAULT_GRACE_PERIOD: &str = "1h";
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Next-Rotation","type":"string","jsonPath":".status.nextRotationAt"}"#,
     printcolumn = r#"{"name":"Last-Used","type":"date","jsonPath":".status.lastUsedAt","priority":1}"#,
+    printcolumn = r#"{"name":"Requests-24h","type":"integer","jsonPath":".status.usage.last24h","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -289,6 +293,61 @@ pub struct ApiKeyStatus {
     /// The ApiKeyPolicies this key breaks, by name, while its `PolicyCompliant` condition is False (`--require-policy` when no policy selects the namespace and the operator requires one). Read this, not the condition's message, which quotes the spec.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub violated_policies: Vec<String>,
+
+    /// How much this ApiKey's keys were presented to verifiers, counted per UTC hour. Rewritten at most once an hour. Absent until a verifier first counts a check of one of its keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageStatus>,
+
+    /// When a Warning Event `RevokedKeyInUse` last reported that clients present a revoked key of this ApiKey; reported at most once an hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_key_reported_at: Option<Time>,
+}
+
+/// Checks of an ApiKey's keys, from the verifiers' counts in the key database. Requests count every outcome; refused ones are those that lacked a scope or presented a revoked or expired key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageStatus {
+    /// When these figures were computed.
+    pub updated_at: Time,
+
+    /// Requests in the 24 hours before `updatedAt` (the current hour included).
+    pub last24h: i64,
+
+    /// Requests in the 7 UTC days up to `updatedAt` (the current day included).
+    pub last7d: i64,
+
+    /// Refused requests in the 24 hours before `updatedAt`: insufficient scope, revoked or expired keys.
+    pub refused_last24h: i64,
+
+    /// Requests per UTC day, 30 days up to the day of `updatedAt`.
+    pub daily: UsageSeries,
+
+    /// Requests per UTC hour, 24 hours up to the hour of `updatedAt`.
+    pub hourly: UsageSeries,
+}
+
+/// Counts per bucket (day or hour), one array per outcome, each as long as the series. An outcome with no request in the whole series is left out.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageSeries {
+    /// The start of the first bucket (UTC); each next bucket starts one day (or hour) later.
+    pub start: Time,
+
+    /// Requests the key was good for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub valid: Vec<i64>,
+
+    /// Requests refused for a missing scope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insufficient_scope: Vec<i64>,
+
+    /// Requests refused because the key was revoked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<i64>,
+
+    /// Requests refused because the key had expired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<i64>,
 }
 
 impl ApiKeyStatus {

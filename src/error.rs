@@ -9,6 +9,10 @@ pub enum Error {
     #[error("key database error: {0}")]
     Database(#[from] sqlx::Error),
 
+    /// A commit failed on the way: it may or may not have landed. Batches that
+    /// add (usage counts) are not written again, so nothing is counted twice.
+    #[error("key database commit outcome unknown: {0}")]
+    UncertainCommit(#[source] sqlx::Error),
     /// Applying the embedded schema migrations failed.
     #[error("key database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -87,7 +91,7 @@ impl Error {
     /// A stable, low-cardinality label for metrics and logs.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::Database(_) | Error::Migrate(_) => "database",
+            Error::Database(_) | Error::UncertainCommit(_) | Error::Migrate(_) => "database",
             Error::Kube(_) | Error::SecretWrite { .. } => "kubernetes",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)

@@ -6,7 +6,7 @@
 //! - [`core`]: the pure decision core.
 //! - [`reconciler`]: the I/O shell that carries decisions out.
 //! - [`controller`]: the kube-runtime controller around it, with leader election.
-//! - [`last_used`]: brings recent key uses to `status.lastUsedAt`.
+//! - [`usage`]: usage per key: the verifier's counts, the leader's scans, and what status shows.
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`plugin`]: the `kubectl keyward` plugin.
 //! - [`policy`]: `ApiKeyPolicy`, which teams, scopes and lifetimes a namespace's keys may have.
@@ -21,7 +21,6 @@ pub mod core;
 pub mod crd;
 mod error;
 pub mod key;
-pub mod last_used;
 pub mod plugin;
 pub mod policy;
 pub mod reconciler;
@@ -29,6 +28,7 @@ pub mod schedule;
 pub mod secret_cache;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 pub mod verifier;
 pub mod verify;
 

@@ -10,6 +10,7 @@ use std::{
 
 use async_trait::async_trait;
 use json_patch::{PatchOperation, RemoveOperation, TestOperation, jsonptr::PointerBuf};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::{
     ByteString,
     api::{
@@ -32,17 +33,23 @@ use zeroize::Zeroize;
 use crate::{
     Error, Result,
     clock::Clock,
-    core::{self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step},
+    core::{
+        self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step, UsageView,
+    },
     crd::{
         ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
-        POLICY_COMPLIANT, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, RolloutKind,
-        RolloutTarget, SECRET_DATA_KEY,
+        POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
+        RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
-    policy::{Governance, Verdict, ViolationAction},
+    policy::{Activity, Governance, Verdict, ViolationAction},
     secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
-    telemetry::{Metrics, timed},
+    telemetry::{Metrics, NamespaceLabel, timed},
+    usage::{
+        follow::UsageBook,
+        summary::{RecentUse, revoked_key_report},
+    },
 };
 
 /// How often a settled ApiKey is looked at again without any watch event.
@@ -481,6 +488,9 @@ struct Report<'a> {
     secret_version: Option<&'a str>,
     outcome: Outcome,
     verdict: Option<&'a Verdict>,
+    /// Whether to bring usage, `PreviousKeyInUse` and the revoked-key report
+    /// up to date (only a reconcile that read the key's records).
+    usage: bool,
 }
 
 impl Report<'_> {
@@ -495,6 +505,7 @@ impl Report<'_> {
             secret_version: None,
             outcome,
             verdict: None,
+            usage: false,
         }
     }
 }
@@ -565,6 +576,8 @@ pub struct Reconciler {
     pub governance: Arc<dyn Governance>,
     /// Serializes first issues within a namespace under `maxKeysPerNamespace`.
     pub issue_turns: Arc<IssueTurns>,
+    /// What the leader's usage scans learned.
+    pub usage: Arc<UsageBook>,
 }
 
 /// One turn at a time per namespace for the reconciles that may give an ApiKey
@@ -624,7 +637,18 @@ impl Reconciler {
         } else {
             (None, None)
         };
-        let verdict = self.governance.check(key, holders.as_ref(), now)?;
+        let activity = Activity {
+            created: key
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(now, |t| t.0),
+            last_used: set.last_used_at,
+            recorded_since: self.usage.recorded_since(now),
+        };
+        let verdict = self
+            .governance
+            .check(key, holders.as_ref(), Some(activity), now)?;
         let forbidden = (!verdict.allowed()).then(|| verdict.action().unwrap_or_default());
         if forbidden.is_some() {
             warn!(
@@ -767,9 +791,12 @@ impl Reconciler {
                 secret_version: secret_version.as_deref(),
                 outcome,
                 verdict: Some(&verdict),
+                usage: true,
             },
         )
         .await?;
+        let recheck = verdict.recheck_at.map(|at| at.duration_since(now));
+        let requeue_after = [requeue_after, recheck].into_iter().flatten().min();
         Ok(Action::requeue(
             requeue_after
                 .and_then(|d| d.unsigned_abs().checked_add(Duration::from_secs(1)))
@@ -891,6 +918,17 @@ impl Reconciler {
     async fn finish(&self, target: &Target<'_>, report: Report<'_>) -> Result<()> {
         let key = target.key;
         let previous = target.previous.as_ref();
+        let now = self.clock.now();
+        let summaries = report.usage.then(|| self.usage.summaries()).flatten();
+        let recent = report
+            .usage
+            .then(|| self.usage.recent(&target.uid))
+            .flatten();
+        let usage = report.usage.then(|| UsageView {
+            uid: &target.uid,
+            summaries: summaries.as_deref(),
+            recent: recent.as_deref(),
+        });
         let status = core::status_for(&StatusInput {
             previous,
             generation: key.metadata.generation,
@@ -903,7 +941,8 @@ impl Reconciler {
             secret_version: report.secret_version,
             outcome: &report.outcome,
             verdict: report.verdict,
-            now: self.clock.now(),
+            usage,
+            now,
         });
         if report.policy.is_some() {
             let next = status.next_rotation_at.as_ref().map(|t| t.0);
@@ -951,9 +990,58 @@ impl Reconciler {
             )
             .await;
         }
+        self.report_key_use(target, previous, &status, recent.as_deref(), now)
+            .await;
         let version = self.cluster.apply_status(key, &status).await?;
         self.status_memo.record(&target.uid, version, status);
         Ok(())
+    }
+
+    /// Warns when clients still present a previous key (once, as the
+    /// condition turns True) or a revoked one (as status records the report).
+    async fn report_key_use(
+        &self,
+        target: &Target<'_>,
+        previous: Option<&ApiKeyStatus>,
+        status: &ApiKeyStatus,
+        recent: Option<&[RecentUse]>,
+        now: jiff::Timestamp,
+    ) {
+        fn in_use(status: Option<&ApiKeyStatus>) -> Option<&Condition> {
+            status
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == PREVIOUS_KEY_IN_USE))
+                .filter(|c| c.status == "True")
+        }
+        if let Some(condition) = in_use(Some(status))
+            && in_use(previous).is_none()
+        {
+            self.notify(
+                &target.reference,
+                EventType::Warning,
+                PREVIOUS_KEY_IN_USE,
+                condition.message.clone(),
+            )
+            .await;
+        }
+        let reported = previous.and_then(|s| s.revoked_key_reported_at.as_ref());
+        if status.revoked_key_reported_at.as_ref() != reported
+            && let Some(note) =
+                recent.and_then(|recent| revoked_key_report(reported.map(|t| t.0), recent, now))
+        {
+            self.metrics
+                .revoked_key_in_use
+                .get_or_create(&NamespaceLabel {
+                    namespace: target.namespace.clone(),
+                })
+                .inc();
+            self.notify(
+                &target.reference,
+                EventType::Warning,
+                "RevokedKeyInUse",
+                note,
+            )
+            .await;
+        }
     }
 
     /// Issues a key in the crash-safe order: pending record, Secret, active record.

@@ -2,7 +2,12 @@
 //! trail. One implementation over sqlx's `Any` driver serves SQLite and
 //! PostgreSQL with the same queries; see docs/database.md for the contract.
 
-use std::{borrow::Cow, collections::HashSet, fmt, str::FromStr};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    fmt,
+    str::FromStr,
+};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
@@ -12,7 +17,11 @@ use sqlx::{
     migrate::{Migration, MigrationType, Migrator},
 };
 
-use crate::{Error, Result, key::KeyHash};
+use crate::{
+    Error, Result,
+    key::KeyHash,
+    usage::{Outcome, UsageBatch, summary::RecentUse},
+};
 
 /// Where a key is in its life. Every state but `revoked` verifies until `expires_at`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -308,15 +317,17 @@ impl Backend {
                 include_str!("../migrations/sqlite/0002_changes.sql"),
                 include_str!("../migrations/sqlite/0003_governance_and_use.sql"),
                 include_str!("../migrations/sqlite/0004_clusters.sql"),
+                include_str!("../migrations/sqlite/0005_usage.sql"),
             ],
             Backend::Postgres => [
                 include_str!("../migrations/postgres/0001_keys.sql"),
                 include_str!("../migrations/postgres/0002_changes.sql"),
                 include_str!("../migrations/postgres/0003_governance_and_use.sql"),
                 include_str!("../migrations/postgres/0004_clusters.sql"),
+                include_str!("../migrations/postgres/0005_usage.sql"),
             ],
         };
-        let names = ["keys", "changes", "governance_and_use", "clusters"];
+        let names = ["keys", "changes", "governance_and_use", "clusters", "usage"];
         Migrator::with_migrations(
             scripts
                 .into_iter()
@@ -347,6 +358,28 @@ pub struct SqlStore {
 
 /// The PostgreSQL NOTIFY channel that carries each change number at commit.
 pub const CHANGE_CHANNEL: &str = "keyward_key_changes";
+
+/// Rows per statement in a usage flush: well under SQLite's and PostgreSQL's
+/// bind-parameter limits, and few round trips for 100,000 counts.
+const USAGE_ROWS_PER_STATEMENT: usize = 500;
+
+/// A pause in verifier flushes longer than this starts the usage reporting
+/// anew (`lifetime.maxUnused` then waits a whole window): keep
+/// `--last-used-flush` well below it.
+pub const REPORTING_GAP: std::time::Duration = std::time::Duration::from_secs(15 * 60);
+
+/// `($1, $2), ($3, $4), …` for `rows` rows of `columns` parameters.
+fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let params: Vec<String> = (1..=columns)
+                .map(|column| format!("${}", row * columns + column))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The URL used when none is given: `keyward.db` in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://keyward.db";
@@ -607,24 +640,173 @@ impl SqlStore {
             .collect()
     }
 
-    /// Records when keys were last used, in one transaction. Forward-only: a
-    /// row keeps a later time it already has. Not a change: verifiers do not
-    /// care, so the change number stays. Returns the rows moved forward.
-    pub async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+    /// Writes one verifier flush in one transaction: the last-used times
+    /// (forward-only, not a change: verifiers do not care, so the change
+    /// number stays), the counts (added: `count = count + n`, so replicas add
+    /// up), and the reporting heartbeat. Rows go in key order, so concurrent
+    /// flushes lock them in the same order. Returns the last-used rows moved
+    /// forward. A failed commit is [`Error::UncertainCommit`]: it may have
+    /// landed, and the caller must not write the batch again.
+    pub async fn record_usage(&self, batch: &UsageBatch, reported_at: Timestamp) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
         let mut moved = 0;
-        for (key_id, at) in uses {
-            moved += sqlx::query(
-                "UPDATE api_keys SET last_used_at = $2 WHERE key_id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
-            )
-            .bind(key_id)
-            .bind(at.as_millisecond())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        for chunk in batch.last_used.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let values = placeholders(chunk.len(), 2);
+            let query = format!(
+                "UPDATE api_keys SET last_used_at = v.column2 FROM (VALUES {values}) AS v \
+                 WHERE api_keys.key_id = v.column1 AND (api_keys.last_used_at IS NULL OR api_keys.last_used_at < v.column2)"
+            );
+            let mut statement = sqlx::query(sqlx::AssertSqlSafe(query));
+            for (key_id, at) in chunk {
+                statement = statement.bind(key_id).bind(at.as_millisecond());
+            }
+            moved += statement.execute(&mut *tx).await?.rows_affected();
         }
-        tx.commit().await?;
+        for chunk in batch.counts.chunks(USAGE_ROWS_PER_STATEMENT) {
+            let values = placeholders(chunk.len(), 4);
+            let query = format!(
+                "INSERT INTO key_usage (key_id, hour, outcome, count) VALUES {values} \
+                 ON CONFLICT (key_id, hour, outcome) DO UPDATE SET count = key_usage.count + excluded.count"
+            );
+            let mut statement = sqlx::query(sqlx::AssertSqlSafe(query));
+            for count in chunk {
+                statement = statement
+                    .bind(&count.key_id)
+                    .bind(count.hour.as_millisecond())
+                    .bind(count.outcome.as_str())
+                    .bind(i64::try_from(count.count).unwrap_or(i64::MAX));
+            }
+            statement.execute(&mut *tx).await?;
+        }
+        // Last, so the one shared row is locked only for the commit. A gap
+        // longer than REPORTING_GAP starts the reporting anew.
+        sqlx::query(
+            "INSERT INTO usage_reporting (id, first_reported_at, last_reported_at) VALUES (1, $1, $1) \
+             ON CONFLICT (id) DO UPDATE SET \
+             first_reported_at = CASE WHEN usage_reporting.last_reported_at < excluded.last_reported_at - $2 \
+                 THEN excluded.first_reported_at ELSE usage_reporting.first_reported_at END, \
+             last_reported_at = CASE WHEN usage_reporting.last_reported_at > excluded.last_reported_at \
+                 THEN usage_reporting.last_reported_at ELSE excluded.last_reported_at END",
+        )
+        .bind(reported_at.as_millisecond())
+        .bind(REPORTING_GAP.as_millis() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await.map_err(Error::UncertainCommit)?;
         Ok(moved)
+    }
+
+    /// Since when verifiers have reported without a gap longer than
+    /// [`REPORTING_GAP`], and when they last did; `None` if never.
+    pub async fn usage_reporting(&self) -> Result<Option<(Timestamp, Timestamp)>> {
+        sqlx::query("SELECT first_reported_at, last_reported_at FROM usage_reporting WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| {
+                Ok((
+                    from_millis(row.try_get("first_reported_at")?)?,
+                    from_millis(row.try_get("last_reported_at")?)?,
+                ))
+            })
+            .transpose()
+    }
+
+    /// Deletes the counts of hours that started before `before`; returns how many rows.
+    pub async fn prune_usage(&self, before: Timestamp) -> Result<u64> {
+        Ok(sqlx::query("DELETE FROM key_usage WHERE hour < $1")
+            .bind(before.as_millisecond())
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// This cluster's counts since `since`, summed per ApiKey, bucket
+    /// (`bucket_ms` wide: an hour or a day) and outcome, streamed to `sink` as
+    /// (ApiKey uid, bucket start in epoch seconds, outcome, n): one query for
+    /// every ApiKey.
+    pub async fn each_usage_bucket(
+        &self,
+        since: Timestamp,
+        bucket_ms: i64,
+        sink: &mut (dyn FnMut(&str, i64, Outcome, i64) + Send),
+    ) -> Result<()> {
+        use futures::TryStreamExt;
+        let mut rows = sqlx::query(
+            "SELECT k.apikey_uid AS uid, u.hour - (u.hour % $1) AS bucket, u.outcome AS outcome, CAST(SUM(u.count) AS BIGINT) AS n \
+             FROM key_usage u JOIN api_keys k ON k.key_id = u.key_id \
+             WHERE u.hour >= $2 AND k.cluster = $3 \
+             GROUP BY k.apikey_uid, u.hour - (u.hour % $1), u.outcome",
+        )
+        .bind(bucket_ms)
+        .bind(since.as_millisecond())
+        .bind(&self.cluster)
+        .fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            let outcome: String = row.try_get("outcome")?;
+            let Some(outcome) = Outcome::parse(&outcome) else {
+                continue;
+            };
+            let uid: String = row.try_get("uid")?;
+            let bucket: i64 = row.try_get("bucket")?;
+            sink(&uid, bucket.div_euclid(1000), outcome, row.try_get("n")?);
+        }
+        Ok(())
+    }
+
+    /// This cluster's retiring and revoked keys presented since `since`, by
+    /// ApiKey uid: whether clients still hold a previous key. Bounded by the
+    /// keys used lately, whatever the number of ApiKeys.
+    pub async fn recent_previous_key_use(
+        &self,
+        since: Timestamp,
+    ) -> Result<HashMap<String, Vec<RecentUse>>> {
+        let rows = sqlx::query(
+            "SELECT k.apikey_uid AS uid, k.key_id AS key_id, k.state AS state, k.last_used_at AS last_used_at, \
+             k.expires_at AS expires_at, k.revoked_at AS revoked_at, k.revoke_reason AS revoke_reason, \
+             u.outcome AS outcome, CAST(SUM(u.count) AS BIGINT) AS n \
+             FROM key_usage u JOIN api_keys k ON k.key_id = u.key_id \
+             WHERE u.hour >= $1 AND k.cluster = $2 AND k.state IN ('retiring', 'revoked') \
+             GROUP BY k.apikey_uid, k.key_id, k.state, k.last_used_at, k.expires_at, k.revoked_at, k.revoke_reason, u.outcome",
+        )
+        .bind(since.as_millisecond())
+        .bind(&self.cluster)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_apikey: HashMap<String, Vec<RecentUse>> = HashMap::new();
+        for row in rows {
+            let time = |column: &str| -> Result<Option<Timestamp>> {
+                row.try_get::<Option<i64>, _>(column)?
+                    .map(from_millis)
+                    .transpose()
+            };
+            let key_id: String = row.try_get("key_id")?;
+            let outcome = Outcome::parse(&row.try_get::<String, _>("outcome")?);
+            let n: i64 = row.try_get("n")?;
+            let uses = by_apikey.entry(row.try_get("uid")?).or_default();
+            let index = match uses.iter().position(|u| u.key_id == key_id) {
+                Some(index) => index,
+                None => {
+                    uses.push(RecentUse {
+                        key_id,
+                        state: row.try_get::<String, _>("state")?.parse()?,
+                        last_used: time("last_used_at")?,
+                        expires_at: time("expires_at")?,
+                        revoked_at: time("revoked_at")?,
+                        revoke_reason: row.try_get("revoke_reason")?,
+                        used: 0,
+                        refused_revoked: 0,
+                        since,
+                    });
+                    uses.len() - 1
+                }
+            };
+            match outcome {
+                Some(o) if o.used() => uses[index].used += n,
+                Some(Outcome::Revoked) => uses[index].refused_revoked += n,
+                _ => {}
+            }
+        }
+        Ok(by_apikey)
     }
 
     /// A few ApiKeys (uid, namespace, name) that own rows written before

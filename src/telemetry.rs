@@ -90,6 +90,13 @@ pub struct PolicyLabel {
     pub policy: String,
 }
 
+/// A namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    /// The namespace.
+    pub namespace: String,
+}
+
 /// A verifier check's protocol and result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VerifyLabels {
@@ -151,8 +158,17 @@ pub struct Metrics {
     pub verifier_last_used_pending: Gauge,
     /// Last-used times that moved a key's `last_used_at` forward in the database.
     pub verifier_last_used_flushed: Counter,
-    /// Last-used times dropped because the pending map was full.
-    pub verifier_last_used_dropped: Counter,
+    /// Checks not counted (nor their last use) because the usage tally was full.
+    pub verifier_usage_dropped: Counter,
+    /// Checks counted into the key database by the verifier's flushes.
+    pub verifier_usage_flushed: Counter,
+    /// Checks given up after a flush whose commit outcome is unknown.
+    pub verifier_usage_uncertain: Counter,
+    /// `RevokedKeyInUse` reports: clients presenting a revoked key of an
+    /// ApiKey that still exists, by namespace.
+    pub revoked_key_in_use: Family<NamespaceLabel, Counter>,
+    /// Usage rows deleted past their retention.
+    pub usage_rows_pruned: Counter,
     /// 1 while last-used times are not recorded (a read replica and no primary URL).
     pub verifier_last_used_disabled: Gauge,
     /// Full reloads because the change history moved backwards (a restore or failover).
@@ -207,7 +223,11 @@ impl Default for Metrics {
             verifier_listener_reconnects: Counter::default(),
             verifier_last_used_pending: Gauge::default(),
             verifier_last_used_flushed: Counter::default(),
-            verifier_last_used_dropped: Counter::default(),
+            verifier_usage_dropped: Counter::default(),
+            verifier_usage_flushed: Counter::default(),
+            verifier_usage_uncertain: Counter::default(),
+            revoked_key_in_use: Family::default(),
+            usage_rows_pruned: Counter::default(),
             verifier_last_used_disabled: Gauge::default(),
             verifier_history_resets: Counter::default(),
             verifier_replica_behind: Gauge::default(),
@@ -323,9 +343,29 @@ impl Default for Metrics {
             metrics.verifier_last_used_flushed.clone(),
         );
         registry.register(
-            "verifier_last_used_dropped",
-            "Last-used times dropped because the pending map was full",
-            metrics.verifier_last_used_dropped.clone(),
+            "verifier_usage_dropped",
+            "Checks not counted, nor their last use, because the usage tally was full",
+            metrics.verifier_usage_dropped.clone(),
+        );
+        registry.register(
+            "verifier_usage_flushed",
+            "Checks counted into the key database by the verifier's flushes",
+            metrics.verifier_usage_flushed.clone(),
+        );
+        registry.register(
+            "verifier_usage_uncertain",
+            "Checks given up after a usage flush whose commit outcome is unknown",
+            metrics.verifier_usage_uncertain.clone(),
+        );
+        registry.register(
+            "revoked_key_in_use",
+            "RevokedKeyInUse reports: clients presenting a revoked key of an ApiKey that still exists, by namespace",
+            metrics.revoked_key_in_use.clone(),
+        );
+        registry.register(
+            "usage_rows_pruned",
+            "Usage rows deleted past their retention",
+            metrics.usage_rows_pruned.clone(),
         );
         registry.register(
             "verifier_last_used_disabled",

@@ -7,6 +7,7 @@ use keyward::{
     Error,
     key::{KeyFactory, KeyHash, PlainKey, SeededEntropy},
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
+    usage::{Outcome, UsageBatch, UsageCount},
     verify::Rejection,
 };
 use std::sync::Arc;
@@ -225,6 +226,128 @@ async fn database_never_holds_the_key(store: SqlStore) {
     assert_ne!(record.key_hash, KeyHash::of(b""));
 }
 
+/// A flush adds its counts (replicas add up), moves last use forward only,
+/// and notes the verifiers' reporting; the operator's grouped reads and the
+/// pruning see exactly what was written.
+async fn usage_counts_add_up_and_are_read_back_grouped(store: SqlStore) {
+    let keys = factory();
+    let t0 = start_time();
+    let hour =
+        |h: i64| Timestamp::from_second(t0.as_second() - t0.as_second() % 3600 + h * 3600).unwrap();
+    let (_, current) = pending(&keys, "uid-u", t0);
+    store.insert_pending(&current).await.unwrap();
+    store.activate(&current.key_id, t0, None).await.unwrap();
+    let (_, previous) = pending(&keys, "uid-u", t0);
+    store.insert_pending(&previous).await.unwrap();
+    store.activate(&previous.key_id, t0, None).await.unwrap();
+    store
+        .retire(&previous.key_id, t0 + SignedDuration::from_hours(5), t0)
+        .await
+        .unwrap();
+    let count = |key: &KeyRecord, h, outcome, count| UsageCount {
+        key_id: key.key_id.clone(),
+        hour: hour(h),
+        outcome,
+        count,
+    };
+    let first = UsageBatch {
+        last_used: vec![(current.key_id.clone(), hour(1))],
+        counts: vec![
+            count(&current, 0, Outcome::Valid, 5),
+            count(&current, 1, Outcome::InsufficientScope, 1),
+            count(&previous, 1, Outcome::Valid, 7),
+        ],
+    };
+    // A second verifier's flush of the same keys and hours, with an older last use.
+    let second = UsageBatch {
+        last_used: vec![(current.key_id.clone(), hour(0))],
+        counts: vec![count(&current, 0, Outcome::Valid, 3)],
+    };
+    assert_eq!(store.record_usage(&first, hour(1)).await.unwrap(), 1);
+    assert_eq!(
+        store.record_usage(&second, hour(1)).await.unwrap(),
+        0,
+        "last use never moves back"
+    );
+    assert_eq!(
+        store.load("uid-u").await.unwrap().last_used_at,
+        Some(hour(1))
+    );
+
+    let mut by_hour = Vec::new();
+    store
+        .each_usage_bucket(hour(-1), 3_600_000, &mut |uid, bucket, outcome, n| {
+            by_hour.push((uid.to_owned(), bucket, outcome, n));
+        })
+        .await
+        .unwrap();
+    by_hour.sort();
+    assert_eq!(
+        by_hour,
+        [
+            ("uid-u".to_owned(), hour(0).as_second(), Outcome::Valid, 8),
+            ("uid-u".to_owned(), hour(1).as_second(), Outcome::Valid, 7),
+            (
+                "uid-u".to_owned(),
+                hour(1).as_second(),
+                Outcome::InsufficientScope,
+                1
+            ),
+        ]
+    );
+    let mut by_day = Vec::new();
+    store
+        .each_usage_bucket(hour(-48), 86_400_000, &mut |_, _, outcome, n| {
+            by_day.push((outcome, n));
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_day.iter().map(|(_, n)| n).sum::<i64>(), 16);
+
+    // The previous key is still presented: the leader's scan names it.
+    let recent = store.recent_previous_key_use(hour(0)).await.unwrap();
+    let uses = &recent["uid-u"];
+    assert_eq!(uses.len(), 1);
+    assert_eq!(
+        (uses[0].key_id.as_str(), uses[0].used),
+        (previous.key_id.as_str(), 7)
+    );
+    assert_eq!(uses[0].state, KeyState::Retiring);
+
+    // Reporting: since the first flush; a long pause starts it anew.
+    assert_eq!(
+        store.usage_reporting().await.unwrap(),
+        Some((hour(1), hour(1)))
+    );
+    let later = hour(1) + SignedDuration::from_mins(5);
+    store
+        .record_usage(&UsageBatch::default(), later)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.usage_reporting().await.unwrap(),
+        Some((hour(1), later))
+    );
+    let after_gap = later + SignedDuration::from_mins(16);
+    store
+        .record_usage(&UsageBatch::default(), after_gap)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.usage_reporting().await.unwrap(),
+        Some((after_gap, after_gap))
+    );
+
+    // Pruning deletes whole hours before the cut.
+    assert_eq!(store.prune_usage(hour(1)).await.unwrap(), 1);
+    let mut left = 0;
+    store
+        .each_usage_bucket(hour(-1), 3_600_000, &mut |_, _, _, n| left += n)
+        .await
+        .unwrap();
+    assert_eq!(left, 8);
+}
+
 /// Declares each case once per backend.
 macro_rules! both_backends {
     ($($case:ident),* $(,)?) => {
@@ -258,6 +381,7 @@ both_backends!(
     verify_answers_by_state,
     migrations_are_idempotent,
     database_never_holds_the_key,
+    usage_counts_add_up_and_are_read_back_grouped,
 );
 
 #[tokio::test]

@@ -492,7 +492,7 @@ async fn contract(store: SqlStore, url: &str, revocation_limit: Duration) {
     eprintln!("revocation seen after {took:?}");
 
     // Last used: one batched, forward-only write at minute resolution.
-    let flushed = verifier.flush_last_used().await.unwrap();
+    let flushed = verifier.flush_usage().await.unwrap();
     assert!(flushed >= 1, "{flushed}");
     let used = store.load(&record.apikey_uid).await.unwrap().last_used_at;
     let used = used.expect("last_used_at recorded");

@@ -141,6 +141,13 @@ pub struct LifetimeRule {
         {"rule": DURATION_RULE, "message": "maxGracePeriod must be a duration such as 24h"}
     ]))]
     pub max_grace_period: Option<String>,
+
+    /// A key older than this that no client used within it breaks the policy, e.g. `720h` (30 days). Only the operator checks it, from the verifiers' usage records, and only while verifiers have reported usage for the whole window: no data is not "unused". Admission cannot know usage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), extend("x-kubernetes-validations" = [
+        {"rule": DURATION_RULE, "message": "maxUnused must be a duration such as 720h"}
+    ]))]
+    pub max_unused: Option<String>,
 }
 
 /// What happens to an issued key that a policy now forbids.
@@ -200,7 +207,7 @@ pub struct PolicyViolationEntry {
     pub namespace: String,
     /// The ApiKey's name.
     pub name: String,
-    /// The rule it breaks: `teams`, `scopes`, `owner`, `lifetime.maxExpiresAfter`, `lifetime.maxRotationInterval`, `lifetime.maxGracePeriod` or `maxKeysPerNamespace`.
+    /// The rule it breaks: `teams`, `scopes`, `owner`, `lifetime.maxExpiresAfter`, `lifetime.maxRotationInterval`, `lifetime.maxGracePeriod`, `lifetime.maxUnused` or `maxKeysPerNamespace`.
     pub rule: String,
     /// What is wrong, in words.
     pub message: String,

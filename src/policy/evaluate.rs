@@ -33,6 +33,7 @@ pub struct CompiledPolicy {
     max_expires_after: Option<SignedDuration>,
     max_rotation_interval: Option<SignedDuration>,
     max_grace_period: Option<SignedDuration>,
+    max_unused: Option<SignedDuration>,
     /// Why the policy cannot be applied as written, if it cannot. Such a policy
     /// forbids every key in the namespaces it selects (it fails closed).
     pub defect: Option<String>,
@@ -64,6 +65,7 @@ impl CompiledPolicy {
             lifetime.max_rotation_interval.as_ref(),
         );
         let max_grace_period = duration("maxGracePeriod", lifetime.max_grace_period.as_ref());
+        let max_unused = duration("maxUnused", lifetime.max_unused.as_ref());
         if let Err(e) = selects(&spec.namespace_selector, &BTreeMap::new()) {
             defects.push(format!("namespaceSelector: {e}"));
         }
@@ -76,6 +78,7 @@ impl CompiledPolicy {
             max_expires_after,
             max_rotation_interval,
             max_grace_period,
+            max_unused,
             defect: (!defects.is_empty()).then(|| defects.join("; ")),
         }
     }
@@ -175,6 +178,9 @@ pub struct Verdict {
     pub governing: Vec<String>,
     /// Every broken rule; empty when the key is allowed.
     pub violations: Vec<Violation>,
+    /// When a rule that depends on time alone (`lifetime.maxUnused`) may
+    /// judge the key differently: the reconciler looks again then.
+    pub recheck_at: Option<Timestamp>,
 }
 
 impl Verdict {
@@ -227,6 +233,21 @@ pub struct KeyContext<'a> {
     pub rank: &'a dyn Fn() -> usize,
     /// The current time, for cron schedules.
     pub now: Timestamp,
+    /// The key's use, for `lifetime.maxUnused`; `None` where it is not known
+    /// (admission, the policy's own status): the rule is not judged there.
+    pub activity: Option<Activity>,
+}
+
+/// What the key database says of an ApiKey's use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Activity {
+    /// When the ApiKey was created.
+    pub created: Timestamp,
+    /// The latest use of any of its keys, by any verifier.
+    pub last_used: Option<Timestamp>,
+    /// Since when verifiers have reported usage without a gap; `None` while
+    /// none reports (a verifier outage, last-used writes disabled).
+    pub recorded_since: Option<Timestamp>,
 }
 
 /// Checks `spec` against every policy that selects its namespace. With
@@ -238,6 +259,7 @@ pub fn evaluate(
     require_policy: bool,
 ) -> Verdict {
     let mut verdict = Verdict::default();
+    let mut recheck_at = None;
     for policy in policies.iter().filter(|p| p.selects(key.namespace_labels)) {
         verdict.governing.push(policy.name.clone());
         // A policy the operator cannot read stops new keys and rotations, but
@@ -292,6 +314,11 @@ pub fn evaluate(
             );
         }
         check_lifetime(policy, spec, key.now, &mut broken);
+        if let (Some(max), Some(activity)) = (policy.max_unused, key.activity) {
+            let limit = text(&policy.spec.lifetime, |l| &l.max_unused);
+            let recheck = check_unused(max, &limit, &activity, key.now, &mut broken);
+            recheck_at = [recheck_at, recheck].into_iter().flatten().min();
+        }
         if let Some(max) = policy.spec.max_keys_per_namespace {
             let rank = (key.rank)();
             if rank >= usize::try_from(max).unwrap_or(0) {
@@ -305,6 +332,7 @@ pub fn evaluate(
             }
         }
     }
+    verdict.recheck_at = recheck_at;
     if require_policy && verdict.governing.is_empty() {
         verdict.violations.push(Violation {
             policy: None,
@@ -411,6 +439,44 @@ fn check_lifetime(
     }
 }
 
+/// `lifetime.maxUnused`: a key older than `max` that no client used within it
+/// breaks the rule, judged only while verifiers have reported usage for the
+/// whole window. Returns when the judgement may change with time alone.
+fn check_unused(
+    max: SignedDuration,
+    limit: &str,
+    activity: &Activity,
+    now: Timestamp,
+    broken: &mut impl FnMut(&'static str, String),
+) -> Option<Timestamp> {
+    let horizon = now - max;
+    let Some(recorded_since) = activity.recorded_since else {
+        // Nothing reports: no data is not "unused". A report wakes the key
+        // through the usage scan.
+        return None;
+    };
+    let quiet_since = [
+        Some(activity.created),
+        Some(recorded_since),
+        activity.last_used,
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(activity.created);
+    if quiet_since > horizon {
+        return Some(quiet_since + max);
+    }
+    broken(
+        "lifetime.maxUnused",
+        match activity.last_used {
+            None => format!("the key was never used, and is older than maxUnused {limit}"),
+            Some(at) => format!("the key was not used since {at}, longer than maxUnused {limit}"),
+        },
+    );
+    None
+}
+
 /// A lifetime field's text as the policy wrote it.
 fn text(
     lifetime: &Option<super::crd::LifetimeRule>,
@@ -492,6 +558,7 @@ mod tests {
             namespace_labels: &labels,
             rank: &rank,
             now: now(),
+            activity: None,
         };
         evaluate(policies, spec, &context, require_policy)
     }
@@ -615,6 +682,7 @@ mod tests {
                 max_expires_after: Some("2160h".into()),
                 max_rotation_interval: Some("744h".into()),
                 max_grace_period: Some("30m".into()),
+                max_unused: None,
             });
         });
         // The default grace period (1h) is longer than 30m.

@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use kube::{ResourceExt, core::DeserializeGuard, runtime::reflector::Store};
 
 use super::{
-    evaluate::{CompiledPolicy, KeyContext, Verdict, evaluate},
+    evaluate::{Activity, CompiledPolicy, KeyContext, Verdict, evaluate},
     limit::{Holders, eligible, limited, place},
 };
 use crate::{Error, Result, crd::ApiKey};
@@ -26,7 +26,14 @@ pub trait Governance: Send + Sync {
     /// while the policies or namespaces are not known yet: nothing is issued
     /// then; and when a policy limits the namespace but `holders` is `None`
     /// (the policy came after [`limits`](Self::limits) was asked).
-    fn check(&self, key: &ApiKey, holders: Option<&Holders>, now: Timestamp) -> Result<Verdict>;
+    /// `activity` is the key's use, for `lifetime.maxUnused`.
+    fn check(
+        &self,
+        key: &ApiKey,
+        holders: Option<&Holders>,
+        activity: Option<Activity>,
+        now: Timestamp,
+    ) -> Result<Verdict>;
 }
 
 /// The ApiKeyPolicies and namespace labels as last seen, shared by the watches,
@@ -197,7 +204,13 @@ impl Governance for PolicyIndex {
         limited(&state.policies, labels)
     }
 
-    fn check(&self, key: &ApiKey, holders: Option<&Holders>, now: Timestamp) -> Result<Verdict> {
+    fn check(
+        &self,
+        key: &ApiKey,
+        holders: Option<&Holders>,
+        activity: Option<Activity>,
+        now: Timestamp,
+    ) -> Result<Verdict> {
         let namespace = key.namespace().ok_or(Error::MissingMetadata("namespace"))?;
         let state = self.read();
         if !(state.policies_synced && state.namespaces_synced) {
@@ -229,6 +242,7 @@ impl Governance for PolicyIndex {
             namespace_labels: labels,
             rank: &rank,
             now,
+            activity,
         };
         Ok(evaluate(
             &state.policies,

@@ -42,6 +42,7 @@ pub fn eligible(
         namespace_labels: labels,
         rank: &|| 0,
         now,
+        activity: None,
     };
     evaluate(policies, &key.spec, &context, false).allowed()
 }

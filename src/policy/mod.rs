@@ -20,6 +20,6 @@ pub mod status;
 pub mod watch;
 
 pub use crd::{ApiKeyPolicy, ApiKeyPolicySpec, ApiKeyPolicyStatus, ViolationAction};
-pub use evaluate::{CompiledPolicy, KeyContext, Verdict, Violation, evaluate};
+pub use evaluate::{Activity, CompiledPolicy, KeyContext, Verdict, Violation, evaluate};
 pub use index::{Governance, PolicyIndex};
 pub use limit::Holders;

@@ -82,6 +82,7 @@ pub fn summarize(
                         namespace_labels: labels,
                         rank: &rank,
                         now,
+                        activity: None,
                     };
                     let verdict =
                         evaluate(std::slice::from_ref(policy), &key.spec, &context, false);

@@ -22,11 +22,12 @@ use super::snapshot::{
     Code, Digest32, Snapshot, Verdict, answer, answer_from_record, digest, scoped,
 };
 use crate::{
-    Result,
+    Error, Result,
     clock::Clock,
     key::KeyHash,
     store::{ChangePosition, KeyRecord, SqlStore},
     telemetry::Metrics,
+    usage::{Outcome, UsageBatch, tally::Tally},
 };
 
 /// What a verifier reads from, and the one thing it writes (last used).
@@ -39,8 +40,9 @@ pub trait KeySource: Send + Sync {
     async fn changes_since(&self, after: i64, limit: i64) -> Result<Vec<(i64, KeyRecord)>>;
     /// The record with this hash, in any state.
     async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>>;
-    /// Moves `last_used_at` forward for these keys.
-    async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64>;
+    /// Writes a flush of last-used times and usage counts (at `at`) in one
+    /// transaction; returns the last-used rows moved forward.
+    async fn record_usage(&self, batch: &UsageBatch, at: Timestamp) -> Result<u64>;
     /// The change counter, and the change number `witness`'s row carries now.
     async fn position(&self, witness: Option<&str>) -> Result<ChangePosition>;
 }
@@ -56,8 +58,8 @@ impl KeySource for SqlStore {
     async fn find(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
         crate::store::KeyStore::find_by_hash(self, hash).await
     }
-    async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
-        SqlStore::record_last_used(self, uses).await
+    async fn record_usage(&self, batch: &UsageBatch, at: Timestamp) -> Result<u64> {
+        SqlStore::record_usage(self, batch, at).await
     }
     async fn position(&self, witness: Option<&str>) -> Result<ChangePosition> {
         SqlStore::change_position(self, witness).await
@@ -77,9 +79,10 @@ pub struct VerifierConfig {
     /// The whole database fallback's deadline (the wait for a slot and the
     /// query): well under a gateway's own timeout (Envoy's ext_authz: 200 ms).
     pub fallback_timeout: Duration,
-    /// Keys whose last use is remembered between flushes; more are dropped (counted).
-    pub max_last_used: usize,
-    /// How often remembered last uses are written (by `follow`).
+    /// (key, UTC hour) slots of usage remembered between flushes; checks past
+    /// it are not counted (`keyward_verifier_usage_dropped_total`).
+    pub max_usage_entries: usize,
+    /// How often remembered last uses and counts are written (by `follow`).
     pub last_used_flush: Duration,
     /// The clusters whose keys verify; `None` accepts every cluster's.
     pub accept_clusters: Option<Vec<String>>,
@@ -92,7 +95,7 @@ impl Default for VerifierConfig {
             negative_ttl: Duration::from_secs(2),
             max_fallbacks: 16,
             fallback_timeout: Duration::from_millis(100),
-            max_last_used: 100_000,
+            max_usage_entries: 250_000,
             last_used_flush: Duration::from_secs(60),
             accept_clusters: None,
         }
@@ -108,6 +111,9 @@ pub enum Checked {
     Unavailable(&'static str),
 }
 
+/// A negative answer remembered: when, the code, and a revoked key's id.
+type Remembered = (Instant, Code, Option<Arc<str>>);
+
 /// Changes read per query while catching up.
 const CHANGE_BATCH: i64 = 5_000;
 /// Negative answers remembered at most; beyond, the oldest half goes.
@@ -119,8 +125,9 @@ const CANNOT_ASK: &str = "the key is not in memory and the key database did not 
 /// What a database fallback came to.
 #[derive(Clone, Debug)]
 enum Asked {
-    /// The database answered; judged without scopes.
-    Answered(Verdict),
+    /// The database answered; judged without scopes. With the key id of a
+    /// revoked or expired key, for its usage count.
+    Answered(Verdict, Option<Arc<str>>),
     /// No slot before the deadline: a flood of keys not in memory.
     Shed,
     /// The query failed, or the deadline passed before its answer.
@@ -132,11 +139,14 @@ enum Asked {
 /// that cannot answer makes the check unanswerable, never valid.
 fn after_fallback(asked: Asked, required: &[&str]) -> Checked {
     match asked {
-        Asked::Answered(Verdict {
-            code: Code::Valid,
-            identity: Some(identity),
-        }) => Checked::Answer(scoped(identity, required)),
-        Asked::Answered(verdict) => Checked::Answer(verdict),
+        Asked::Answered(
+            Verdict {
+                code: Code::Valid,
+                identity: Some(identity),
+            },
+            _,
+        ) => Checked::Answer(scoped(identity, required)),
+        Asked::Answered(verdict, _) => Checked::Answer(verdict),
         Asked::Shed => Checked::Answer(Verdict {
             code: Code::Unknown,
             identity: None,
@@ -161,10 +171,13 @@ pub struct Verifier {
     unreachable: AtomicBool,
     /// One reload or catch-up at a time, so that changes apply in order.
     updating: tokio::sync::Mutex<()>,
-    negative: Mutex<HashMap<Digest32, (Instant, Code)>>,
+    /// Keys the database did not find live, briefly, with the key id of a
+    /// revoked one (for its usage count).
+    negative: Mutex<HashMap<Digest32, Remembered>>,
     in_flight: Mutex<HashMap<Digest32, Arc<OnceCell<Asked>>>>,
     fallbacks: Semaphore,
-    last_used: Mutex<HashMap<Arc<str>, Timestamp>>,
+    /// Uses since the last flush.
+    tally: Mutex<Tally>,
     /// The highest change number the primary announced (read replicas).
     announced: AtomicI64,
     /// Since when the key set has been behind an announced change: the read
@@ -181,6 +194,7 @@ impl Verifier {
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            tally: Mutex::new(Tally::new(config.max_usage_entries)),
             fallbacks: Semaphore::new(config.max_fallbacks),
             source,
             clock,
@@ -192,7 +206,6 @@ impl Verifier {
             updating: tokio::sync::Mutex::new(()),
             negative: Mutex::default(),
             in_flight: Mutex::default(),
-            last_used: Mutex::default(),
             announced: AtomicI64::new(0),
             behind_since: Mutex::default(),
         }
@@ -422,7 +435,8 @@ impl Verifier {
         }
     }
 
-    /// Checks a presented key for the required scopes.
+    /// Checks a presented key for the required scopes, and counts the check
+    /// for the key it names (valid, insufficient scope, revoked or expired).
     pub async fn check(&self, presented: &str, required: &[&str]) -> Checked {
         if let Err(why) = self.is_ready() {
             return Checked::Unavailable(why);
@@ -435,19 +449,31 @@ impl Verifier {
                 None => return Checked::Unavailable("the key set has not been loaded yet"),
             }
         };
-        let checked = match known {
-            Some(verdict) => Checked::Answer(verdict),
+        let (checked, refused_key) = match known {
+            Some(verdict) => (Checked::Answer(verdict), None),
             None => self.fall_back(presented, required, now).await,
         };
         let checked = self.only_accepted_clusters(checked);
-        if let Checked::Answer(Verdict {
-            identity: Some(identity),
-            ..
-        }) = &checked
-        {
-            self.note_use(&identity.key_id, now);
+        if let Checked::Answer(Verdict { code, identity }) = &checked {
+            let key_id = match (identity, code) {
+                (Some(identity), _) => Some(identity.key_id.clone()),
+                (None, Code::Revoked | Code::Expired) => {
+                    refused_key.or_else(|| self.refused_key_id(presented))
+                }
+                _ => None,
+            };
+            if let (Some(key_id), Some(outcome)) = (key_id, counted(*code)) {
+                self.count(&key_id, outcome, now);
+            }
         }
         checked
+    }
+
+    /// The key id of a revoked or expired key in memory: refused checks are
+    /// rare, so the key is hashed again rather than slow the valid path.
+    fn refused_key_id(&self, presented: &str) -> Option<Arc<str>> {
+        let snapshot = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        snapshot.as_ref()?.key_id_of(&digest(presented))
     }
 
     /// A key of a cluster outside `accept_clusters` is answered as unknown.
@@ -471,25 +497,32 @@ impl Verifier {
     /// hash however many requests carry it, bounded, within `fallback_timeout`,
     /// with a short negative cache; not at all while the database is known to
     /// be unreachable.
-    async fn fall_back(&self, presented: &str, required: &[&str], now: Timestamp) -> Checked {
+    /// Also returns the key id of a revoked or expired key, for its count.
+    async fn fall_back(
+        &self,
+        presented: &str,
+        required: &[&str],
+        now: Timestamp,
+    ) -> (Checked, Option<Arc<str>>) {
         let hash = digest(presented);
         let cached = {
             let negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
             negative
                 .get(&hash)
-                .filter(|(at, _)| at.elapsed() < self.config.negative_ttl)
-                .map(|(_, code)| *code)
+                .filter(|(at, _, _)| at.elapsed() < self.config.negative_ttl)
+                .map(|(_, code, key_id)| (*code, key_id.clone()))
         };
-        if let Some(code) = cached {
+        if let Some((code, key_id)) = cached {
             self.metrics.count_fallback("cached");
-            return Checked::Answer(Verdict {
+            let verdict = Verdict {
                 code,
                 identity: None,
-            });
+            };
+            return (Checked::Answer(verdict), key_id);
         }
         if self.unreachable.load(Ordering::Relaxed) {
             self.metrics.count_fallback("unreachable");
-            return after_fallback(Asked::Failed, required);
+            return (after_fallback(Asked::Failed, required), None);
         }
         let cell = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -500,18 +533,25 @@ impl Verifier {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&hash);
-        if let Asked::Answered(Verdict {
-            code: code @ (Code::Unknown | Code::Revoked),
-            ..
-        }) = asked
-        {
-            let mut negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
-            if negative.len() >= MAX_NEGATIVE {
-                negative.clear();
+        let refused_key = match &asked {
+            Asked::Answered(
+                Verdict {
+                    code: code @ (Code::Unknown | Code::Revoked),
+                    ..
+                },
+                key_id,
+            ) => {
+                let mut negative = self.negative.lock().unwrap_or_else(|p| p.into_inner());
+                if negative.len() >= MAX_NEGATIVE {
+                    negative.clear();
+                }
+                negative.insert(hash, (Instant::now(), *code, key_id.clone()));
+                key_id.clone()
             }
-            negative.insert(hash, (Instant::now(), code));
-        }
-        after_fallback(asked, required)
+            Asked::Answered(_, key_id) => key_id.clone(),
+            _ => None,
+        };
+        (after_fallback(asked, required), refused_key)
     }
 
     /// One database query for a key not in memory, slot wait included, within
@@ -538,7 +578,12 @@ impl Verifier {
             Ok(record) => {
                 self.metrics
                     .count_fallback(if record.is_some() { "found" } else { "unknown" });
-                Asked::Answered(answer_from_record(record.as_ref(), &[], now))
+                let verdict = answer_from_record(record.as_ref(), &[], now);
+                let refused = matches!(verdict.code, Code::Revoked | Code::Expired);
+                let key_id = record
+                    .filter(|_| refused)
+                    .map(|r| Arc::from(r.key_id.as_str()));
+                Asked::Answered(verdict, key_id)
             }
             Err(e) => {
                 warn!(error = %e, "key database fallback failed");
@@ -548,54 +593,58 @@ impl Verifier {
         }
     }
 
-    /// Remembers that a key was used this minute, for the next flush.
-    fn note_use(&self, key_id: &Arc<str>, now: Timestamp) {
-        let minute =
-            Timestamp::from_second(now.as_second() - now.as_second().rem_euclid(60)).unwrap_or(now);
-        let mut uses = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(seen) = uses.get_mut(key_id) {
-            if *seen < minute {
-                *seen = minute;
-            }
-            return;
+    /// Counts one check of `key_id` for the next flush.
+    fn count(&self, key_id: &Arc<str>, outcome: Outcome, now: Timestamp) {
+        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        if tally.note(key_id, outcome, now) {
+            self.metrics
+                .verifier_last_used_pending
+                .set(i64::try_from(tally.keys()).unwrap_or(i64::MAX));
+        } else {
+            self.metrics.verifier_usage_dropped.inc();
         }
-        if uses.len() >= self.config.max_last_used {
-            self.metrics.verifier_last_used_dropped.inc();
-            return;
-        }
-        uses.insert(Arc::clone(key_id), minute);
-        self.metrics
-            .verifier_last_used_pending
-            .set(i64::try_from(uses.len()).unwrap_or(i64::MAX));
     }
 
-    /// Writes the remembered last uses in one batched, forward-only update.
-    /// On failure they are kept for the next flush.
-    pub async fn flush_last_used(&self) -> Result<usize> {
-        let uses: Vec<(String, Timestamp)> = {
-            let mut uses = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
-            uses.drain().map(|(k, t)| (k.to_string(), t)).collect()
-        };
+    /// Writes the counts and last uses noted since the last flush in one
+    /// transaction (a heartbeat when there are none); returns how many count
+    /// rows it added to. On a failure before the commit they are kept for the
+    /// next flush; after a commit whose outcome is unknown they are given up
+    /// (`keyward_verifier_usage_uncertain_total`), so nothing counts twice.
+    pub async fn flush_usage(&self) -> Result<usize> {
+        let batch = self.tally.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.metrics.verifier_last_used_pending.set(0);
-        if uses.is_empty() {
-            return Ok(0);
-        }
-        match self.source.record_last_used(&uses).await {
+        match self.source.record_usage(&batch, self.clock.now()).await {
             Ok(moved) => {
                 self.metrics.verifier_last_used_flushed.inc_by(moved);
-                Ok(uses.len())
+                self.metrics.verifier_usage_flushed.inc_by(batch.checks());
+                Ok(batch.counts.len())
+            }
+            Err(e @ Error::UncertainCommit(_)) => {
+                self.metrics.verifier_usage_uncertain.inc_by(batch.checks());
+                Err(e)
             }
             Err(e) => {
-                let now = self.clock.now();
-                for (key_id, at) in uses {
-                    let key_id: Arc<str> = Arc::from(key_id);
-                    let mut map = self.last_used.lock().unwrap_or_else(|p| p.into_inner());
-                    let slot = map.entry(key_id).or_insert(at);
-                    *slot = (*slot).max(at).min(now);
-                }
+                let dropped = self
+                    .tally
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .restore(batch);
+                self.metrics.verifier_usage_dropped.inc_by(dropped);
                 Err(e)
             }
         }
+    }
+}
+
+/// The usage outcome a check's code is counted as; malformed and unknown
+/// keys name no key.
+fn counted(code: Code) -> Option<Outcome> {
+    match code {
+        Code::Valid => Some(Outcome::Valid),
+        Code::InsufficientScope => Some(Outcome::InsufficientScope),
+        Code::Revoked => Some(Outcome::Revoked),
+        Code::Expired => Some(Outcome::Expired),
+        Code::Malformed | Code::Unknown => None,
     }
 }
 
@@ -667,8 +716,8 @@ pub async fn follow(
         };
         if last_flush.elapsed() >= timing.flush {
             last_flush = Instant::now();
-            if let Err(e) = verifier.flush_last_used().await {
-                warn!(error = %e, "could not record last-used times; will retry");
+            if let Err(e) = verifier.flush_usage().await {
+                warn!(error = %e, "could not record last-used times and usage");
             }
         }
     }
@@ -700,6 +749,9 @@ mod tests {
         finding: AtomicUsize,
         most_finding: AtomicUsize,
         used: Mutex<Vec<(String, Timestamp)>>,
+        counted: Mutex<Vec<crate::usage::UsageCount>>,
+        /// `record_usage` fails at the commit, outcome unknown.
+        commit_lost: AtomicBool,
     }
 
     /// Counts a `find` call down when it ends.
@@ -783,10 +835,20 @@ mod tests {
                 .find(|(_, r)| r.key_hash == *hash)
                 .map(|(_, r)| r.clone()))
         }
-        async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+        async fn record_usage(&self, batch: &UsageBatch, _at: Timestamp) -> Result<u64> {
             self.check_up()?;
-            self.used.lock().unwrap().extend_from_slice(uses);
-            Ok(uses.len() as u64)
+            if self.commit_lost.load(Ordering::SeqCst) {
+                return Err(Error::UncertainCommit(sqlx::Error::PoolClosed));
+            }
+            self.used
+                .lock()
+                .unwrap()
+                .extend_from_slice(&batch.last_used);
+            self.counted
+                .lock()
+                .unwrap()
+                .extend_from_slice(&batch.counts);
+            Ok(batch.last_used.len() as u64)
         }
         async fn position(&self, witness: Option<&str>) -> Result<ChangePosition> {
             self.check_up()?;
@@ -992,7 +1054,7 @@ mod tests {
     #[tokio::test]
     async fn last_use_is_kept_per_minute_and_flushed_in_one_batch() {
         let w = world(VerifierConfig {
-            max_last_used: 1,
+            max_usage_entries: 1,
             ..VerifierConfig::default()
         });
         let (key, record) = w.issue(KeyState::Active, &[]);
@@ -1002,16 +1064,103 @@ mod tests {
         for _ in 0..3 {
             w.code(&key, &[]).await;
         }
-        w.code(&other, &[]).await; // the map holds one key: this one is dropped
-        assert_eq!(w.verifier.flush_last_used().await.unwrap(), 1);
+        w.code(&other, &[]).await; // the tally holds one key: this one is dropped
+        assert_eq!(w.verifier.metrics.verifier_usage_dropped.get(), 1);
+        assert_eq!(w.verifier.flush_usage().await.unwrap(), 1);
         let used = w.source.used.lock().unwrap().clone();
         let minute = Timestamp::from_second(start().as_second() + 60).unwrap();
-        assert_eq!(used, vec![(record.key_id, minute)]);
+        assert_eq!(used, vec![(record.key_id.clone(), minute)]);
+        let counted = w.source.counted.lock().unwrap().clone();
+        assert_eq!(counted.len(), 1);
         assert_eq!(
-            w.verifier.flush_last_used().await.unwrap(),
+            (
+                counted[0].key_id.as_str(),
+                counted[0].outcome,
+                counted[0].count
+            ),
+            (record.key_id.as_str(), Outcome::Valid, 3)
+        );
+        assert_eq!(counted[0].hour.as_second() % 3600, 0, "an hour's start");
+        assert_eq!(
+            w.verifier.flush_usage().await.unwrap(),
             0,
             "nothing pending"
         );
+    }
+
+    #[tokio::test]
+    async fn refused_keys_are_counted_for_the_key_they_name() {
+        let w = world(VerifierConfig::default());
+        let (followed, mut followed_record) = w.issue(KeyState::Active, &["inference"]);
+        let (expiring, mut expiring_record) = w.issue(KeyState::Retiring, &[]);
+        expiring_record.expires_at = Some(start() + SignedDuration::from_secs(1));
+        w.source.write(expiring_record.clone());
+        w.verifier.reload().await.unwrap();
+        // Revoked while followed: from memory.
+        followed_record.state = KeyState::Revoked;
+        w.source.write(followed_record.clone());
+        w.verifier.catch_up().await.unwrap();
+        // Revoked before this verifier started: from the database, then the negative cache.
+        let (before, mut before_record) = w.issue(KeyState::Active, &[]);
+        before_record.state = KeyState::Revoked;
+        w.source.write(before_record.clone());
+        w.clock.advance(SignedDuration::from_secs(2));
+        assert_eq!(w.code(&followed, &[]).await, Code::Revoked);
+        assert_eq!(w.code(&expiring, &[]).await, Code::Expired);
+        assert_eq!(w.code(&before, &[]).await, Code::Revoked);
+        assert_eq!(w.code(&before, &[]).await, Code::Revoked);
+        // Unknown and malformed keys name no key: not counted.
+        w.code(w.keys.new_key().unwrap().expose(), &[]).await;
+        w.code("kw_garbage", &[]).await;
+        w.verifier.flush_usage().await.unwrap();
+        let mut counted: Vec<(String, Outcome, u64)> = w
+            .source
+            .counted
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.key_id.clone(), c.outcome, c.count))
+            .collect();
+        counted.sort();
+        let mut expected = vec![
+            (followed_record.key_id, Outcome::Revoked, 1),
+            (expiring_record.key_id, Outcome::Expired, 1),
+            (before_record.key_id, Outcome::Revoked, 2),
+        ];
+        expected.sort();
+        assert_eq!(counted, expected);
+        assert!(
+            w.source.used.lock().unwrap().is_empty(),
+            "a refused attempt is no use"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_keeps_its_counts_and_an_uncertain_commit_gives_them_up() {
+        let w = world(VerifierConfig::default());
+        let (key, record) = w.issue(KeyState::Active, &[]);
+        w.verifier.reload().await.unwrap();
+        w.code(&key, &[]).await;
+        w.source.down.store(true, Ordering::SeqCst);
+        assert!(w.verifier.flush_usage().await.is_err());
+        w.source.down.store(false, Ordering::SeqCst);
+        w.code(&key, &[]).await;
+        w.verifier.flush_usage().await.unwrap();
+        let counted = w.source.counted.lock().unwrap().clone();
+        assert_eq!(
+            (counted.len(), counted[0].count),
+            (1, 2),
+            "written once, added up"
+        );
+        assert_eq!(counted[0].key_id, record.key_id);
+
+        // A commit that may have landed is never written again: nothing counts twice.
+        w.code(&key, &[]).await;
+        w.source.commit_lost.store(true, Ordering::SeqCst);
+        assert!(w.verifier.flush_usage().await.is_err());
+        assert_eq!(w.verifier.metrics.verifier_usage_uncertain.get(), 1);
+        w.source.commit_lost.store(false, Ordering::SeqCst);
+        assert_eq!(w.verifier.flush_usage().await.unwrap(), 0);
     }
 
     #[tokio::test]

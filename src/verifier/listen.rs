@@ -27,6 +27,7 @@ use crate::{
     key::KeyHash,
     store::{Backend, CHANGE_CHANNEL, ChangePosition, KeyRecord, KeyStore, SqlStore},
     telemetry::Metrics,
+    usage::UsageBatch,
 };
 
 /// Settings of a verifier.
@@ -80,9 +81,9 @@ impl KeySource for Databases {
     /// To the primary when given; otherwise to the database followed, unless
     /// it is a read replica: then the uses are dropped, said once in the log
     /// and in `keyward_verifier_last_used_disabled`, never retried in a loop.
-    async fn record_last_used(&self, uses: &[(String, Timestamp)]) -> Result<u64> {
+    async fn record_usage(&self, batch: &UsageBatch, at: Timestamp) -> Result<u64> {
         if let Some(primary) = &self.primary {
-            return primary.record_last_used(uses).await;
+            return primary.record_usage(batch, at).await;
         }
         let standby = self.read.is_standby().await?;
         self.metrics
@@ -92,15 +93,15 @@ impl KeySource for Databases {
         if standby {
             if !was_off {
                 warn!(
-                    "last-used times are not recorded: the key database is a read replica and no --primary-database-url is given"
+                    "last-used times and usage counts are not recorded: the key database is a read replica and no --primary-database-url is given"
                 );
             }
             return Ok(0);
         }
         if was_off {
-            info!("the key database accepts writes again; recording last-used times");
+            info!("the key database accepts writes again; recording last-used times and usage");
         }
-        self.read.record_last_used(uses).await
+        self.read.record_usage(batch, at).await
     }
 }
 

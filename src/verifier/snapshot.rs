@@ -219,7 +219,8 @@ pub struct Snapshot {
     /// Hashes revoked since the verifier started, so that they answer
     /// `Revoked` without a database query, and are never believed live again
     /// (a restored database); bounded, oldest forgotten first.
-    revoked: HashSet<Digest32>,
+    /// With each, its key id, for the usage count of refused attempts.
+    revoked: HashMap<Digest32, Arc<str>>,
     revoked_order: std::collections::VecDeque<Digest32>,
     seq: i64,
     /// The last change applied since the last full load (key id, change
@@ -308,7 +309,11 @@ impl Snapshot {
         let hash = digest_from_hex(record.key_hash.as_str())?;
         if record.state == KeyState::Revoked {
             self.keys.remove(&hash);
-            if self.revoked.insert(hash) {
+            if self
+                .revoked
+                .insert(hash, Arc::from(record.key_id.as_str()))
+                .is_none()
+            {
                 self.revoked_order.push_back(hash);
                 if self.revoked_order.len() > REMEMBERED_REVOCATIONS
                     && let Some(oldest) = self.revoked_order.pop_front()
@@ -318,7 +323,7 @@ impl Snapshot {
             }
             return Some(hash);
         }
-        if self.revoked.contains(&hash) {
+        if self.revoked.contains_key(&hash) {
             // Revocation is final: a restored or failed-over database that
             // shows this key live again is wrong, and is not believed.
             return None;
@@ -350,8 +355,16 @@ impl Snapshot {
     pub fn lookup(&self, hash: &Digest32) -> Lookup {
         match self.keys.get(hash) {
             Some(slot) => Lookup::Live(Arc::clone(&slot.entry)),
-            None if self.revoked.contains(hash) => Lookup::Revoked,
+            None if self.revoked.contains_key(hash) => Lookup::Revoked,
             None => Lookup::Missing,
+        }
+    }
+
+    /// The key id of a hash held live or seen revoked.
+    pub fn key_id_of(&self, hash: &Digest32) -> Option<Arc<str>> {
+        match self.keys.get(hash) {
+            Some(slot) => Some(Arc::clone(&slot.entry.identity.key_id)),
+            None => self.revoked.get(hash).cloned(),
         }
     }
 

@@ -173,6 +173,7 @@ impl<'a> World<'a> {
             namespace_labels: &self.namespaces[&namespace],
             rank: &|| 0,
             now: jiff::Timestamp::now(),
+            activity: None,
         };
         evaluate(&compiled, &key.spec, &context, false)
             .violations

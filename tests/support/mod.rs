@@ -635,6 +635,8 @@ pub struct Harness {
     pub policies: PolicyIndex,
     /// Shared by the reconcilers of one harness, as by one operator process.
     pub issue_turns: Arc<IssueTurns>,
+    /// What the usage scans learned, as the leader's follower fills it.
+    pub usage: Arc<keyward::usage::follow::UsageBook>,
 }
 
 /// A policy index that has listed no policies and the namespace `team-ml`.
@@ -661,6 +663,7 @@ impl Harness {
             seed: 1,
             policies: synced_policies(),
             issue_turns: Arc::default(),
+            usage: Arc::default(),
         }
     }
 
@@ -678,6 +681,7 @@ impl Harness {
             status_memo: Arc::new(StatusMemo::default()),
             governance: Arc::new(self.policies.clone()),
             issue_turns: self.issue_turns.clone(),
+            usage: self.usage.clone(),
         }
     }
 }

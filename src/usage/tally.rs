@@ -1,0 +1,327 @@
+//! The verifier's in-memory tally of key uses between two flushes: per key, the
+//! minute it was last used and its checks per UTC hour and outcome. Bounded:
+//! past `max_entries` (key, hour) slots, further checks are dropped and counted.
+//! Pure: the caller passes `now` and writes the batches it takes.
+
+use std::{collections::HashMap, sync::Arc};
+
+use jiff::Timestamp;
+
+use super::{Outcome, UsageBatch, UsageCount, hour_start};
+
+/// One key's uses since the last flush.
+#[derive(Debug)]
+struct KeyUses {
+    /// The minute (epoch seconds) of its last valid or insufficient-scope
+    /// check; `None` when it was only refused (revoked, expired).
+    last_used: Option<i64>,
+    /// The hour (epoch seconds of its start) `counts` belong to.
+    hour: i64,
+    /// Checks in `hour`, by [`Outcome::index`].
+    counts: [u64; Outcome::COUNT],
+    /// Other hours not written yet: an hour boundary between two flushes, a
+    /// failed flush, or a clock that stepped back.
+    earlier: Vec<(i64, [u64; Outcome::COUNT])>,
+}
+
+impl KeyUses {
+    fn slot(&mut self, hour: i64) -> Option<&mut [u64; Outcome::COUNT]> {
+        if self.hour == hour {
+            return Some(&mut self.counts);
+        }
+        self.earlier
+            .iter_mut()
+            .find(|(h, _)| *h == hour)
+            .map(|(_, counts)| counts)
+    }
+
+    fn slots(&self) -> usize {
+        1 + self.earlier.len()
+    }
+}
+
+/// Uses noted since the last flush, bounded.
+#[derive(Debug)]
+pub struct Tally {
+    keys: HashMap<Arc<str>, KeyUses>,
+    /// (key, hour) slots held: what `max_entries` bounds.
+    entries: usize,
+    max_entries: usize,
+}
+
+impl Tally {
+    /// An empty tally of at most `max_entries` (key, hour) slots.
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            keys: HashMap::new(),
+            entries: 0,
+            max_entries,
+        }
+    }
+
+    /// Keys with uses not flushed yet.
+    pub fn keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Notes one check of `key_id` at `now`. Returns false when it was dropped
+    /// because the tally is full.
+    pub fn note(&mut self, key_id: &Arc<str>, outcome: Outcome, now: Timestamp) -> bool {
+        self.add(
+            key_id,
+            outcome.used().then(|| minute(now)),
+            hour_start(now),
+            outcome,
+            1,
+        )
+    }
+
+    fn add(
+        &mut self,
+        key_id: &Arc<str>,
+        used: Option<i64>,
+        hour: i64,
+        outcome: Outcome,
+        n: u64,
+    ) -> bool {
+        let full = self.entries >= self.max_entries;
+        let Some(uses) = self.keys.get_mut(key_id) else {
+            if full {
+                return false;
+            }
+            let mut counts = [0; Outcome::COUNT];
+            counts[outcome.index()] = n;
+            self.keys.insert(
+                Arc::clone(key_id),
+                KeyUses {
+                    last_used: used,
+                    hour,
+                    counts,
+                    earlier: Vec::new(),
+                },
+            );
+            self.entries += 1;
+            return true;
+        };
+        if let Some(used) = used {
+            uses.last_used = Some(uses.last_used.map_or(used, |seen| seen.max(used)));
+        }
+        if let Some(counts) = uses.slot(hour) {
+            counts[outcome.index()] += n;
+            return true;
+        }
+        if full {
+            return false;
+        }
+        let mut counts = [0; Outcome::COUNT];
+        counts[outcome.index()] = n;
+        if hour > uses.hour {
+            let previous = std::mem::replace(&mut uses.counts, counts);
+            uses.earlier.push((uses.hour, previous));
+            uses.hour = hour;
+        } else {
+            uses.earlier.push((hour, counts));
+        }
+        self.entries += 1;
+        true
+    }
+
+    /// Takes everything noted, leaving the tally empty: the next flush's batch,
+    /// in key order so that concurrent flushes lock rows in the same order.
+    pub fn take(&mut self) -> UsageBatch {
+        let keys = std::mem::take(&mut self.keys);
+        self.entries = 0;
+        let mut batch = UsageBatch::default();
+        for (key_id, uses) in keys {
+            if let Some(minute) = uses.last_used {
+                batch.last_used.push((
+                    key_id.to_string(),
+                    Timestamp::from_second(minute).unwrap_or_default(),
+                ));
+            }
+            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(uses.earlier) {
+                for outcome in Outcome::ALL {
+                    let count = counts[outcome.index()];
+                    if count > 0 {
+                        batch.counts.push(UsageCount {
+                            key_id: key_id.to_string(),
+                            hour: Timestamp::from_second(hour).unwrap_or_default(),
+                            outcome,
+                            count,
+                        });
+                    }
+                }
+            }
+        }
+        batch.last_used.sort();
+        batch
+            .counts
+            .sort_by(|a, b| (&a.key_id, a.hour, a.outcome).cmp(&(&b.key_id, b.hour, b.outcome)));
+        batch
+    }
+
+    /// Puts a batch that could not be written back, added to what was noted
+    /// since. Returns the checks dropped because the tally is full.
+    pub fn restore(&mut self, batch: UsageBatch) -> u64 {
+        let mut dropped = 0;
+        let mut used: HashMap<String, i64> = batch
+            .last_used
+            .into_iter()
+            .map(|(key, at)| (key, at.as_second()))
+            .collect();
+        for count in batch.counts {
+            let key_id: Arc<str> = Arc::from(count.key_id.as_str());
+            let minute = used.remove(&count.key_id);
+            if !self.add(
+                &key_id,
+                minute,
+                count.hour.as_second(),
+                count.outcome,
+                count.count,
+            ) {
+                dropped += count.count;
+            }
+        }
+        // Last uses without a count (none are made so, but a batch may be
+        // built elsewhere) are kept when there is room.
+        for (key_id, minute) in used {
+            let key_id: Arc<str> = Arc::from(key_id.as_str());
+            if let Some(uses) = self.keys.get_mut(&key_id) {
+                uses.last_used = Some(uses.last_used.map_or(minute, |seen| seen.max(minute)));
+            }
+        }
+        dropped
+    }
+
+    /// (key, hour) slots held.
+    pub fn entries(&self) -> usize {
+        debug_assert_eq!(
+            self.entries,
+            self.keys.values().map(KeyUses::slots).sum::<usize>()
+        );
+        self.entries
+    }
+}
+
+/// The start of `at`'s minute, in epoch seconds.
+fn minute(at: Timestamp) -> i64 {
+    at.as_second() - at.as_second().rem_euclid(60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An hour's start (1,800,000,000 is one) plus `second`.
+    fn at(second: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + second).unwrap()
+    }
+
+    fn counts(batch: &UsageBatch) -> Vec<(String, i64, &'static str, u64)> {
+        batch
+            .counts
+            .iter()
+            .map(|c| {
+                (
+                    c.key_id.clone(),
+                    c.hour.as_second() - at(0).as_second(),
+                    c.outcome.as_str(),
+                    c.count,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn checks_count_per_hour_and_outcome_and_split_at_the_hour_boundary() {
+        let mut tally = Tally::new(10);
+        let key: Arc<str> = Arc::from("kid_a");
+        assert!(tally.note(&key, Outcome::Valid, at(3_599)));
+        assert!(tally.note(&key, Outcome::Valid, at(3_599)));
+        assert!(tally.note(&key, Outcome::InsufficientScope, at(3_000)));
+        // 3600 is the first second of the next hour.
+        assert!(tally.note(&key, Outcome::Valid, at(3_600)));
+        assert!(tally.note(&key, Outcome::Revoked, at(7_199)));
+        assert_eq!(tally.entries(), 2);
+        let batch = tally.take();
+        assert_eq!(
+            counts(&batch),
+            [
+                ("kid_a".into(), 0, "valid", 2),
+                ("kid_a".into(), 0, "insufficient_scope", 1),
+                ("kid_a".into(), 3600, "valid", 1),
+                ("kid_a".into(), 3600, "revoked", 1),
+            ]
+        );
+        // The last use is the latest minute of a check that verified.
+        assert_eq!(
+            batch.last_used,
+            [("kid_a".to_owned(), at(3_600))],
+            "a refused attempt is no use"
+        );
+        assert_eq!(tally.entries(), 0);
+        assert!(tally.take().counts.is_empty());
+    }
+
+    #[test]
+    fn a_key_only_refused_has_counts_but_no_last_use() {
+        let mut tally = Tally::new(10);
+        let key: Arc<str> = Arc::from("kid_old");
+        tally.note(&key, Outcome::Revoked, at(10));
+        tally.note(&key, Outcome::Expired, at(20));
+        let batch = tally.take();
+        assert!(batch.last_used.is_empty());
+        assert_eq!(counts(&batch).len(), 2);
+    }
+
+    #[test]
+    fn past_the_cap_checks_are_dropped_not_counted() {
+        let mut tally = Tally::new(2);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("kid_a"), Arc::from("kid_b"), Arc::from("kid_c"));
+        assert!(tally.note(&a, Outcome::Valid, at(0)));
+        assert!(tally.note(&b, Outcome::Valid, at(0)));
+        assert!(!tally.note(&c, Outcome::Valid, at(0)), "a third key");
+        assert!(!tally.note(&a, Outcome::Valid, at(3_600)), "a new hour");
+        assert!(tally.note(&a, Outcome::Valid, at(1)), "a slot it has");
+        let batch = tally.take();
+        assert_eq!(
+            counts(&batch),
+            [
+                ("kid_a".into(), 0, "valid", 2),
+                ("kid_b".into(), 0, "valid", 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_goes_back_added_to_later_checks() {
+        let mut tally = Tally::new(3);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("kid_a"), Arc::from("kid_b"));
+        tally.note(&a, Outcome::Valid, at(0));
+        tally.note(&a, Outcome::Valid, at(60));
+        let failed = tally.take();
+        tally.note(&a, Outcome::Valid, at(120));
+        tally.note(&b, Outcome::Valid, at(3_700));
+        assert_eq!(tally.restore(failed), 0);
+        let batch = tally.take();
+        assert_eq!(
+            counts(&batch),
+            [
+                ("kid_a".into(), 0, "valid", 3),
+                ("kid_b".into(), 3600, "valid", 1)
+            ]
+        );
+        assert_eq!(
+            batch.last_used,
+            [
+                ("kid_a".to_owned(), at(120)),
+                ("kid_b".to_owned(), at(3_660))
+            ]
+        );
+        // Restored into a full tally: what does not fit is dropped, and said.
+        let mut full = Tally::new(1);
+        full.note(&b, Outcome::Valid, at(0));
+        assert_eq!(full.restore(batch), 4);
+    }
+}
