@@ -843,6 +843,7 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
             book: context.reconciler.usage.clone(),
             metrics: metrics.clone(),
             retention: config.usage_retention,
+            policies: policies.clone(),
         }
         .follow(),
     );

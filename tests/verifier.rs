@@ -638,6 +638,10 @@ struct VerifierProcess {
 
 impl VerifierProcess {
     fn start(url: &str, log: &std::path::Path) -> Self {
+        Self::start_with(url, log, &[])
+    }
+
+    fn start_with(url: &str, log: &std::path::Path, args: &[&str]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -647,6 +651,7 @@ impl VerifierProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
             .args(["verifier", "--database-url", url, "--address"])
             .arg(address.to_string())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap())
             .spawn()
@@ -935,6 +940,157 @@ fn verifier_logs_never_show_a_key() {
         assert!(
             !text.contains(&secret[3..]),
             "a key body in the verifier's log or metrics"
+        );
+    }
+}
+
+/// The `GRANT` statements of the verifier's role in docs/verifier.md, for
+/// `role` on `database`.
+fn documented_grants(role: &str, database: &str) -> Vec<String> {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/verifier.md")).unwrap();
+    let block = docs
+        .split("```sql\n")
+        .find(|block| block.starts_with("CREATE ROLE keyward_verifier"))
+        .and_then(|block| block.split("```").next())
+        .expect("docs/verifier.md has the role's SQL");
+    block
+        .lines()
+        .filter(|line| line.starts_with("GRANT "))
+        .map(|line| {
+            line.replace("keyward_verifier", role)
+                .replace("DATABASE keyward ", &format!("DATABASE \"{database}\" "))
+        })
+        .collect()
+}
+
+/// Two verifier replicas, each with the role docs/verifier.md grants, count
+/// into one PostgreSQL: the counts per key, hour and outcome add up exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_verifiers_count_into_one_postgres_exactly() {
+    let test = "two_verifiers_count_into_one_postgres_exactly";
+    let Some(url) = support::postgres_database(test).await else {
+        return;
+    };
+    let owner = Arc::new(SqlStore::connect(&url).await.unwrap());
+    owner.migrate().await.unwrap();
+    let database = url
+        .split('?')
+        .next()
+        .and_then(|base| base.rsplit('/').next())
+        .unwrap()
+        .to_owned();
+    let role = format!("kv_{}", std::process::id());
+    let admin = sqlx::AnyPool::connect(&url).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    for grant in documented_grants(&role, &database) {
+        sqlx::query(sqlx::AssertSqlSafe(grant))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+    let role_url = url.replacen("://postgres@", &format!("://{role}@"), 1);
+    assert_ne!(
+        role_url, url,
+        "the test server's URL names the postgres user"
+    );
+
+    let issuer = Issuer::new(owner.clone(), 23);
+    let (key, record) = issuer.issue(&["inference"], None).await;
+    let (revoked, revoked_record) = issuer.issue(&[], None).await;
+    owner
+        .revoke(
+            &revoked_record.key_id,
+            RevokeReason::Deleted,
+            Timestamp::now(),
+        )
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str| {
+        let mut process = VerifierProcess::start_with(
+            &role_url,
+            &dir.path().join(name),
+            &["--last-used-flush", "1"],
+        );
+        process.wait_listening();
+        process
+    };
+    let (a, b) = (start("a.log"), start("b.log"));
+    for verifier in [&a, &b] {
+        wait_ready(verifier.address).await;
+    }
+    let (a_address, b_address) = (a.address, b.address);
+    let sent = tokio::task::spawn_blocking(move || {
+        let bearer = format!("Authorization: Bearer {key}");
+        let revoked_bearer = format!("Authorization: Bearer {revoked}");
+        let send = |address, path: &str, header: &str, expected: u16, times: usize| {
+            for _ in 0..times {
+                assert_eq!(http(address, "GET", path, &[header], "").status, expected);
+            }
+        };
+        send(a_address, "/check?scope=inference", &bearer, 200, 37);
+        send(b_address, "/check?scope=inference", &bearer, 200, 25);
+        send(b_address, "/check?scope=admin", &bearer, 403, 4);
+        send(a_address, "/check", &revoked_bearer, 401, 3);
+        send(b_address, "/check", &revoked_bearer, 401, 2);
+    });
+    sent.await.unwrap();
+
+    let totals = || async {
+        let mut totals: HashMap<(String, String), i64> = HashMap::new();
+        for row in sqlx::query("SELECT key_id, outcome, CAST(SUM(count) AS BIGINT) AS n FROM key_usage GROUP BY key_id, outcome")
+            .fetch_all(&admin)
+            .await
+            .unwrap()
+        {
+            use sqlx::Row;
+            totals.insert((row.get("key_id"), row.get("outcome")), row.get("n"));
+        }
+        totals
+    };
+    let expected = HashMap::from([
+        ((record.key_id.clone(), "valid".to_owned()), 62),
+        ((record.key_id.clone(), "insufficient_scope".to_owned()), 4),
+        ((revoked_record.key_id.clone(), "revoked".to_owned()), 5),
+    ]);
+    let started = Instant::now();
+    loop {
+        let now = totals().await;
+        if now == expected {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "counts in the database: {now:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Exactly: more flushes add nothing.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(totals().await, expected);
+    let used = owner.load(&record.apikey_uid).await.unwrap().last_used_at;
+    assert!(used.is_some(), "last use recorded by the same flushes");
+    assert!(
+        owner.usage_reporting().await.unwrap().is_some(),
+        "the verifiers report"
+    );
+    // The documented role may not delete usage, nor touch the audit trail.
+    let as_role = sqlx::AnyPool::connect(&role_url).await.unwrap();
+    for forbidden in [
+        "DELETE FROM key_usage",
+        "UPDATE key_usage SET outcome = 'valid'",
+        "SELECT count(*) FROM key_audit",
+    ] {
+        assert!(
+            sqlx::query(forbidden).execute(&as_role).await.is_err(),
+            "{forbidden} was allowed"
         );
     }
 }

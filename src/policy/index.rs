@@ -149,6 +149,17 @@ impl PolicyIndex {
         self.read().namespaces.contains_key(name)
     }
 
+    /// Whether any policy has `lifetime.maxUnused`: then keys may be judged
+    /// anew when verifiers start reporting usage.
+    pub fn judges_unused(&self) -> bool {
+        self.read().policies.iter().any(|p| {
+            p.spec
+                .lifetime
+                .as_ref()
+                .is_some_and(|l| l.max_unused.is_some())
+        })
+    }
+
     /// Whether both watches have delivered their first full list.
     pub fn is_synced(&self) -> bool {
         let state = self.read();

@@ -32,7 +32,7 @@ use crate::{
     clock::Clock,
     core::shows_use,
     crd::{ApiKey, PREVIOUS_KEY_IN_USE},
-    policy::{index::live, watch::Requeue},
+    policy::{PolicyIndex, index::live, watch::Requeue},
     store::{KeyState, KeyStore, REPORTING_GAP, SqlStore},
     telemetry::Metrics,
 };
@@ -208,6 +208,8 @@ pub struct UsageFollower {
     pub metrics: Arc<Metrics>,
     /// How long counts are kept (`--usage-retention`).
     pub retention: SignedDuration,
+    /// The ApiKeyPolicies, to know whether any judges unused keys.
+    pub policies: PolicyIndex,
 }
 
 impl UsageFollower {
@@ -278,9 +280,17 @@ impl UsageFollower {
             .store
             .recent_previous_key_use(recent_window(now))
             .await?;
+        let was_reporting = self.book.recorded_since(now).is_some();
         self.book.set_reporting(self.store.usage_reporting().await?);
         let cached = self.keys.state();
         let live: Vec<&ApiKey> = cached.iter().filter_map(|k| live(k)).collect();
+        if !was_reporting
+            && self.book.recorded_since(now).is_some()
+            && self.policies.judges_unused()
+        {
+            // lifetime.maxUnused could not judge any key until now.
+            due.extend(live.iter().map(reference));
+        }
         due.extend(use_due(&used, &live));
         due.extend(attention_due(&recent, &live, now));
         self.book.set_recent(recent);
