@@ -985,5 +985,5 @@ fn cloudnativepg_example_wires_the_urls_config_reads_and_the_documented_grants()
         .as_str()
         .unwrap();
     assert_eq!(grants(script), grants(documented));
-    assert_eq!(grants(script).len(), 4);
+    assert_eq!(grants(script).len(), 6);
 }

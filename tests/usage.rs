@@ -154,7 +154,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
     let in_use = condition(&key, PREVIOUS_KEY_IN_USE).unwrap();
     assert_eq!(in_use.status, "True");
     assert!(
-        in_use.message.contains(&format!("37 requests since")),
+        in_use.message.contains("37 requests since"),
         "{}",
         in_use.message
     );
