@@ -156,6 +156,10 @@ pub enum Command {
         /// them, e.g. `2160h` (90 days); at least the 30 days status shows.
         #[arg(long, env = "KEYWARD_USAGE_RETENTION", default_value = "2160h", value_parser = usage_retention)]
         usage_retention: jiff::SignedDuration,
+        /// Seconds between the leader's scans of recent key use (last use,
+        /// previous and revoked keys still presented, verifiers' reporting).
+        #[arg(long, env = "KEYWARD_USAGE_SCAN_INTERVAL", default_value_t = 30)]
+        usage_scan_interval: u64,
         /// Prefix of every issued key, before the `_`.
         #[arg(long, env = "KEYWARD_KEY_PREFIX", default_value = "kw")]
         key_prefix: String,
@@ -294,6 +298,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             cluster_name,
             anti_entropy_interval,
             usage_retention,
+            usage_scan_interval,
             key_prefix,
             log_format,
             skip_crd_install,
@@ -314,6 +319,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 cluster_name,
                 anti_entropy_interval: std::time::Duration::from_secs(anti_entropy_interval.max(1)),
                 usage_retention,
+                usage_scan_interval: std::time::Duration::from_secs(usage_scan_interval.max(1)),
                 key_prefix,
                 skip_crd_install,
                 max_concurrent_reconciles,

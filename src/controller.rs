@@ -438,6 +438,8 @@ pub struct RunConfig {
     pub anti_entropy_interval: Duration,
     /// How long usage counts are kept.
     pub usage_retention: jiff::SignedDuration,
+    /// Time between the leader's scans of recent key use.
+    pub usage_scan_interval: Duration,
     /// Key prefix, e.g. `kw`.
     pub key_prefix: String,
     /// Leave the CRD alone at start.
@@ -843,6 +845,7 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
             book: context.reconciler.usage.clone(),
             metrics: metrics.clone(),
             retention: config.usage_retention,
+            scan_interval: config.usage_scan_interval,
             policies: policies.clone(),
         }
         .follow(),

@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use jiff::SignedDuration;
 // Core Events, not events.k8s.io: the built-in `view` role grants these, so any
 // user who may read an ApiKey can also read what happened to it.
 use k8s_openapi::api::core::v1::Event;
@@ -62,7 +63,7 @@ pub struct Selection {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
-    /// List ApiKeys: owner, team, scopes, key hint, state, issued, next rotation.
+    /// List ApiKeys: owner, team, scopes, key hint, state, issued, next rotation, last use.
     List {
         /// Across all namespaces.
         #[arg(short = 'A', long)]
@@ -70,7 +71,26 @@ pub enum PluginCommand {
         /// Label selector, e.g. `team=ml`.
         #[arg(short = 'l', long)]
         selector: Option<String>,
+        /// Only keys not used within this window, e.g. `30d` or `720h`, and
+        /// keys never used. From `status.lastUsedAt`, which moves at most once
+        /// an hour.
+        #[arg(long, value_parser = parse_window)]
+        unused: Option<SignedDuration>,
         /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show an ApiKey's requests by hour or by day, split by outcome, with a sparkline.
+    Usage {
+        /// ApiKey name.
+        name: String,
+        /// Buckets: `hour` (the last 24 hours at most) or `day` (30 days at most).
+        #[arg(long, value_enum, default_value_t = Bucket::Day)]
+        by: Bucket,
+        /// How far back, in buckets up to the current one: `7d` is the last 7 days, `12h` the last 12 hours; the default is the whole series.
+        #[arg(long, value_parser = parse_window)]
+        window: Option<SignedDuration>,
+        /// Output format (json and yaml print `status.usage`).
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -102,6 +122,27 @@ pub enum PluginCommand {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+/// The buckets of `kubectl keyward usage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Bucket {
+    /// Per UTC hour, from `status.usage.hourly`.
+    Hour,
+    /// Per UTC day, from `status.usage.daily`.
+    Day,
+}
+
+/// A window: `30d`, or a duration such as `720h` or `90m`.
+fn parse_window(text: &str) -> std::result::Result<SignedDuration, String> {
+    let duration = match text.strip_suffix('d').map(str::parse::<i64>) {
+        Some(Ok(days)) => SignedDuration::from_hours(days.saturating_mul(24)),
+        _ => crate::schedule::parse_duration(text)?,
+    };
+    if duration <= SignedDuration::ZERO {
+        return Err(format!("{text}: must be longer than zero"));
+    }
+    Ok(duration)
 }
 
 fn parse_timeout(text: &str) -> std::result::Result<Duration, String> {
@@ -136,6 +177,7 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
         PluginCommand::List {
             all_namespaces,
             selector,
+            unused,
             output,
         } => {
             let api = if all_namespaces {
@@ -147,8 +189,14 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
             if let Some(selector) = &selector {
                 params = params.labels(selector);
             }
-            let keys = api.list(&params).await?.items;
-            print!("{}", render_list(&keys, all_namespaces, output)?);
+            let mut keys = api.list(&params).await?.items;
+            if let Some(window) = unused {
+                let now = jiff::Timestamp::now();
+                keys.retain(|key| unused_within(key, window, now));
+                print!("{}", render_unused(&keys, all_namespaces, output)?);
+            } else {
+                print!("{}", render_list(&keys, all_namespaces, output)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Rotate {
@@ -189,6 +237,22 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
         PluginCommand::Revoke { name, timeout } => {
             revoke(&namespaced, &name, timeout).await?;
             println!("apikey {name} revoked and deleted");
+            Ok(ExitCode::SUCCESS)
+        }
+        PluginCommand::Usage {
+            name,
+            by,
+            window,
+            output,
+        } => {
+            let key = namespaced.get(&name).await?;
+            let usage = key.status.as_ref().and_then(|s| s.usage.as_ref());
+            let text = match output {
+                Output::Json => to_json(&usage)?,
+                Output::Yaml => to_yaml(&usage)?,
+                Output::Table | Output::Wide => render_usage(&key, by, window),
+            };
+            print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         PluginCommand::Status { name, output } => {
@@ -358,7 +422,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
         header.insert(0, "NAMESPACE");
     }
     if wide {
-        header.extend(["KEY-ID", "SECRET", "REVISION", "EXPIRES"]);
+        header.extend(["KEY-ID", "SECRET", "REVISION", "EXPIRES", "REQUESTS-24H"]);
     }
     let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
     for key in keys {
@@ -380,7 +444,10 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
             policy_column(&status),
             time(status.issued_at.as_ref()),
             time(status.next_rotation_at.as_ref()),
-            time(status.last_used_at.as_ref()),
+            status
+                .last_used_at
+                .as_ref()
+                .map_or_else(|| "never".to_owned(), |t| t.0.to_string()),
         ];
         if all_namespaces {
             row.insert(0, key.namespace().unwrap_or_default());
@@ -391,11 +458,147 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
                 status.secret_name.clone().unwrap_or_else(|| "-".into()),
                 status.revision.map_or("-".into(), |r| r.to_string()),
                 time(status.expires_at.as_ref()),
+                status
+                    .usage
+                    .as_ref()
+                    .map_or("-".into(), |u| u.last24h.to_string()),
             ]);
         }
         rows.push(row);
     }
     Ok(table(&rows))
+}
+
+/// Whether `key` was not used within `window` before `now`: never used (no
+/// `status.lastUsedAt`), or last used before the window.
+pub fn unused_within(key: &ApiKey, window: SignedDuration, now: jiff::Timestamp) -> bool {
+    key.status
+        .as_ref()
+        .and_then(|s| s.last_used_at.as_ref())
+        .is_none_or(|used| used.0 < now - window)
+}
+
+/// The `list --unused` output: each key with "never used" or when it was last seen.
+pub fn render_unused(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Result<String> {
+    if matches!(output, Output::Json | Output::Yaml) {
+        return render_list(keys, all_namespaces, output);
+    }
+    let mut header = vec!["NAME", "OWNER", "TEAM", "CREATED", "USE"];
+    if all_namespaces {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut rows = vec![header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>()];
+    for key in keys {
+        let used = key.status.as_ref().and_then(|s| s.last_used_at.as_ref());
+        let mut row = vec![
+            key.name_any(),
+            key.spec.owner.clone(),
+            key.spec.team.clone(),
+            time(key.metadata.creation_timestamp.as_ref()),
+            used.map_or_else(
+                || "never used".to_owned(),
+                |t| format!("not seen since {}", t.0),
+            ),
+        ];
+        if all_namespaces {
+            row.insert(0, key.namespace().unwrap_or_default());
+        }
+        rows.push(row);
+    }
+    Ok(table(&rows))
+}
+
+/// The `usage` output: a summary line, a table of buckets split by outcome,
+/// and a one-line sparkline per outcome that had requests.
+pub fn render_usage(key: &ApiKey, by: Bucket, window: Option<SignedDuration>) -> String {
+    let status = key.status.clone().unwrap_or_default();
+    let last_used = status
+        .last_used_at
+        .as_ref()
+        .map_or_else(|| "never".to_owned(), |t| t.0.to_string());
+    let Some(usage) = status.usage else {
+        return format!(
+            "apikey {}: no request recorded for any of its keys (last used: {last_used})\n",
+            key.name_any()
+        );
+    };
+    let mut out = format!(
+        "apikey {}: {} requests in the last 24 h ({} refused), {} in the last 7 days; last used: {last_used}; as of {}\n",
+        key.name_any(),
+        usage.last24h,
+        usage.refused_last24h,
+        usage.last7d,
+        usage.updated_at.0
+    );
+    let (series, width) = match by {
+        Bucket::Hour => (&usage.hourly, SignedDuration::from_hours(1)),
+        Bucket::Day => (&usage.daily, SignedDuration::from_hours(24)),
+    };
+    let outcomes = [
+        ("VALID", &series.valid),
+        ("INSUFFICIENT-SCOPE", &series.insufficient_scope),
+        ("REVOKED", &series.revoked),
+        ("EXPIRED", &series.expired),
+    ];
+    let len = outcomes.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let value = |values: &Vec<i64>, i: usize| values.get(i).copied().unwrap_or(0);
+    // The window's length in buckets, the current one included.
+    let first = window.map_or(0, |window| {
+        let buckets = (window.as_secs() + width.as_secs() - 1) / width.as_secs();
+        len.saturating_sub(usize::try_from(buckets).unwrap_or(usize::MAX))
+    });
+    let mut rows = vec![vec![
+        match by {
+            Bucket::Hour => "HOUR (UTC)".to_owned(),
+            Bucket::Day => "DAY (UTC)".to_owned(),
+        },
+        "TOTAL".into(),
+    ]];
+    rows[0].extend(outcomes.iter().map(|(name, _)| (*name).to_owned()));
+    for i in first..len {
+        let start = series.start.0 + width * i as i32;
+        let label = match by {
+            Bucket::Hour => start.strftime("%Y-%m-%d %H:00").to_string(),
+            Bucket::Day => start.strftime("%Y-%m-%d").to_string(),
+        };
+        let total: i64 = outcomes.iter().map(|(_, v)| value(v, i)).sum();
+        let mut row = vec![label, total.to_string()];
+        row.extend(outcomes.iter().map(|(_, v)| value(v, i).to_string()));
+        rows.push(row);
+    }
+    out.push_str(&table(&rows));
+    let totals: Vec<i64> = (first..len)
+        .map(|i| outcomes.iter().map(|(_, v)| value(v, i)).sum())
+        .collect();
+    out.push_str(&format!("{:<19}{}\n", "total", sparkline(&totals)));
+    for (name, values) in outcomes {
+        if values.iter().any(|v| *v > 0) {
+            let shown: Vec<i64> = (first..len).map(|i| value(values, i)).collect();
+            out.push_str(&format!(
+                "{:<19}{}\n",
+                name.to_ascii_lowercase(),
+                sparkline(&shown)
+            ));
+        }
+    }
+    out
+}
+
+/// One character per value, from ` ` (none) through `▁` to `█` (the most).
+pub fn sparkline(values: &[i64]) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let most = values.iter().copied().max().unwrap_or(0);
+    values
+        .iter()
+        .map(|&v| {
+            if v <= 0 || most <= 0 {
+                ' '
+            } else {
+                let level = (v as f64 / most as f64 * (BARS.len() - 1) as f64).round() as usize;
+                BARS[level.min(BARS.len() - 1)]
+            }
+        })
+        .collect()
 }
 
 /// `ok`, `violates:<policies>` from the PolicyCompliant condition and
@@ -455,7 +658,24 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
         ("Rotate request", status.last_rotation_request.clone()),
         (
             "Last used",
-            status.last_used_at.as_ref().map(|t| t.0.to_string()),
+            Some(
+                status
+                    .last_used_at
+                    .as_ref()
+                    .map_or_else(|| "never".to_owned(), |t| t.0.to_string()),
+            ),
+        ),
+        (
+            "Requests",
+            status.usage.as_ref().map(|u| {
+                format!(
+                    "{} in the last 24 h ({} refused), {} in the last 7 days; daily: {}",
+                    u.last24h,
+                    u.refused_last24h,
+                    u.last7d,
+                    sparkline(&daily_totals(u))
+                )
+            }),
         ),
         (
             "Deleting since",
@@ -517,6 +737,26 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
     }
     out.push_str(&indent(&table(&rows)));
     out
+}
+
+/// Requests per day, every outcome.
+fn daily_totals(usage: &crate::crd::UsageStatus) -> Vec<i64> {
+    let series = &usage.daily;
+    let outcomes = [
+        &series.valid,
+        &series.insufficient_scope,
+        &series.revoked,
+        &series.expired,
+    ];
+    let len = outcomes.iter().map(|v| v.len()).max().unwrap_or(0);
+    (0..len)
+        .map(|i| {
+            outcomes
+                .iter()
+                .map(|v| v.get(i).copied().unwrap_or(0))
+                .sum()
+        })
+        .collect()
 }
 
 fn indent(text: &str) -> String {
@@ -684,6 +924,7 @@ Last rotated:       2026-11-22T12:00:00Z
 Next rotation:      2026-11-23T03:00:00Z
 Previous key until: 2026-11-22T13:00:00Z
 Rotate request:     1795000000
+Last used:          never
 Deleting since:     2026-11-22T12:30:00Z
 Conditions:
   TYPE    STATUS   REASON      SINCE                  MESSAGE
@@ -730,5 +971,130 @@ Events:
             .map(|l| l.split_whitespace().nth(6).unwrap())
             .collect();
         assert_eq!(column, ["violates:base,prod", "ok"]);
+    }
+
+    fn used(name: &str, last_used: Option<&str>) -> ApiKey {
+        let mut key = key(name, Some(("True", "KeyActive")));
+        let status = key.status.as_mut().unwrap();
+        status.last_used_at = last_used.map(|t| Time(t.parse().unwrap()));
+        key
+    }
+
+    #[test]
+    fn unused_keys_are_those_never_used_or_not_seen_within_the_window() {
+        let now: jiff::Timestamp = "2026-12-31T00:00:00Z".parse().unwrap();
+        let keys = [
+            used("never", None),
+            used("idle", Some("2026-11-01T10:00:00Z")),
+            used("busy", Some("2026-12-30T10:00:00Z")),
+        ];
+        let window = parse_window("30d").unwrap();
+        let unused: Vec<ApiKey> = keys
+            .iter()
+            .filter(|k| unused_within(k, window, now))
+            .cloned()
+            .collect();
+        let text = render_unused(&unused, false, Output::Table).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].starts_with("never") && lines[1].ends_with("never used"));
+        assert!(
+            lines[2].starts_with("idle")
+                && lines[2].ends_with("not seen since 2026-11-01T10:00:00Z"),
+            "{text}"
+        );
+        assert_eq!(parse_window("720h").unwrap(), window);
+        assert!(parse_window("0d").is_err() && parse_window("soon").is_err());
+        // The list says "never" rather than a dash.
+        let list = render_list(&keys, false, Output::Table).unwrap();
+        assert!(list.lines().nth(1).unwrap().ends_with("never"), "{list}");
+    }
+
+    fn with_usage(key: &mut ApiKey) {
+        let start = |t: &str| Time(t.parse().unwrap());
+        let mut daily = vec![0; 30];
+        daily[27] = 4;
+        daily[29] = 10;
+        let mut hourly = vec![0; 24];
+        hourly[22] = 3;
+        hourly[23] = 7;
+        let mut revoked = vec![0; 24];
+        revoked[23] = 2;
+        key.status.as_mut().unwrap().usage = Some(crate::crd::UsageStatus {
+            updated_at: start("2026-12-30T10:20:00Z"),
+            last24h: 12,
+            last7d: 16,
+            refused_last24h: 2,
+            daily: crate::crd::UsageSeries {
+                start: start("2026-12-01T00:00:00Z"),
+                valid: daily,
+                insufficient_scope: vec![],
+                revoked: {
+                    let mut r = vec![0; 30];
+                    r[29] = 2;
+                    r
+                },
+                expired: vec![],
+            },
+            hourly: crate::crd::UsageSeries {
+                start: start("2026-12-29T11:00:00Z"),
+                valid: hourly,
+                insufficient_scope: vec![],
+                revoked,
+                expired: vec![],
+            },
+        });
+    }
+
+    #[test]
+    fn usage_prints_buckets_split_by_outcome_and_a_sparkline() {
+        let mut key = used("busy", Some("2026-12-30T10:00:00Z"));
+        with_usage(&mut key);
+        let by_day = render_usage(&key, Bucket::Day, Some(parse_window("3d").unwrap()));
+        let lines: Vec<&str> = by_day.lines().collect();
+        assert!(
+            lines[0].contains("12 requests in the last 24 h (2 refused), 16 in the last 7 days")
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "DAY",
+                "(UTC)",
+                "TOTAL",
+                "VALID",
+                "INSUFFICIENT-SCOPE",
+                "REVOKED",
+                "EXPIRED"
+            ]
+        );
+        // Three days: the 28th, 29th and 30th.
+        assert_eq!(
+            lines[2].split_whitespace().collect::<Vec<_>>(),
+            ["2026-12-28", "4", "4", "0", "0", "0"]
+        );
+        assert_eq!(
+            lines[4].split_whitespace().collect::<Vec<_>>(),
+            ["2026-12-30", "12", "10", "0", "2", "0"]
+        );
+        assert_eq!(lines[5], "total              ▃ █");
+        assert!(lines[6].starts_with("valid") && lines[7].starts_with("revoked"));
+        assert_eq!(
+            lines.len(),
+            8,
+            "outcomes never seen get no sparkline: {by_day}"
+        );
+        let by_hour = render_usage(&key, Bucket::Hour, None);
+        assert_eq!(by_hour.lines().count(), 1 + 1 + 24 + 3);
+        assert!(by_hour.contains("2026-12-30 10:00"));
+        // Never counted: said so, not zeros.
+        let never = render_usage(&used("never", None), Bucket::Day, None);
+        assert!(never.contains("no request recorded") && never.contains("last used: never"));
+    }
+
+    #[test]
+    fn sparklines_scale_to_the_busiest_bucket() {
+        assert_eq!(sparkline(&[0, 1, 4, 8]), " ▂▅█");
+        assert_eq!(sparkline(&[0, 0]), "  ");
+        assert_eq!(sparkline(&[]), "");
     }
 }

@@ -868,6 +868,8 @@ fn cluster_name_and_anti_entropy_interval_reach_the_operator() {
                 "database.existingSecret=db,database.shared=true,clusterName=eu-west",
                 "--set",
                 "antiEntropyInterval=300",
+                "--set",
+                "usageRetention=720h",
             ],
         ),
     ) else {
@@ -886,6 +888,14 @@ fn cluster_name_and_anti_entropy_interval_reach_the_operator() {
     assert_eq!(
         env_var(shared.container(), "KEYWARD_ANTI_ENTROPY_INTERVAL").unwrap()["value"],
         "300"
+    );
+    assert_eq!(
+        env_var(defaults.container(), "KEYWARD_USAGE_RETENTION").unwrap()["value"],
+        "2160h"
+    );
+    assert_eq!(
+        env_var(shared.container(), "KEYWARD_USAGE_RETENTION").unwrap()["value"],
+        "720h"
     );
     // The same args as without them: the values travel as environment variables.
     assert_eq!(defaults.args(), shared.args());

@@ -10,7 +10,12 @@ use std::{
 };
 
 use jiff::SignedDuration;
-use keyward::core::PENDING_TIMEOUT;
+use keyward::{
+    clock::Clock,
+    core::PENDING_TIMEOUT,
+    usage::summary::recent_window,
+    verifier::{Verifier, VerifierConfig},
+};
 use support::{Harness, Op, StoreOp, api_key, sqlite_store};
 
 /// Collects everything every tracing subscriber layer writes.
@@ -62,6 +67,35 @@ async fn no_key_escapes_into_logs_events_status_errors_or_the_database() {
     h.reconciler().apply(&key).await.unwrap();
     h.cluster.refresh(&mut key);
     keys_seen.extend(h.cluster.key_in("team-ml", "inference"));
+    // A verifier counts every key seen (the replaced ones are refused as
+    // revoked), flushes, and the operator reports the revoked key in use.
+    let verifier = Verifier::new(
+        Arc::new(h.store.inner.clone()),
+        h.clock.clone(),
+        VerifierConfig::default(),
+        h.metrics.clone(),
+    );
+    verifier.reload().await.unwrap();
+    for plain in &keys_seen {
+        verifier.check(plain, &["inference"]).await;
+    }
+    assert!(verifier.flush_usage().await.unwrap() >= 2, "counted");
+    h.usage.set_recent(
+        h.store
+            .inner
+            .recent_previous_key_use(recent_window(h.clock.now()))
+            .await
+            .unwrap(),
+    );
+    h.reconciler().apply(&key).await.unwrap();
+    h.cluster.refresh(&mut key);
+    assert!(
+        h.cluster
+            .events()
+            .iter()
+            .any(|e| e.reason == "RevokedKeyInUse"),
+        "the revoked key's use was reported"
+    );
     h.store.set_down(true);
     let reconciler = h.reconciler();
     let outage = reconciler.cleanup(&key).await.unwrap_err();

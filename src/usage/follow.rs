@@ -1,8 +1,9 @@
-//! The operator leader's view of usage. Every [`SCAN_INTERVAL`] it asks the
+//! The operator leader's view of usage. Every scan interval (30 s) it asks the
 //! key database which keys were used lately (for `status.lastUsedAt`) and
 //! which retiring or revoked keys clients still present; every
-//! [`SUMMARY_INTERVAL`] it reads the 30-day and 24-hour counts of every
-//! ApiKey in two grouped queries; every hour it prunes counts past their
+//! [`SUMMARY_INTERVAL`] (sooner after an ApiKey's first use, at most once a
+//! minute) it reads the 30-day and 24-hour counts of every ApiKey in two
+//! grouped queries; every hour it prunes counts past their
 //! retention. What it learns goes into the [`UsageBook`] that reconciles read,
 //! and the ApiKeys whose status should move are requeued. The number of
 //! queries per interval is fixed, whatever the number of ApiKeys.
@@ -37,10 +38,11 @@ use crate::{
     telemetry::Metrics,
 };
 
-/// How often the leader asks for recent uses.
-pub const SCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the leader reads every ApiKey's counts for `status.usage`.
 pub const SUMMARY_INTERVAL: Duration = Duration::from_secs(5 * 60);
+/// A first use of an ApiKey brings the next summary forward, but summaries
+/// still run at most this often.
+const FIRST_USE_SUMMARY_GAP: Duration = Duration::from_secs(60);
 /// How often counts past their retention are deleted.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// How far each scan for recent uses reaches back before the previous one:
@@ -208,6 +210,8 @@ pub struct UsageFollower {
     pub metrics: Arc<Metrics>,
     /// How long counts are kept (`--usage-retention`).
     pub retention: SignedDuration,
+    /// Time between scans of recent use (`--usage-scan-interval`).
+    pub scan_interval: Duration,
     /// The ApiKeyPolicies, to know whether any judges unused keys.
     pub policies: PolicyIndex,
 }
@@ -221,11 +225,19 @@ impl UsageFollower {
         loop {
             let started = self.clock.now();
             let mut due = Vec::new();
+            let mut first_use = false;
             match self.scan_recent(since, started, &mut due).await {
-                Ok(()) => since = started - OVERLAP,
+                Ok(first) => {
+                    since = started - OVERLAP;
+                    first_use = first;
+                }
                 Err(e) => warn!(error = %e, "cannot read recent key use; trying again"),
             }
-            if last_summary.is_none_or(|at| at.elapsed() >= SUMMARY_INTERVAL) {
+            let summarize = last_summary.is_none_or(|at| {
+                at.elapsed() >= SUMMARY_INTERVAL
+                    || (first_use && at.elapsed() >= FIRST_USE_SUMMARY_GAP)
+            });
+            if summarize {
                 match self.summarize(started).await {
                     Ok(summaries) => {
                         last_summary = Some(std::time::Instant::now());
@@ -263,18 +275,19 @@ impl UsageFollower {
                     return;
                 }
             }
-            tokio::time::sleep(SCAN_INTERVAL).await;
+            tokio::time::sleep(self.scan_interval).await;
         }
     }
 
     /// Recent uses, retiring and revoked keys still presented, and the
-    /// verifiers' reporting: three queries.
+    /// verifiers' reporting: three queries. Returns whether an ApiKey whose
+    /// status shows no usage yet was used.
     async fn scan_recent(
         &self,
         since: Timestamp,
         now: Timestamp,
         due: &mut Vec<ObjectRef<DeserializeGuard<ApiKey>>>,
-    ) -> crate::Result<()> {
+    ) -> crate::Result<bool> {
         let used = self.store.used_since(since).await?;
         let recent = self
             .store
@@ -294,7 +307,15 @@ impl UsageFollower {
         due.extend(use_due(&used, &live));
         due.extend(attention_due(&recent, &live, now));
         self.book.set_recent(recent);
-        Ok(())
+        let first_use = live.iter().any(|key| {
+            key.status.as_ref().is_none_or(|s| s.usage.is_none())
+                && key
+                    .metadata
+                    .uid
+                    .as_deref()
+                    .is_some_and(|uid| used.iter().any(|(used, _)| used == uid))
+        });
+        Ok(first_use)
     }
 
     /// Every ApiKey's counts over the status windows: two grouped queries.

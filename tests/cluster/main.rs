@@ -10,6 +10,7 @@ mod policy;
 mod roles;
 #[path = "../support/mod.rs"]
 mod support;
+mod usage;
 mod verifier;
 // Only part of it serves these tests; tests/replication.rs uses all of it.
 #[allow(dead_code)]
