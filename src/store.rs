@@ -668,7 +668,7 @@ impl SqlStore {
             );
             let mut statement = sqlx::query(sqlx::AssertSqlSafe(query));
             for (key_id, at) in chunk {
-                statement = statement.bind(key_id).bind(at.as_millisecond());
+                statement = statement.bind(&**key_id).bind(at.as_millisecond());
             }
             moved += statement.execute(&mut *tx).await?.rows_affected();
         }
@@ -681,7 +681,7 @@ impl SqlStore {
             let mut statement = sqlx::query(sqlx::AssertSqlSafe(query));
             for count in chunk {
                 statement = statement
-                    .bind(&count.key_id)
+                    .bind(&*count.key_id)
                     .bind(count.hour.as_millisecond())
                     .bind(count.outcome.as_str())
                     .bind(i64::try_from(count.count).unwrap_or(i64::MAX));

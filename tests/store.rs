@@ -245,13 +245,13 @@ async fn usage_counts_add_up_and_are_read_back_grouped(store: SqlStore) {
         .await
         .unwrap();
     let count = |key: &KeyRecord, h, outcome, count| UsageCount {
-        key_id: key.key_id.clone(),
+        key_id: key.key_id.as_str().into(),
         hour: hour(h),
         outcome,
         count,
     };
     let first = UsageBatch {
-        last_used: vec![(current.key_id.clone(), hour(1))],
+        last_used: vec![(current.key_id.as_str().into(), hour(1))],
         counts: vec![
             count(&current, 0, Outcome::Valid, 5),
             count(&current, 1, Outcome::InsufficientScope, 1),
@@ -260,7 +260,7 @@ async fn usage_counts_add_up_and_are_read_back_grouped(store: SqlStore) {
     };
     // A second verifier's flush of the same keys and hours, with an older last use.
     let second = UsageBatch {
-        last_used: vec![(current.key_id.clone(), hour(0))],
+        last_used: vec![(current.key_id.as_str().into(), hour(0))],
         counts: vec![count(&current, 0, Outcome::Valid, 3)],
     };
     assert_eq!(store.record_usage(&first, hour(1)).await.unwrap(), 1);

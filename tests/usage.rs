@@ -64,12 +64,12 @@ async fn flush(h: &Harness, key_id: &str, outcome: Outcome, n: u64) {
     let hour = Timestamp::from_second(now.as_second() - now.as_second() % 3600).unwrap();
     let batch = UsageBatch {
         last_used: if outcome.used() {
-            vec![(key_id.to_owned(), minute)]
+            vec![(key_id.into(), minute)]
         } else {
             vec![]
         },
         counts: vec![UsageCount {
-            key_id: key_id.to_owned(),
+            key_id: key_id.into(),
             hour,
             outcome,
             count: n,

@@ -13,6 +13,8 @@ pub mod follow;
 pub mod summary;
 pub mod tally;
 
+use std::sync::Arc;
+
 use jiff::{SignedDuration, Timestamp};
 
 /// What a counted check came to. Malformed and unknown keys are not counted:
@@ -70,7 +72,7 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UsageCount {
     /// The key.
-    pub key_id: String,
+    pub key_id: Arc<str>,
     /// The start of the hour.
     pub hour: Timestamp,
     /// What the checks came to.
@@ -83,7 +85,7 @@ pub struct UsageCount {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageBatch {
     /// The minute each key was last used, in key order.
-    pub last_used: Vec<(String, Timestamp)>,
+    pub last_used: Vec<(Arc<str>, Timestamp)>,
     /// Counts to add, in (key, hour, outcome) order.
     pub counts: Vec<UsageCount>,
 }

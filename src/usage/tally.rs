@@ -2,6 +2,7 @@
 //! minute it was last used and its checks per UTC hour and outcome. Bounded:
 //! past `max_entries` (key, hour) slots, further checks are dropped and counted.
 //! Pure: the caller passes `now` and writes the batches it takes.
+//! Minutes and hours are kept as counts since the epoch in 32 bits.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -9,34 +10,41 @@ use jiff::Timestamp;
 
 use super::{Outcome, UsageBatch, UsageCount, hour_start};
 
-/// One key's uses since the last flush.
+/// Counts of one hour, by [`Outcome::index`]. 32 bits: a flush interval
+/// would need billions of checks of one key to fill one.
+type Counts = [u32; Outcome::COUNT];
+
+/// One key's uses since the last flush, in 40 bytes: a tally of 100,000
+/// keys costs about 7 MiB.
 #[derive(Debug)]
 struct KeyUses {
-    /// The minute (epoch seconds) of its last valid or insufficient-scope
-    /// check; `None` when it was only refused (revoked, expired).
-    last_used: Option<i64>,
-    /// The hour (epoch seconds of its start) `counts` belong to.
-    hour: i64,
-    /// Checks in `hour`, by [`Outcome::index`].
-    counts: [u64; Outcome::COUNT],
+    /// The minute (minutes since the epoch) of its last valid or
+    /// insufficient-scope check; 0 when it was only refused (revoked, expired).
+    last_used: u32,
+    /// The hour (hours since the epoch) `counts` belong to.
+    hour: u32,
+    /// Checks in `hour`.
+    counts: Counts,
     /// Other hours not written yet: an hour boundary between two flushes, a
-    /// failed flush, or a clock that stepped back.
-    earlier: Vec<(i64, [u64; Outcome::COUNT])>,
+    /// failed flush, or a clock that stepped back. Rare, so a boxed slice
+    /// (two words) rather than a `Vec` (three).
+    earlier: Option<Box<[(u32, Counts)]>>,
 }
 
 impl KeyUses {
-    fn slot(&mut self, hour: i64) -> Option<&mut [u64; Outcome::COUNT]> {
+    fn slot(&mut self, hour: u32) -> Option<&mut Counts> {
         if self.hour == hour {
             return Some(&mut self.counts);
         }
         self.earlier
+            .as_deref_mut()?
             .iter_mut()
             .find(|(h, _)| *h == hour)
             .map(|(_, counts)| counts)
     }
 
     fn slots(&self) -> usize {
-        1 + self.earlier.len()
+        1 + self.earlier.as_ref().map_or(0, |e| e.len())
     }
 }
 
@@ -67,63 +75,63 @@ impl Tally {
     /// Notes one check of `key_id` at `now`. Returns false when it was dropped
     /// because the tally is full.
     pub fn note(&mut self, key_id: &Arc<str>, outcome: Outcome, now: Timestamp) -> bool {
-        self.add(
-            key_id,
-            outcome.used().then(|| minute(now)),
-            hour_start(now),
-            outcome,
-            1,
-        )
+        let minute = outcome.used().then(|| minutes(now));
+        self.add(key_id, minute, hours(now), outcome, 1) == 0
     }
 
+    /// Adds `n` checks; returns how many did not fit.
     fn add(
         &mut self,
         key_id: &Arc<str>,
-        used: Option<i64>,
-        hour: i64,
+        used: Option<u32>,
+        hour: u32,
         outcome: Outcome,
-        n: u64,
-    ) -> bool {
+        n: u32,
+    ) -> u32 {
         let full = self.entries >= self.max_entries;
         let Some(uses) = self.keys.get_mut(key_id) else {
             if full {
-                return false;
+                return n;
             }
             let mut counts = [0; Outcome::COUNT];
             counts[outcome.index()] = n;
             self.keys.insert(
                 Arc::clone(key_id),
                 KeyUses {
-                    last_used: used,
+                    last_used: used.unwrap_or(0),
                     hour,
                     counts,
-                    earlier: Vec::new(),
+                    earlier: None,
                 },
             );
             self.entries += 1;
-            return true;
+            return 0;
         };
         if let Some(used) = used {
-            uses.last_used = Some(uses.last_used.map_or(used, |seen| seen.max(used)));
+            uses.last_used = uses.last_used.max(used);
         }
         if let Some(counts) = uses.slot(hour) {
-            counts[outcome.index()] += n;
-            return true;
+            let slot = &mut counts[outcome.index()];
+            let room = u32::MAX - *slot;
+            *slot += n.min(room);
+            return n.saturating_sub(room);
         }
         if full {
-            return false;
+            return n;
         }
         let mut counts = [0; Outcome::COUNT];
         counts[outcome.index()] = n;
+        let mut earlier = uses.earlier.take().map(Vec::from).unwrap_or_default();
         if hour > uses.hour {
             let previous = std::mem::replace(&mut uses.counts, counts);
-            uses.earlier.push((uses.hour, previous));
+            earlier.push((uses.hour, previous));
             uses.hour = hour;
         } else {
-            uses.earlier.push((hour, counts));
+            earlier.push((hour, counts));
         }
+        uses.earlier = Some(earlier.into_boxed_slice());
         self.entries += 1;
-        true
+        0
     }
 
     /// Takes everything noted, leaving the tally empty: the next flush's batch,
@@ -133,21 +141,21 @@ impl Tally {
         self.entries = 0;
         let mut batch = UsageBatch::default();
         for (key_id, uses) in keys {
-            if let Some(minute) = uses.last_used {
-                batch.last_used.push((
-                    key_id.to_string(),
-                    Timestamp::from_second(minute).unwrap_or_default(),
-                ));
+            if uses.last_used > 0 {
+                batch
+                    .last_used
+                    .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
             }
-            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(uses.earlier) {
+            let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
+            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
                 for outcome in Outcome::ALL {
                     let count = counts[outcome.index()];
                     if count > 0 {
                         batch.counts.push(UsageCount {
-                            key_id: key_id.to_string(),
-                            hour: Timestamp::from_second(hour).unwrap_or_default(),
+                            key_id: Arc::clone(&key_id),
+                            hour: from_hours(hour),
                             outcome,
-                            count,
+                            count: u64::from(count),
                         });
                     }
                 }
@@ -164,31 +172,16 @@ impl Tally {
     /// since. Returns the checks dropped because the tally is full.
     pub fn restore(&mut self, batch: UsageBatch) -> u64 {
         let mut dropped = 0;
-        let mut used: HashMap<String, i64> = batch
+        let mut used: HashMap<Arc<str>, u32> = batch
             .last_used
             .into_iter()
-            .map(|(key, at)| (key, at.as_second()))
+            .map(|(key, at)| (key, minutes(at)))
             .collect();
         for count in batch.counts {
-            let key_id: Arc<str> = Arc::from(count.key_id.as_str());
             let minute = used.remove(&count.key_id);
-            if !self.add(
-                &key_id,
-                minute,
-                count.hour.as_second(),
-                count.outcome,
-                count.count,
-            ) {
-                dropped += count.count;
-            }
-        }
-        // Last uses without a count (none are made so, but a batch may be
-        // built elsewhere) are kept when there is room.
-        for (key_id, minute) in used {
-            let key_id: Arc<str> = Arc::from(key_id.as_str());
-            if let Some(uses) = self.keys.get_mut(&key_id) {
-                uses.last_used = Some(uses.last_used.map_or(minute, |seen| seen.max(minute)));
-            }
+            let n = u32::try_from(count.count).unwrap_or(u32::MAX);
+            let lost = self.add(&count.key_id, minute, hours(count.hour), count.outcome, n);
+            dropped += u64::from(lost) + (count.count - u64::from(n));
         }
         dropped
     }
@@ -203,14 +196,32 @@ impl Tally {
     }
 }
 
-/// The start of `at`'s minute, in epoch seconds.
-fn minute(at: Timestamp) -> i64 {
-    at.as_second() - at.as_second().rem_euclid(60)
+/// Minutes since the epoch (u32 lasts until the year 10136).
+fn minutes(at: Timestamp) -> u32 {
+    u32::try_from(at.as_second().div_euclid(60)).unwrap_or(0)
+}
+
+fn from_minutes(minutes: u32) -> Timestamp {
+    Timestamp::from_second(i64::from(minutes) * 60).unwrap_or_default()
+}
+
+/// Hours since the epoch.
+fn hours(at: Timestamp) -> u32 {
+    u32::try_from(hour_start(at).div_euclid(3600)).unwrap_or(0)
+}
+
+fn from_hours(hours: u32) -> Timestamp {
+    Timestamp::from_second(i64::from(hours) * 3600).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_costs_forty_bytes_beside_its_id() {
+        assert_eq!(std::mem::size_of::<KeyUses>(), 40);
+    }
 
     /// An hour's start (1,800,000,000 is one) plus `second`.
     fn at(second: i64) -> Timestamp {
@@ -223,7 +234,7 @@ mod tests {
             .iter()
             .map(|c| {
                 (
-                    c.key_id.clone(),
+                    c.key_id.to_string(),
                     c.hour.as_second() - at(0).as_second(),
                     c.outcome.as_str(),
                     c.count,
@@ -256,7 +267,7 @@ mod tests {
         // The last use is the latest minute of a check that verified.
         assert_eq!(
             batch.last_used,
-            [("kid_a".to_owned(), at(3_600))],
+            [(Arc::from("kid_a"), at(3_600))],
             "a refused attempt is no use"
         );
         assert_eq!(tally.entries(), 0);
@@ -315,8 +326,8 @@ mod tests {
         assert_eq!(
             batch.last_used,
             [
-                ("kid_a".to_owned(), at(120)),
-                ("kid_b".to_owned(), at(3_660))
+                (Arc::from("kid_a"), at(120)),
+                (Arc::from("kid_b"), at(3_660))
             ]
         );
         // Restored into a full tally: what does not fit is dropped, and said.

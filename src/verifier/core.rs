@@ -748,7 +748,7 @@ mod tests {
         /// `find` calls running now, and the most at once.
         finding: AtomicUsize,
         most_finding: AtomicUsize,
-        used: Mutex<Vec<(String, Timestamp)>>,
+        used: Mutex<Vec<(Arc<str>, Timestamp)>>,
         counted: Mutex<Vec<crate::usage::UsageCount>>,
         /// `record_usage` fails at the commit, outcome unknown.
         commit_lost: AtomicBool,
@@ -1069,15 +1069,11 @@ mod tests {
         assert_eq!(w.verifier.flush_usage().await.unwrap(), 1);
         let used = w.source.used.lock().unwrap().clone();
         let minute = Timestamp::from_second(start().as_second() + 60).unwrap();
-        assert_eq!(used, vec![(record.key_id.clone(), minute)]);
+        assert_eq!(used, vec![(Arc::from(record.key_id.as_str()), minute)]);
         let counted = w.source.counted.lock().unwrap().clone();
         assert_eq!(counted.len(), 1);
         assert_eq!(
-            (
-                counted[0].key_id.as_str(),
-                counted[0].outcome,
-                counted[0].count
-            ),
+            (&*counted[0].key_id, counted[0].outcome, counted[0].count),
             (record.key_id.as_str(), Outcome::Valid, 3)
         );
         assert_eq!(counted[0].hour.as_second() % 3600, 0, "an hour's start");
@@ -1119,7 +1115,7 @@ mod tests {
             .lock()
             .unwrap()
             .iter()
-            .map(|c| (c.key_id.clone(), c.outcome, c.count))
+            .map(|c| (c.key_id.to_string(), c.outcome, c.count))
             .collect();
         counted.sort();
         let mut expected = vec![
@@ -1152,7 +1148,7 @@ mod tests {
             (1, 2),
             "written once, added up"
         );
-        assert_eq!(counted[0].key_id, record.key_id);
+        assert_eq!(*counted[0].key_id, *record.key_id);
 
         // A commit that may have landed is never written again: nothing counts twice.
         w.code(&key, &[]).await;
