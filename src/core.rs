@@ -10,15 +10,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     crd::{
         ApiKeySpec, ApiKeyStatus, DEFAULT_GRACE_PERIOD, POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE,
-        READY, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
+        READY, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION, UsageStatus,
     },
     key::KeyHash,
     policy::{Verdict, ViolationAction},
     schedule::{Schedule, parse_duration},
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, RevokeReason},
-    usage::summary::{
-        RecentUse, Summary, previous_key_condition, revoked_key_report, usage_to_show,
-    },
+    usage::summary::{RecentUse, previous_key_condition, revoked_key_report},
 };
 
 /// `status.lastUsedAt` moves only when the last use is this much newer.
@@ -482,14 +480,13 @@ pub struct StatusInput<'a> {
     pub now: Timestamp,
 }
 
-/// What the usage scans know of one ApiKey (`None` parts: no scan yet).
+/// What the usage scans know of one ApiKey.
 #[derive(Clone, Copy, Debug)]
 pub struct UsageView<'a> {
-    /// The ApiKey's uid.
-    pub uid: &'a str,
-    /// Every ApiKey's counts.
-    pub summaries: Option<&'a std::collections::HashMap<String, Summary>>,
-    /// This ApiKey's retiring and revoked keys that clients presented lately.
+    /// The `status.usage` the last summary found due (at most hourly), if any.
+    pub pending: Option<&'a UsageStatus>,
+    /// This ApiKey's retiring and revoked keys that clients presented lately;
+    /// `None` before the leader's first scan.
     pub recent: Option<&'a [RecentUse]>,
 }
 
@@ -581,12 +578,15 @@ pub fn status_for(input: &StatusInput<'_>) -> ApiKeyStatus {
         status.last_used_at = Some(seconds(used));
     }
     if let Some(usage) = &input.usage {
-        status.usage = usage_to_show(
-            previous.usage.as_ref(),
-            usage.summaries,
-            usage.uid,
-            input.now,
-        );
+        // Never back to an older summary (the watch cache may lag our own write).
+        if let Some(pending) = usage.pending
+            && previous
+                .usage
+                .as_ref()
+                .is_none_or(|shown| shown.updated_at.0 < pending.updated_at.0)
+        {
+            status.usage = Some(pending.clone());
+        }
         let reported = previous.revoked_key_reported_at.as_ref().map(|t| t.0);
         if let Some(recent) = usage.recent
             && revoked_key_report(reported, recent, input.now).is_some()

@@ -919,14 +919,16 @@ impl Reconciler {
         let key = target.key;
         let previous = target.previous.as_ref();
         let now = self.clock.now();
-        let summaries = report.usage.then(|| self.usage.summaries()).flatten();
+        let pending = report
+            .usage
+            .then(|| self.usage.pending(&target.uid))
+            .flatten();
         let recent = report
             .usage
             .then(|| self.usage.recent(&target.uid))
             .flatten();
-        let usage = report.usage.then(|| UsageView {
-            uid: &target.uid,
-            summaries: summaries.as_deref(),
+        let usage = report.usage.then_some(UsageView {
+            pending: pending.as_ref(),
             recent: recent.as_deref(),
         });
         let status = core::status_for(&StatusInput {

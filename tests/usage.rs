@@ -15,6 +15,7 @@ use keyward::{
     telemetry::NamespaceLabel,
     usage::{
         DAY, HOUR, Outcome, UsageBatch, UsageCount,
+        follow::pending_usage,
         summary::{SummaryBuilder, recent_window, windows},
     },
 };
@@ -24,7 +25,7 @@ use support::{Harness, api_key};
 const NS: &str = "team-ml";
 
 /// What the leader's scans would put in the book now.
-async fn scan(h: &Harness) {
+async fn scan(h: &Harness, keys: &[&ApiKey]) {
     let store = &h.store.inner;
     let now = h.clock.now();
     let (first_day, first_hour) = windows(now);
@@ -46,7 +47,13 @@ async fn scan(h: &Harness) {
         )
         .await
         .unwrap();
-    h.usage.set_summaries(builder.summaries);
+    let pending = pending_usage(&builder.summaries, keys, now);
+    h.usage.set_pending(
+        pending
+            .into_iter()
+            .map(|(uid, (_, usage))| (uid, usage))
+            .collect(),
+    );
     h.usage.set_recent(
         store
             .recent_previous_key_use(recent_window(now))
@@ -127,7 +134,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
     h.converge(&mut key).await;
     // Before the leader's first scan nothing is claimed either way.
     assert!(key.status.as_ref().unwrap().usage.is_none());
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert!(
         key.status.as_ref().unwrap().usage.is_none(),
@@ -139,7 +146,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
     flush(&h, &current, Outcome::Valid, 40).await;
     flush(&h, &current, Outcome::InsufficientScope, 2).await;
     flush(&h, &previous, Outcome::Valid, 37).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     let writes = h.cluster.writes();
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(h.cluster.writes(), writes + 1, "one status write");
@@ -166,7 +173,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
     h.clock.advance(SignedDuration::from_mins(2));
     flush(&h, &current, Outcome::Valid, 100).await;
     flush(&h, &previous, Outcome::Valid, 5).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     let writes = h.cluster.writes();
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(
@@ -179,7 +186,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
     // The last client picked up the new key: the condition clears, no new warning.
     h.clock.advance(SignedDuration::from_mins(4));
     flush(&h, &current, Outcome::Valid, 1).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     let cleared = condition(&key, PREVIOUS_KEY_IN_USE).unwrap();
     assert_eq!(
@@ -190,7 +197,7 @@ async fn status_shows_usage_at_most_hourly_and_a_previous_key_still_presented() 
 
     // An hour after the last usage write: the new figures show.
     h.clock.advance(SignedDuration::from_mins(55));
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     let later = key.status.as_ref().unwrap().usage.clone().unwrap();
     assert_eq!(later.last24h, 79 + 105 + 1);
@@ -217,7 +224,7 @@ async fn a_revoked_key_still_presented_is_reported_at_most_hourly() {
     );
 
     flush(&h, &previous, Outcome::Revoked, 12).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     let reported = warnings(&h, "RevokedKeyInUse");
     assert_eq!(reported.len(), 1, "{reported:?}");
@@ -246,18 +253,18 @@ async fn a_revoked_key_still_presented_is_reported_at_most_hourly() {
     // More attempts within the hour: no second report.
     h.clock.advance(SignedDuration::from_mins(30));
     flush(&h, &previous, Outcome::Revoked, 3).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(warnings(&h, "RevokedKeyInUse").len(), 1);
     // An hour after the report, still presented: reported again.
     h.clock.advance(SignedDuration::from_mins(31));
     flush(&h, &previous, Outcome::Revoked, 1).await;
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(warnings(&h, "RevokedKeyInUse").len(), 2);
     // Nobody presents it any more (counts older than the scanned window): silence.
     h.clock.advance(SignedDuration::from_hours(3));
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(warnings(&h, "RevokedKeyInUse").len(), 2);
 }
@@ -306,7 +313,7 @@ async fn max_unused_flags_a_key_nobody_uses_under_each_on_violation_mode() {
                     .unwrap();
             }
         }
-        scan(&h).await;
+        scan(&h, &[&idle, &busy]).await;
         h.reconcile(&mut idle).await.unwrap();
         h.reconcile(&mut busy).await.unwrap();
         assert_eq!(compliance(&busy).0, "True", "{action}: a used key is fine");
@@ -339,7 +346,7 @@ async fn max_unused_never_judges_without_usage_reports() {
     h.converge(&mut key).await;
     // Two days with no verifier reporting at all: no data is not "unused".
     h.clock.advance(SignedDuration::from_hours(48));
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(compliance(&key).0, "True");
     // Verifiers start reporting: still not judged until they cover the window.
@@ -348,7 +355,7 @@ async fn max_unused_never_judges_without_usage_reports() {
         .record_usage(&UsageBatch::default(), h.clock.now())
         .await
         .unwrap();
-    scan(&h).await;
+    scan(&h, &[&key]).await;
     h.reconcile(&mut key).await.unwrap();
     assert_eq!(compliance(&key).0, "True");
     assert_eq!(h.store.inner.load("uid-q").await.unwrap().live.len(), 1);

@@ -32,7 +32,7 @@ use super::{
 use crate::{
     clock::Clock,
     core::shows_use,
-    crd::{ApiKey, PREVIOUS_KEY_IN_USE},
+    crd::{ApiKey, PREVIOUS_KEY_IN_USE, UsageStatus},
     policy::{PolicyIndex, index::live, watch::Requeue},
     store::{KeyState, KeyStore, REPORTING_GAP, SqlStore},
     telemetry::Metrics,
@@ -62,7 +62,8 @@ pub struct UsageBook {
 
 #[derive(Debug, Default)]
 struct BookState {
-    summaries: Option<Arc<HashMap<String, Summary>>>,
+    /// The `status.usage` due to be shown, by uid (only ApiKeys due).
+    pending: HashMap<String, UsageStatus>,
     recent: Option<HashMap<String, Vec<RecentUse>>>,
     /// Verifiers' reporting: (since, last).
     reporting: Option<(Timestamp, Timestamp)>,
@@ -77,9 +78,9 @@ impl UsageBook {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every ApiKey's counts, once the first summary scan ran.
-    pub fn summaries(&self) -> Option<Arc<HashMap<String, Summary>>> {
-        self.read().summaries.clone()
+    /// The `status.usage` the last summary found due for this ApiKey, if any.
+    pub fn pending(&self, uid: &str) -> Option<UsageStatus> {
+        self.read().pending.get(uid).cloned()
     }
 
     /// The retiring and revoked keys of one ApiKey that clients presented
@@ -98,9 +99,9 @@ impl UsageBook {
         (now.duration_since(last) <= gap).then_some(since)
     }
 
-    /// Sets what a summary scan read.
-    pub fn set_summaries(&self, summaries: HashMap<String, Summary>) {
-        self.write().summaries = Some(Arc::new(summaries));
+    /// Sets what a summary scan found due.
+    pub fn set_pending(&self, pending: HashMap<String, UsageStatus>) {
+        self.write().pending = pending;
     }
 
     /// Sets what a scan of recent use read.
@@ -173,20 +174,23 @@ pub fn attention_due(
         .collect()
 }
 
-/// The cached ApiKeys whose `status.usage` should show the new summaries.
-pub fn summary_due(
+/// The `status.usage` each cached ApiKey should show now that differs from
+/// what it shows (at most hourly, [`usage_to_show`]), by uid: what the book
+/// keeps until the next summary, so that only the ApiKeys due hold a summary
+/// in memory, not every ApiKey ever used.
+pub fn pending_usage(
     summaries: &HashMap<String, Summary>,
     cache: &[&ApiKey],
     now: Timestamp,
-) -> Vec<ObjectRef<DeserializeGuard<ApiKey>>> {
+) -> HashMap<String, (ObjectRef<DeserializeGuard<ApiKey>>, UsageStatus)> {
     cache
         .iter()
-        .filter(|key| {
+        .filter_map(|key| {
             let shown = key.status.as_ref().and_then(|s| s.usage.as_ref());
-            let uid = key.metadata.uid.as_deref().unwrap_or_default();
-            usage_to_show(shown, Some(summaries), uid, now).as_ref() != shown
+            let uid = key.metadata.uid.as_deref()?;
+            let fresh = usage_to_show(shown, Some(summaries), uid, now)?;
+            (Some(&fresh) != shown).then(|| (uid.to_owned(), (reference(key), fresh)))
         })
-        .map(reference)
         .collect()
 }
 
@@ -243,9 +247,19 @@ impl UsageFollower {
                         last_summary = Some(std::time::Instant::now());
                         let cached = self.keys.state();
                         let live: Vec<&ApiKey> = cached.iter().filter_map(|k| live(k)).collect();
-                        due.extend(summary_due(&summaries, &live, started));
-                        debug!(apikeys = summaries.len(), "read every ApiKey's usage");
-                        self.book.set_summaries(summaries);
+                        let pending = pending_usage(&summaries, &live, started);
+                        debug!(
+                            apikeys = summaries.len(),
+                            due = pending.len(),
+                            "read every ApiKey's usage"
+                        );
+                        drop(summaries);
+                        let mut shown = HashMap::with_capacity(pending.len());
+                        for (uid, (reference, usage)) in pending {
+                            due.push(reference);
+                            shown.insert(uid, usage);
+                        }
+                        self.book.set_pending(shown);
                     }
                     Err(e) => warn!(error = %e, "cannot read usage counts; trying again"),
                 }
@@ -453,7 +467,7 @@ mod tests {
     #[test]
     fn the_book_knows_nothing_before_its_scans_and_forgets_silent_verifiers() {
         let book = UsageBook::default();
-        assert!(book.summaries().is_none());
+        assert!(book.pending("u").is_none());
         assert_eq!(book.recent("u"), None);
         book.set_recent(HashMap::new());
         assert_eq!(book.recent("u"), Some(vec![]));
