@@ -114,6 +114,11 @@ pub enum Checked {
 /// A negative answer remembered: when, the code, and a revoked key's id.
 type Remembered = (Instant, Code, Option<Arc<str>>);
 
+/// Counts a flush writes per transaction: short transactions, so that the
+/// operator's revocations (which lock the same rows, and on SQLite the whole
+/// database) never wait long behind a flush of many keys.
+pub const FLUSH_ROWS_PER_TRANSACTION: usize = 1_000;
+
 /// Changes read per query while catching up.
 const CHANGE_BATCH: i64 = 5_000;
 /// Negative answers remembered at most; beyond, the oldest half goes.
@@ -605,34 +610,52 @@ impl Verifier {
         }
     }
 
-    /// Writes the counts and last uses noted since the last flush in one
-    /// transaction (a heartbeat when there are none); returns how many count
-    /// rows it added to. On a failure before the commit they are kept for the
-    /// next flush; after a commit whose outcome is unknown they are given up
-    /// (`keyward_verifier_usage_uncertain_total`), so nothing counts twice.
+    /// Writes the counts and last uses noted since the last flush (a
+    /// heartbeat when there are none), in key order, in transactions of at
+    /// most [`FLUSH_ROWS_PER_TRANSACTION`] counts; returns how many count rows
+    /// it added to. A part that fails before its commit goes back into the
+    /// tally with the parts after it, for the next flush; a part whose commit
+    /// outcome is unknown is given up (`keyward_verifier_usage_uncertain_total`),
+    /// so nothing counts twice.
     pub async fn flush_usage(&self) -> Result<usize> {
         let batch = self.tally.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.metrics.verifier_last_used_pending.set(0);
-        match self.source.record_usage(&batch, self.clock.now()).await {
-            Ok(moved) => {
-                self.metrics.verifier_last_used_flushed.inc_by(moved);
-                self.metrics.verifier_usage_flushed.inc_by(batch.checks());
-                Ok(batch.counts.len())
+        let now = self.clock.now();
+        let mut parts = batch.into_chunks(FLUSH_ROWS_PER_TRANSACTION).into_iter();
+        let mut written = 0;
+        while let Some(part) = parts.next() {
+            let error = match self.source.record_usage(&part, now).await {
+                Ok(moved) => {
+                    self.metrics.verifier_last_used_flushed.inc_by(moved);
+                    self.metrics.verifier_usage_flushed.inc_by(part.checks());
+                    written += part.counts.len();
+                    continue;
+                }
+                Err(e @ Error::UncertainCommit(_)) => {
+                    self.metrics.verifier_usage_uncertain.inc_by(part.checks());
+                    e
+                }
+                Err(e) => {
+                    self.keep(part);
+                    e
+                }
+            };
+            for rest in parts {
+                self.keep(rest);
             }
-            Err(e @ Error::UncertainCommit(_)) => {
-                self.metrics.verifier_usage_uncertain.inc_by(batch.checks());
-                Err(e)
-            }
-            Err(e) => {
-                let dropped = self
-                    .tally
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .restore(batch);
-                self.metrics.verifier_usage_dropped.inc_by(dropped);
-                Err(e)
-            }
+            return Err(error);
         }
+        Ok(written)
+    }
+
+    /// Puts a part of a flush that was not written back into the tally.
+    fn keep(&self, part: UsageBatch) {
+        let dropped = self
+            .tally
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore(part);
+        self.metrics.verifier_usage_dropped.inc_by(dropped);
     }
 }
 
