@@ -650,7 +650,7 @@ impl SqlStore {
             .collect()
     }
 
-    /// Writes one verifier flush in one transaction: the last-used times
+    /// Writes one part of a verifier flush in one transaction: the last-used times
     /// (forward-only, not a change: verifiers do not care, so the change
     /// number stays), the counts (added: `count = count + n`, so replicas add
     /// up), and the reporting heartbeat. Rows go in key order, so concurrent

@@ -81,7 +81,8 @@ pub struct UsageCount {
     pub count: u64,
 }
 
-/// What one verifier flush writes, in one transaction.
+/// What one verifier flush writes (in parts of at most
+/// `FLUSH_ROWS_PER_TRANSACTION` counts, one transaction each).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageBatch {
     /// The minute each key was last used, in key order.
