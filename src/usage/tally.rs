@@ -137,35 +137,15 @@ impl Tally {
     /// Takes everything noted, leaving the tally empty: the next flush's batch,
     /// in key order so that concurrent flushes lock rows in the same order.
     pub fn take(&mut self) -> UsageBatch {
-        let keys = std::mem::take(&mut self.keys);
+        self.detach().into_batch()
+    }
+
+    /// Takes everything noted as it is, leaving the tally empty: cheap, so
+    /// that a caller holding a lock around the tally can build the batch after
+    /// releasing it.
+    pub fn detach(&mut self) -> Taken {
         self.entries = 0;
-        let mut batch = UsageBatch::default();
-        for (key_id, uses) in keys {
-            if uses.last_used > 0 {
-                batch
-                    .last_used
-                    .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
-            }
-            let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
-            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
-                for outcome in Outcome::ALL {
-                    let count = counts[outcome.index()];
-                    if count > 0 {
-                        batch.counts.push(UsageCount {
-                            key_id: Arc::clone(&key_id),
-                            hour: from_hours(hour),
-                            outcome,
-                            count: u64::from(count),
-                        });
-                    }
-                }
-            }
-        }
-        batch.last_used.sort();
-        batch
-            .counts
-            .sort_by(|a, b| (&a.key_id, a.hour, a.outcome).cmp(&(&b.key_id, b.hour, b.outcome)));
-        batch
+        Taken(std::mem::take(&mut self.keys))
     }
 
     /// Puts a batch that could not be written back, added to what was noted
@@ -193,6 +173,43 @@ impl Tally {
             self.keys.values().map(KeyUses::slots).sum::<usize>()
         );
         self.entries
+    }
+}
+
+/// Everything a tally held when it was detached.
+#[derive(Debug)]
+pub struct Taken(HashMap<Arc<str>, KeyUses>);
+
+impl Taken {
+    /// The batch to write, in key order.
+    pub fn into_batch(self) -> UsageBatch {
+        let mut batch = UsageBatch::default();
+        for (key_id, uses) in self.0 {
+            if uses.last_used > 0 {
+                batch
+                    .last_used
+                    .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
+            }
+            let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
+            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
+                for outcome in Outcome::ALL {
+                    let count = counts[outcome.index()];
+                    if count > 0 {
+                        batch.counts.push(UsageCount {
+                            key_id: Arc::clone(&key_id),
+                            hour: from_hours(hour),
+                            outcome,
+                            count: u64::from(count),
+                        });
+                    }
+                }
+            }
+        }
+        batch.last_used.sort();
+        batch
+            .counts
+            .sort_by(|a, b| (&a.key_id, a.hour, a.outcome).cmp(&(&b.key_id, b.hour, b.outcome)));
+        batch
     }
 }
 

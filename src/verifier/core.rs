@@ -618,7 +618,14 @@ impl Verifier {
     /// outcome is unknown is given up (`keyward_verifier_usage_uncertain_total`),
     /// so nothing counts twice.
     pub async fn flush_usage(&self) -> Result<usize> {
-        let batch = self.tally.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Only the swap happens under the lock; building the batch (a sort of
+        // every entry) does not hold checks back.
+        let taken = self
+            .tally
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .detach();
+        let batch = taken.into_batch();
         self.metrics.verifier_last_used_pending.set(0);
         let now = self.clock.now();
         let mut parts = batch.into_chunks(FLUSH_ROWS_PER_TRANSACTION).into_iter();
@@ -712,8 +719,18 @@ pub async fn follow(
             }
         }
     }
+    // Flushes run beside the catch-ups, never between them: a flush of many
+    // keys takes seconds, and revocations must not wait for it.
+    let flusher = Arc::clone(&verifier);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(timing.flush).await;
+            if let Err(e) = flusher.flush_usage().await {
+                warn!(error = %e, "could not record last-used times and usage");
+            }
+        }
+    });
     let mut last_reload = Instant::now();
-    let mut last_flush = Instant::now();
     // Until a listener says it is connected, nothing else would wake us.
     let mut next_poll = timing.unheard_poll;
     loop {
@@ -737,12 +754,6 @@ pub async fn follow(
         } else {
             timing.unheard_poll
         };
-        if last_flush.elapsed() >= timing.flush {
-            last_flush = Instant::now();
-            if let Err(e) = verifier.flush_usage().await {
-                warn!(error = %e, "could not record last-used times and usage");
-            }
-        }
     }
 }
 
