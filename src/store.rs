@@ -564,24 +564,16 @@ impl SqlStore {
                 dump.push('\n');
             }
         }
-        for row in sqlx::query("SELECT key_id, outcome FROM key_usage")
-            .fetch_all(&self.pool)
-            .await?
-        {
-            for i in 0..row.len() {
-                let value: String = row.try_get(i)?;
-                dump.push_str(&value);
-                dump.push('\n');
-            }
-        }
-        for row in sqlx::query("SELECT key_id, action, detail FROM key_audit")
-            .fetch_all(&self.pool)
-            .await?
-        {
-            for i in 0..row.len() {
-                let value: String = row.try_get(i)?;
-                dump.push_str(&value);
-                dump.push('\n');
+        for query in [
+            "SELECT key_id, outcome FROM key_usage",
+            "SELECT key_id, action, detail FROM key_audit",
+        ] {
+            for row in sqlx::query(query).fetch_all(&self.pool).await? {
+                for i in 0..row.len() {
+                    let value: String = row.try_get(i)?;
+                    dump.push_str(&value);
+                    dump.push('\n');
+                }
             }
         }
         Ok(dump)

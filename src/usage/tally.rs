@@ -134,15 +134,9 @@ impl Tally {
         0
     }
 
-    /// Takes everything noted, leaving the tally empty: the next flush's batch,
-    /// in key order so that concurrent flushes lock rows in the same order.
-    pub fn take(&mut self) -> UsageBatch {
-        self.detach().into_batch()
-    }
-
     /// Takes everything noted as it is, leaving the tally empty: cheap, so
-    /// that a caller holding a lock around the tally can build the batch after
-    /// releasing it.
+    /// that a caller holding a lock around the tally can build the batch
+    /// ([`Taken::into_batch`]) after releasing it.
     pub fn detach(&mut self) -> Taken {
         self.entries = 0;
         Taken(std::mem::take(&mut self.keys))
@@ -181,7 +175,8 @@ impl Tally {
 pub struct Taken(HashMap<Arc<str>, KeyUses>);
 
 impl Taken {
-    /// The batch to write, in key order.
+    /// The batch to write, in key order so that concurrent flushes lock rows
+    /// in the same order.
     pub fn into_batch(self) -> UsageBatch {
         let mut batch = UsageBatch::default();
         for (key_id, uses) in self.0 {
@@ -271,7 +266,7 @@ mod tests {
         assert!(tally.note(&key, Outcome::Valid, at(3_600)));
         assert!(tally.note(&key, Outcome::Revoked, at(7_199)));
         assert_eq!(tally.entries(), 2);
-        let batch = tally.take();
+        let batch = tally.detach().into_batch();
         assert_eq!(
             counts(&batch),
             [
@@ -288,7 +283,7 @@ mod tests {
             "a refused attempt is no use"
         );
         assert_eq!(tally.entries(), 0);
-        assert!(tally.take().counts.is_empty());
+        assert!(tally.detach().into_batch().counts.is_empty());
     }
 
     #[test]
@@ -297,7 +292,7 @@ mod tests {
         let key: Arc<str> = Arc::from("kid_old");
         tally.note(&key, Outcome::Revoked, at(10));
         tally.note(&key, Outcome::Expired, at(20));
-        let batch = tally.take();
+        let batch = tally.detach().into_batch();
         assert!(batch.last_used.is_empty());
         assert_eq!(counts(&batch).len(), 2);
     }
@@ -312,7 +307,7 @@ mod tests {
         assert!(!tally.note(&c, Outcome::Valid, at(0)), "a third key");
         assert!(!tally.note(&a, Outcome::Valid, at(3_600)), "a new hour");
         assert!(tally.note(&a, Outcome::Valid, at(1)), "a slot it has");
-        let batch = tally.take();
+        let batch = tally.detach().into_batch();
         assert_eq!(
             counts(&batch),
             [
@@ -328,11 +323,11 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("kid_a"), Arc::from("kid_b"));
         tally.note(&a, Outcome::Valid, at(0));
         tally.note(&a, Outcome::Valid, at(60));
-        let failed = tally.take();
+        let failed = tally.detach().into_batch();
         tally.note(&a, Outcome::Valid, at(120));
         tally.note(&b, Outcome::Valid, at(3_700));
         assert_eq!(tally.restore(failed), 0);
-        let batch = tally.take();
+        let batch = tally.detach().into_batch();
         assert_eq!(
             counts(&batch),
             [
