@@ -81,8 +81,8 @@ pub struct UsageCount {
     pub count: u64,
 }
 
-/// What one verifier flush writes (in parts of at most
-/// `FLUSH_ROWS_PER_TRANSACTION` counts, one transaction each).
+/// What one transaction of a verifier flush writes (a flush is written in
+/// parts of about `FLUSH_ROWS_PER_TRANSACTION` counts).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UsageBatch {
     /// The minute each key was last used, in key order.
@@ -95,37 +95,6 @@ impl UsageBatch {
     /// The checks the batch counts.
     pub fn checks(&self) -> u64 {
         self.counts.iter().map(|c| c.count).sum()
-    }
-
-    /// Splits a batch in key order into batches of at most `rows` counts,
-    /// each with the last uses of its keys; at least one (maybe empty).
-    pub fn into_chunks(self, rows: usize) -> Vec<UsageBatch> {
-        let mut chunks: Vec<UsageBatch> = Vec::new();
-        let mut last_used = self.last_used.into_iter().peekable();
-        let mut counts = self.counts.into_iter().peekable();
-        while counts.peek().is_some() {
-            let chunk: Vec<UsageCount> = counts.by_ref().take(rows.max(1)).collect();
-            let last_key = chunk.last().map(|c| Arc::clone(&c.key_id));
-            let mut uses = Vec::new();
-            while let Some((key, _)) = last_used.peek()
-                && last_key.as_ref().is_some_and(|last| key <= last)
-            {
-                uses.extend(last_used.next());
-            }
-            chunks.push(UsageBatch {
-                last_used: uses,
-                counts: chunk,
-            });
-        }
-        let rest: Vec<_> = last_used.collect();
-        match chunks.last_mut() {
-            Some(last) => last.last_used.extend(rest),
-            None => chunks.push(UsageBatch {
-                last_used: rest,
-                counts: Vec::new(),
-            }),
-        }
-        chunks
     }
 }
 
@@ -142,51 +111,4 @@ pub fn hour_start(at: Timestamp) -> i64 {
 /// The start of `at`'s UTC day, in epoch seconds.
 pub fn day_start(at: Timestamp) -> i64 {
     at.as_second() - at.as_second().rem_euclid(86_400)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_batch_splits_in_key_order_with_each_key_last_use_beside_its_counts() {
-        let at = Timestamp::from_second(3_600).unwrap();
-        let count = |key: &str, outcome| UsageCount {
-            key_id: key.into(),
-            hour: at,
-            outcome,
-            count: 1,
-        };
-        let batch = UsageBatch {
-            last_used: vec![("a".into(), at), ("b".into(), at), ("c".into(), at)],
-            counts: vec![
-                count("a", Outcome::Valid),
-                count("b", Outcome::Valid),
-                count("b", Outcome::Revoked),
-                count("c", Outcome::Valid),
-            ],
-        };
-        let chunks = batch.clone().into_chunks(2);
-        let keys = |b: &UsageBatch| {
-            (
-                b.last_used
-                    .iter()
-                    .map(|(k, _)| k.to_string())
-                    .collect::<Vec<_>>(),
-                b.counts.len(),
-            )
-        };
-        assert_eq!(
-            chunks.iter().map(keys).collect::<Vec<_>>(),
-            [
-                (vec!["a".to_owned(), "b".to_owned()], 2),
-                (vec!["c".to_owned()], 2)
-            ]
-        );
-        assert_eq!(batch.clone().into_chunks(10), [batch]);
-        assert_eq!(
-            UsageBatch::default().into_chunks(10),
-            [UsageBatch::default()]
-        );
-    }
 }

@@ -135,8 +135,8 @@ impl Tally {
     }
 
     /// Takes everything noted as it is, leaving the tally empty: cheap, so
-    /// that a caller holding a lock around the tally can build the batch
-    /// ([`Taken::into_batch`]) after releasing it.
+    /// that a caller holding a lock around the tally can build the parts to
+    /// write ([`Taken::into_parts`]) after releasing it.
     pub fn detach(&mut self) -> Taken {
         self.entries = 0;
         Taken(std::mem::take(&mut self.keys))
@@ -175,36 +175,50 @@ impl Tally {
 pub struct Taken(HashMap<Arc<str>, KeyUses>);
 
 impl Taken {
-    /// The batch to write, in key order so that concurrent flushes lock rows
-    /// in the same order.
-    pub fn into_batch(self) -> UsageBatch {
-        let mut batch = UsageBatch::default();
-        for (key_id, uses) in self.0 {
-            if uses.last_used > 0 {
-                batch
-                    .last_used
-                    .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
-            }
-            let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
-            for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
-                for outcome in Outcome::ALL {
-                    let count = counts[outcome.index()];
-                    if count > 0 {
-                        batch.counts.push(UsageCount {
-                            key_id: Arc::clone(&key_id),
-                            hour: from_hours(hour),
-                            outcome,
-                            count: u64::from(count),
-                        });
-                    }
+    /// The batches to write, built one at a time so that a flush of many keys
+    /// holds one part beside the tally, not a second copy of it. Each part has
+    /// whole keys (their last use beside their counts) until it holds at least
+    /// `rows` counts, and is in key order, so that every transaction locks its
+    /// rows in one global order and concurrent flushes cannot deadlock on it.
+    pub fn into_parts(self, rows: usize) -> impl Iterator<Item = UsageBatch> {
+        let mut keys = self.0.into_iter();
+        std::iter::from_fn(move || {
+            let mut part = UsageBatch::default();
+            for (key_id, uses) in keys.by_ref() {
+                add_to(&mut part, key_id, uses);
+                if part.counts.len() >= rows {
+                    break;
                 }
             }
+            part.last_used.sort();
+            part.counts.sort_by(|a, b| {
+                (&a.key_id, a.hour, a.outcome).cmp(&(&b.key_id, b.hour, b.outcome))
+            });
+            (!part.counts.is_empty()).then_some(part)
+        })
+    }
+}
+
+/// Adds one key's uses to a batch.
+fn add_to(batch: &mut UsageBatch, key_id: Arc<str>, uses: KeyUses) {
+    if uses.last_used > 0 {
+        batch
+            .last_used
+            .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
+    }
+    let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
+    for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
+        for outcome in Outcome::ALL {
+            let count = counts[outcome.index()];
+            if count > 0 {
+                batch.counts.push(UsageCount {
+                    key_id: Arc::clone(&key_id),
+                    hour: from_hours(hour),
+                    outcome,
+                    count: u64::from(count),
+                });
+            }
         }
-        batch.last_used.sort();
-        batch
-            .counts
-            .sort_by(|a, b| (&a.key_id, a.hour, a.outcome).cmp(&(&b.key_id, b.hour, b.outcome)));
-        batch
     }
 }
 
@@ -229,6 +243,11 @@ fn from_hours(hours: u32) -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Everything taken, as one part.
+    fn whole(taken: Taken) -> UsageBatch {
+        taken.into_parts(usize::MAX).next().unwrap_or_default()
+    }
 
     #[test]
     fn a_key_costs_forty_bytes_beside_its_id() {
@@ -266,7 +285,7 @@ mod tests {
         assert!(tally.note(&key, Outcome::Valid, at(3_600)));
         assert!(tally.note(&key, Outcome::Revoked, at(7_199)));
         assert_eq!(tally.entries(), 2);
-        let batch = tally.detach().into_batch();
+        let batch = whole(tally.detach());
         assert_eq!(
             counts(&batch),
             [
@@ -283,7 +302,39 @@ mod tests {
             "a refused attempt is no use"
         );
         assert_eq!(tally.entries(), 0);
-        assert!(tally.detach().into_batch().counts.is_empty());
+        assert!(whole(tally.detach()).counts.is_empty());
+    }
+
+    #[test]
+    fn parts_hold_whole_keys_in_key_order_and_every_count_once() {
+        let mut tally = Tally::new(100);
+        let keys: Vec<Arc<str>> = (0..7).map(|i| Arc::from(format!("kid_{i}"))).collect();
+        for key in &keys {
+            tally.note(key, Outcome::Valid, at(0));
+            tally.note(key, Outcome::Revoked, at(3_600));
+        }
+        let parts: Vec<UsageBatch> = tally.detach().into_parts(3).collect();
+        // Two counts a key: a part of at least 3 counts takes two keys.
+        assert_eq!(
+            parts.iter().map(|p| p.counts.len()).collect::<Vec<_>>(),
+            [4, 4, 4, 2]
+        );
+        let mut seen = Vec::new();
+        for part in &parts {
+            let order: Vec<_> = part
+                .counts
+                .iter()
+                .map(|c| (c.key_id.clone(), c.hour, c.outcome))
+                .collect();
+            assert!(order.is_sorted(), "{order:?}");
+            let last_used: Vec<_> = part.last_used.iter().map(|(k, _)| k.clone()).collect();
+            let counted: std::collections::BTreeSet<_> =
+                part.counts.iter().map(|c| c.key_id.clone()).collect();
+            assert_eq!(last_used, counted.into_iter().collect::<Vec<_>>());
+            seen.extend(last_used);
+        }
+        seen.sort();
+        assert_eq!(seen, keys);
     }
 
     #[test]
@@ -292,7 +343,7 @@ mod tests {
         let key: Arc<str> = Arc::from("kid_old");
         tally.note(&key, Outcome::Revoked, at(10));
         tally.note(&key, Outcome::Expired, at(20));
-        let batch = tally.detach().into_batch();
+        let batch = whole(tally.detach());
         assert!(batch.last_used.is_empty());
         assert_eq!(counts(&batch).len(), 2);
     }
@@ -307,7 +358,7 @@ mod tests {
         assert!(!tally.note(&c, Outcome::Valid, at(0)), "a third key");
         assert!(!tally.note(&a, Outcome::Valid, at(3_600)), "a new hour");
         assert!(tally.note(&a, Outcome::Valid, at(1)), "a slot it has");
-        let batch = tally.detach().into_batch();
+        let batch = whole(tally.detach());
         assert_eq!(
             counts(&batch),
             [
@@ -323,11 +374,11 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("kid_a"), Arc::from("kid_b"));
         tally.note(&a, Outcome::Valid, at(0));
         tally.note(&a, Outcome::Valid, at(60));
-        let failed = tally.detach().into_batch();
+        let failed = whole(tally.detach());
         tally.note(&a, Outcome::Valid, at(120));
         tally.note(&b, Outcome::Valid, at(3_700));
         assert_eq!(tally.restore(failed), 0);
-        let batch = tally.detach().into_batch();
+        let batch = whole(tally.detach());
         assert_eq!(
             counts(&batch),
             [

@@ -80,7 +80,7 @@ fn metric(address: SocketAddr, name: &str) -> f64 {
 }
 
 /// Starts `keyward verifier` on a free address; ready once it has loaded.
-fn start_verifier(cluster: &Cluster, url: &str, extra: &[&str]) -> (Guard, SocketAddr) {
+pub(crate) fn start_verifier(cluster: &Cluster, url: &str, extra: &[&str]) -> (Guard, SocketAddr) {
     let address = free_address();
     let log = std::fs::File::create(
         cluster

@@ -14,6 +14,7 @@ use std::{
 };
 
 use crate::{
+    database::start_verifier,
     harness::{Cluster, wait_for},
     verifier::{check, free_address},
 };
@@ -210,6 +211,62 @@ fn a_previous_key_still_presented_is_reported_and_unused_keys_are_flagged() {
     for key in [&slow_previous, &slow_current, &fast_previous] {
         assert!(!everything.contains(key.as_str()));
     }
+}
+
+/// The bound, at the default intervals (a 60 s flush, a 30 s scan) and
+/// with a separate `keyward verifier` process, as gateways call it: both reports
+/// come within 5 minutes of the first request that should cause them.
+#[test]
+fn reports_come_within_five_minutes_at_the_default_intervals() {
+    let test = "reports_come_within_five_minutes_at_the_default_intervals";
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    let url = format!("sqlite://{}", cluster.dir.path().join("keys.db").display());
+    let _operator = cluster.operator(&url, &[], "info");
+    wait_for("the CRDs", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    cluster.apply(&apikey("slow", "30m"));
+    cluster.apply(&apikey("fast", "20s"));
+    let (slow_previous, _) = rotate(&cluster, "slow");
+    let (fast_previous, _) = rotate(&cluster, "fast");
+    let (_verifier, address) = start_verifier(&cluster, &url, &[]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_previous_use = Instant::now();
+    let clients = [
+        present(address, slow_previous, stop.clone()),
+        present(address, fast_previous.clone(), stop.clone()),
+    ];
+    // The first refused request is where the revoked key's bound starts.
+    wait_for(
+        "fast's previous key revoked",
+        Duration::from_secs(60),
+        || (check(address, &fast_previous) == 401).then_some(()),
+    );
+    let first_refused = Instant::now();
+
+    let bound = Duration::from_secs(300);
+    let (mut in_use, mut revoked) = (None, None);
+    wait_for("both reports", bound, || {
+        if in_use.is_none() && condition(&cluster, "slow", "PreviousKeyInUse", "status") == "True" {
+            in_use = Some(first_previous_use.elapsed());
+        }
+        if revoked.is_none() && events(&cluster, "RevokedKeyInUse").contains("fast: ") {
+            revoked = Some(first_refused.elapsed());
+        }
+        in_use.zip(revoked)
+    });
+    stop.store(true, Ordering::SeqCst);
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    let (in_use, revoked) = (in_use.unwrap(), revoked.unwrap());
+    eprintln!(
+        "at the default intervals: PreviousKeyInUse after {in_use:?}, RevokedKeyInUse after {revoked:?}"
+    );
+    assert!(in_use < bound && revoked < bound);
+    let message = condition(&cluster, "slow", "PreviousKeyInUse", "message");
+    assert!(message.contains("requests since"), "{message}");
 }
 
 /// `/metrics` of the operator's verifier port (the process's one registry).
