@@ -121,6 +121,12 @@ struct Args {
     /// `RUST_LOG` of the operator.
     #[arg(long, default_value = "info")]
     rust_log: String,
+    /// After the restart, write 24 hours of usage counts for every key into
+    /// the key database, as verifiers would flush them, and wait until every
+    /// ApiKey shows them in `status.usage` (issue 16): the operator's reads
+    /// and status writes at this fleet size, and its peak RSS with them.
+    #[arg(long)]
+    usage: bool,
 }
 
 /// The issue rate limit to run the operator with.
@@ -306,6 +312,12 @@ async fn run(args: &Args, cluster: &Cluster, machine: Machine) -> Report {
     let restart_cpu = Cpu::sample(&pids).since(&cpu_before, restart.elapsed);
     let restart_requests = restart.counters.since(&before);
     let restart_peak_rss = status_kib(operator.process.0.id(), "VmHWM:");
+    let usage = if args.usage {
+        eprintln!("scale: usage counts for every key");
+        Some(usage_phase(&client, &database_url, args.keys, &operator, pids).await)
+    } else {
+        None
+    };
     drop(operator);
     let poll_cost = poll_cost(&client, apiserver).await;
 
@@ -338,6 +350,7 @@ async fn run(args: &Args, cluster: &Cluster, machine: Machine) -> Report {
         restart_cpu,
         restart_requests,
         restart_peak_rss,
+        usage,
         poll_cost,
     }
 }
@@ -383,6 +396,7 @@ struct Report {
     restart_cpu: CpuUse,
     restart_requests: Scrape,
     restart_peak_rss: Option<u64>,
+    usage: Option<UsagePhase>,
     /// Wall time and kube-apiserver CPU seconds of one Ready poll.
     poll_cost: (Duration, Option<f64>),
 }
@@ -511,8 +525,151 @@ impl std::fmt::Display for Report {
             mib(self.restart_peak_rss)
         )?;
         write_table(f, &self.restart_requests, keys)?;
-        writeln!(f, "CPU, restart       {}", self.restart_cpu)
+        writeln!(f, "CPU, restart       {}", self.restart_cpu)?;
+        if let Some(usage) = &self.usage {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "usage: {} count rows for every key written in {:.1} s (as verifier flushes); all {} ApiKeys showed them in status.usage {:.1} s later ({} Requests-24h polls); the operator's peak RSS (VmHWM, whole process since its restart) {}; VmRSS sampled every 0.5 s while waiting: max {}",
+                usage.rows,
+                usage.written_in.as_secs_f64(),
+                usage.shown,
+                usage.elapsed.as_secs_f64(),
+                usage.polls,
+                mib(usage.peak_rss),
+                mib(usage.max_rss_kib),
+            )?;
+            writeln!(f, "CPU, usage         {}", usage.cpu)?;
+            write_table(f, &usage.requests, keys)?;
+        }
+        Ok(())
     }
+}
+
+/// The usage phase: what the operator did with a fleet's usage counts.
+struct UsagePhase {
+    /// Count rows written (every key, 24 hours).
+    rows: usize,
+    written_in: Duration,
+    /// From the last count written until every ApiKey showed its usage.
+    elapsed: Duration,
+    shown: usize,
+    polls: usize,
+    max_rss_kib: Option<u64>,
+    peak_rss: Option<u64>,
+    cpu: CpuUse,
+    requests: Scrape,
+}
+
+/// Count rows each key gets: 24 hours of valid checks, and insufficient-scope
+/// checks in the current hour.
+const USAGE_HOURS: i64 = 24;
+
+/// Writes usage for every live key through `SqlStore::record_usage` (what a
+/// verifier's flush calls), in parts of about 1,000 rows, then waits until
+/// every ApiKey's `Requests-24h` column shows it, sampling the operator's RSS.
+async fn usage_phase(
+    client: &Client,
+    database_url: &str,
+    keys: usize,
+    operator: &harness::Operator,
+    pids: [(&'static str, Option<u32>); 4],
+) -> UsagePhase {
+    use keyward::{
+        usage::{Outcome, UsageBatch, UsageCount},
+        verifier::KeySource,
+    };
+    let store = keyward::store::SqlStore::connect(database_url)
+        .await
+        .expect("the key database");
+    let mut ids: Vec<std::sync::Arc<str>> = Vec::new();
+    KeySource::live_keys(&store, &mut |record| ids.push(record.key_id.into()))
+        .await
+        .expect("the live keys");
+    let now = jiff::Timestamp::now();
+    let hour = |back: i64| {
+        let at = now - jiff::SignedDuration::from_hours(back);
+        jiff::Timestamp::from_second(keyward::usage::hour_start(at)).expect("an hour")
+    };
+    let before = scrape(client).await;
+    let pid = operator.process.0.id();
+    let cpu_before = Cpu::sample(&pids);
+    let started = Instant::now();
+    let mut rows = 0;
+    for part in ids.chunks(1_000 / (USAGE_HOURS as usize + 1)) {
+        let mut batch = UsageBatch::default();
+        for id in part {
+            batch.last_used.push((id.clone(), now));
+            for back in 0..USAGE_HOURS {
+                batch.counts.push(UsageCount {
+                    key_id: id.clone(),
+                    hour: hour(back),
+                    outcome: Outcome::Valid,
+                    count: 10,
+                });
+            }
+            batch.counts.push(UsageCount {
+                key_id: id.clone(),
+                hour: hour(0),
+                outcome: Outcome::InsufficientScope,
+                count: 1,
+            });
+        }
+        rows += batch.counts.len();
+        store
+            .record_usage(&batch, now)
+            .await
+            .expect("usage recorded");
+    }
+    let written_in = started.elapsed();
+    let started = Instant::now();
+    let mut max_rss_kib = None;
+    let mut polls = 0;
+    let mut next_poll = Instant::now();
+    let shown = loop {
+        max_rss_kib = max_rss_kib.max(status_kib(pid, "VmRSS:"));
+        if Instant::now() >= next_poll {
+            let shown = requests_shown(client).await;
+            polls += 1;
+            if shown >= keys {
+                break shown;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(900),
+                "only {shown} of {keys} ApiKeys showed their usage after 15 minutes"
+            );
+            next_poll = Instant::now() + Duration::from_secs(5);
+        }
+        tokio::time::sleep(SAMPLE_EVERY).await;
+    };
+    let elapsed = started.elapsed();
+    let cpu = Cpu::sample(&pids).since(&cpu_before, written_in + elapsed);
+    UsagePhase {
+        rows,
+        written_in,
+        elapsed,
+        shown,
+        polls,
+        max_rss_kib,
+        peak_rss: status_kib(pid, "VmHWM:"),
+        cpu,
+        requests: scrape(client).await.since(&before),
+    }
+}
+
+/// How many ApiKeys show requests in their `Requests-24h` column.
+async fn requests_shown(client: &Client) -> usize {
+    let table = apikey_table(client).await;
+    let column = table
+        .column_definitions
+        .iter()
+        .position(|c| c.name == "Requests-24h")
+        .expect("the ApiKey CRD's Requests-24h printer column");
+    table
+        .rows
+        .iter()
+        .filter(|row| row.cells.get(column).and_then(|c| c.as_u64()) > Some(0))
+        .count()
 }
 
 async fn client(kubeconfig: &Path) -> Client {
@@ -804,17 +961,22 @@ struct Readiness {
 }
 
 /// One LIST of every ApiKey, as a Table of printer columns.
-async fn readiness(client: &Client) -> Readiness {
+async fn apikey_table(client: &Client) -> Table {
     let request = hyper::Request::get(
         "/apis/keyward.dev/v1alpha1/apikeys?includeObject=None&resourceVersion=0",
     )
     .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
     .body(Vec::new())
     .expect("a LIST request");
-    let table: Table = client
+    client
         .request(request)
         .await
-        .expect("LIST apikeys as a Table");
+        .expect("LIST apikeys as a Table")
+}
+
+/// How many ApiKeys are Ready, and why the others are not.
+async fn readiness(client: &Client) -> Readiness {
+    let table = apikey_table(client).await;
     let column = |name: &str| {
         table
             .column_definitions
