@@ -14,8 +14,9 @@ use super::{Outcome, UsageBatch, UsageCount, hour_start};
 /// would need billions of checks of one key to fill one.
 type Counts = [u32; Outcome::COUNT];
 
-/// One key's uses since the last flush, in 40 bytes: a tally of 100,000
-/// keys costs about 7 MiB.
+/// One key's latest hour of uses since the last flush, in 24 bytes: with
+/// the hash table's key id beside it, a tally of 100,000 keys is a table of
+/// about 5 MiB.
 #[derive(Debug)]
 struct KeyUses {
     /// The minute (minutes since the epoch) of its last valid or
@@ -25,36 +26,23 @@ struct KeyUses {
     hour: u32,
     /// Checks in `hour`.
     counts: Counts,
-    /// Other hours not written yet: an hour boundary between two flushes, a
-    /// failed flush, or a clock that stepped back. Rare, so a boxed slice
-    /// (two words) rather than a `Vec` (three).
-    earlier: Option<Box<[(u32, Counts)]>>,
-}
-
-impl KeyUses {
-    fn slot(&mut self, hour: u32) -> Option<&mut Counts> {
-        if self.hour == hour {
-            return Some(&mut self.counts);
-        }
-        self.earlier
-            .as_deref_mut()?
-            .iter_mut()
-            .find(|(h, _)| *h == hour)
-            .map(|(_, counts)| counts)
-    }
-
-    fn slots(&self) -> usize {
-        1 + self.earlier.as_ref().map_or(0, |e| e.len())
-    }
 }
 
 /// Uses noted since the last flush, bounded.
 #[derive(Debug)]
 pub struct Tally {
     keys: HashMap<Arc<str>, KeyUses>,
+    /// Other hours of some keys, not written yet: an hour boundary between
+    /// two flushes, a failed flush, or a clock that stepped back. Rare, so
+    /// kept beside `keys` rather than in every entry.
+    earlier: HashMap<Arc<str>, Vec<(u32, Counts)>>,
     /// (key, hour) slots held: what `max_entries` bounds.
     entries: usize,
     max_entries: usize,
+    /// Keys the last detached tally held. The next table starts that large,
+    /// so that a busy verifier's tally does not grow by doubling, which holds
+    /// the old and the new table at once at every step.
+    expected: usize,
 }
 
 impl Tally {
@@ -62,8 +50,10 @@ impl Tally {
     pub fn new(max_entries: usize) -> Self {
         Self {
             keys: HashMap::new(),
+            earlier: HashMap::new(),
             entries: 0,
             max_entries,
+            expected: 0,
         }
     }
 
@@ -89,19 +79,21 @@ impl Tally {
         n: u32,
     ) -> u32 {
         let full = self.entries >= self.max_entries;
+        let mut counts = [0; Outcome::COUNT];
+        counts[outcome.index()] = n;
         let Some(uses) = self.keys.get_mut(key_id) else {
             if full {
                 return n;
             }
-            let mut counts = [0; Outcome::COUNT];
-            counts[outcome.index()] = n;
+            if self.keys.capacity() == 0 {
+                self.keys.reserve(self.expected.min(self.max_entries));
+            }
             self.keys.insert(
                 Arc::clone(key_id),
                 KeyUses {
                     last_used: used.unwrap_or(0),
                     hour,
                     counts,
-                    earlier: None,
                 },
             );
             self.entries += 1;
@@ -110,26 +102,23 @@ impl Tally {
         if let Some(used) = used {
             uses.last_used = uses.last_used.max(used);
         }
-        if let Some(counts) = uses.slot(hour) {
-            let slot = &mut counts[outcome.index()];
-            let room = u32::MAX - *slot;
-            *slot += n.min(room);
-            return n.saturating_sub(room);
+        if uses.hour == hour {
+            return add_saturating(&mut uses.counts[outcome.index()], n);
+        }
+        let earlier = self.earlier.get_mut(key_id);
+        if let Some((_, slot)) = earlier.and_then(|e| e.iter_mut().find(|(h, _)| *h == hour)) {
+            return add_saturating(&mut slot[outcome.index()], n);
         }
         if full {
             return n;
         }
-        let mut counts = [0; Outcome::COUNT];
-        counts[outcome.index()] = n;
-        let mut earlier = uses.earlier.take().map(Vec::from).unwrap_or_default();
+        let earlier = self.earlier.entry(Arc::clone(key_id)).or_default();
         if hour > uses.hour {
-            let previous = std::mem::replace(&mut uses.counts, counts);
-            earlier.push((uses.hour, previous));
+            earlier.push((uses.hour, std::mem::replace(&mut uses.counts, counts)));
             uses.hour = hour;
         } else {
             earlier.push((hour, counts));
         }
-        uses.earlier = Some(earlier.into_boxed_slice());
         self.entries += 1;
         0
     }
@@ -139,7 +128,11 @@ impl Tally {
     /// write ([`Taken::into_parts`]) after releasing it.
     pub fn detach(&mut self) -> Taken {
         self.entries = 0;
-        Taken(std::mem::take(&mut self.keys))
+        self.expected = self.keys.len();
+        Taken {
+            keys: std::mem::take(&mut self.keys),
+            earlier: std::mem::take(&mut self.earlier),
+        }
     }
 
     /// Puts a batch that could not be written back, added to what was noted
@@ -164,7 +157,7 @@ impl Tally {
     pub fn entries(&self) -> usize {
         debug_assert_eq!(
             self.entries,
-            self.keys.values().map(KeyUses::slots).sum::<usize>()
+            self.keys.len() + self.earlier.values().map(Vec::len).sum::<usize>()
         );
         self.entries
     }
@@ -172,7 +165,10 @@ impl Tally {
 
 /// Everything a tally held when it was detached.
 #[derive(Debug)]
-pub struct Taken(HashMap<Arc<str>, KeyUses>);
+pub struct Taken {
+    keys: HashMap<Arc<str>, KeyUses>,
+    earlier: HashMap<Arc<str>, Vec<(u32, Counts)>>,
+}
 
 impl Taken {
     /// The batches to write, built one at a time so that a flush of many keys
@@ -181,11 +177,13 @@ impl Taken {
     /// `rows` counts, and is in key order, so that every transaction locks its
     /// rows in one global order and concurrent flushes cannot deadlock on it.
     pub fn into_parts(self, rows: usize) -> impl Iterator<Item = UsageBatch> {
-        let mut keys = self.0.into_iter();
+        let Taken { keys, mut earlier } = self;
+        let mut keys = keys.into_iter();
         std::iter::from_fn(move || {
             let mut part = UsageBatch::default();
             for (key_id, uses) in keys.by_ref() {
-                add_to(&mut part, key_id, uses);
+                let earlier = earlier.remove(&key_id).unwrap_or_default();
+                add_to(&mut part, key_id, uses, earlier);
                 if part.counts.len() >= rows {
                     break;
                 }
@@ -200,13 +198,12 @@ impl Taken {
 }
 
 /// Adds one key's uses to a batch.
-fn add_to(batch: &mut UsageBatch, key_id: Arc<str>, uses: KeyUses) {
+fn add_to(batch: &mut UsageBatch, key_id: Arc<str>, uses: KeyUses, earlier: Vec<(u32, Counts)>) {
     if uses.last_used > 0 {
         batch
             .last_used
             .push((Arc::clone(&key_id), from_minutes(uses.last_used)));
     }
-    let earlier = uses.earlier.map(Vec::from).unwrap_or_default();
     for (hour, counts) in std::iter::once((uses.hour, uses.counts)).chain(earlier) {
         for outcome in Outcome::ALL {
             let count = counts[outcome.index()];
@@ -220,6 +217,13 @@ fn add_to(batch: &mut UsageBatch, key_id: Arc<str>, uses: KeyUses) {
             }
         }
     }
+}
+
+/// Adds `n` to a count; returns how many did not fit in 32 bits.
+fn add_saturating(count: &mut u32, n: u32) -> u32 {
+    let room = u32::MAX - *count;
+    *count += n.min(room);
+    n.saturating_sub(room)
 }
 
 /// Minutes since the epoch (u32 lasts until the year 10136).
@@ -250,8 +254,8 @@ mod tests {
     }
 
     #[test]
-    fn a_key_costs_forty_bytes_beside_its_id() {
-        assert_eq!(std::mem::size_of::<KeyUses>(), 40);
+    fn a_key_costs_twenty_four_bytes_beside_its_id() {
+        assert_eq!(std::mem::size_of::<KeyUses>(), 24);
     }
 
     /// An hour's start (1,800,000,000 is one) plus `second`.
@@ -335,6 +339,19 @@ mod tests {
         }
         seen.sort();
         assert_eq!(seen, keys);
+    }
+
+    #[test]
+    fn a_tally_starts_as_large_as_the_last_one_was() {
+        let mut tally = Tally::new(1_000);
+        let keys: Vec<Arc<str>> = (0..200).map(|i| Arc::from(format!("kid_{i}"))).collect();
+        for key in &keys {
+            tally.note(key, Outcome::Valid, at(0));
+        }
+        drop(tally.detach());
+        assert_eq!(tally.keys.capacity(), 0, "nothing held until a check");
+        tally.note(&keys[0], Outcome::Valid, at(60));
+        assert!(tally.keys.capacity() >= 200);
     }
 
     #[test]
