@@ -539,6 +539,7 @@ impl std::fmt::Display for Report {
                 mib(usage.peak_rss),
                 mib(usage.max_rss_kib),
             )?;
+            writeln!(f, "RSS, usage         {}", usage.timeline.join("; "))?;
             writeln!(f, "CPU, usage         {}", usage.cpu)?;
             write_table(f, &usage.requests, keys)?;
         }
@@ -557,6 +558,9 @@ struct UsagePhase {
     polls: usize,
     max_rss_kib: Option<u64>,
     peak_rss: Option<u64>,
+    /// At each poll: seconds since the counts were written, ApiKeys showing
+    /// them, and the operator's VmRSS.
+    timeline: Vec<String>,
     cpu: CpuUse,
     requests: Scrape,
 }
@@ -625,12 +629,18 @@ async fn usage_phase(
     let started = Instant::now();
     let mut max_rss_kib = None;
     let mut polls = 0;
+    let mut timeline = Vec::new();
     let mut next_poll = Instant::now();
     let shown = loop {
         max_rss_kib = max_rss_kib.max(status_kib(pid, "VmRSS:"));
         if Instant::now() >= next_poll {
             let shown = requests_shown(client).await;
             polls += 1;
+            timeline.push(format!(
+                "{:.0} s: {shown} shown, {}",
+                started.elapsed().as_secs_f64(),
+                mib(status_kib(pid, "VmRSS:"))
+            ));
             if shown >= keys {
                 break shown;
             }
@@ -652,6 +662,7 @@ async fn usage_phase(
         polls,
         max_rss_kib,
         peak_rss: status_kib(pid, "VmHWM:"),
+        timeline,
         cpu,
         requests: scrape(client).await.since(&before),
     }
