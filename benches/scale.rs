@@ -14,7 +14,10 @@
 //! - a restart over the settled fleet: what it sends until it goes idle, and
 //!   when that is, since every restart and failover pays it;
 //! - CPU seconds per process in each phase, to tell waiting from working and to
-//!   show when something else on the machine competed for the cores.
+//!   show when something else on the machine competed for the cores;
+//! - with `--usage`, a day of usage counts for every key written after the
+//!   restart, and the operator's status writes and peak RSS until every
+//!   ApiKey shows them (issue 16).
 //!
 //! Run: `cargo bench --bench scale -- --keys 1000 --database sqlite`
 //! (`-- --help` lists the options). Figures and their meaning are in
