@@ -350,10 +350,31 @@ pub struct UsageSeries {
     pub expired: Vec<i64>,
 }
 
+impl UsageSeries {
+    /// Requests per bucket, every outcome together.
+    pub fn totals(&self) -> Vec<i64> {
+        let outcomes = [
+            &self.valid,
+            &self.insufficient_scope,
+            &self.revoked,
+            &self.expired,
+        ];
+        let len = outcomes.iter().map(|v| v.len()).max().unwrap_or(0);
+        (0..len)
+            .map(|i| outcomes.iter().filter_map(|v| v.get(i)).sum())
+            .collect()
+    }
+}
+
 impl ApiKeyStatus {
     /// The Ready condition, if there is one.
     pub fn ready_condition(&self) -> Option<&Condition> {
-        self.conditions.iter().find(|c| c.type_ == READY)
+        self.condition(READY)
+    }
+
+    /// The condition of this type, if there is one.
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.conditions.iter().find(|c| c.type_ == type_)
     }
 }
 

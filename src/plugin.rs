@@ -390,6 +390,11 @@ fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Str
     t.map_or_else(|| "-".to_owned(), |t| t.0.to_string())
 }
 
+/// A last use, or "never": no verifier saw the key verify.
+fn last_used(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
+    t.map_or_else(|| "never".to_owned(), |t| t.0.to_string())
+}
+
 /// The `list` output.
 pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Result<String> {
     match output {
@@ -444,10 +449,7 @@ pub fn render_list(keys: &[ApiKey], all_namespaces: bool, output: Output) -> Res
             policy_column(&status),
             time(status.issued_at.as_ref()),
             time(status.next_rotation_at.as_ref()),
-            status
-                .last_used_at
-                .as_ref()
-                .map_or_else(|| "never".to_owned(), |t| t.0.to_string()),
+            last_used(status.last_used_at.as_ref()),
         ];
         if all_namespaces {
             row.insert(0, key.namespace().unwrap_or_default());
@@ -512,10 +514,7 @@ pub fn render_unused(keys: &[ApiKey], all_namespaces: bool, output: Output) -> R
 /// and a one-line sparkline per outcome that had requests.
 pub fn render_usage(key: &ApiKey, by: Bucket, window: Option<SignedDuration>) -> String {
     let status = key.status.clone().unwrap_or_default();
-    let last_used = status
-        .last_used_at
-        .as_ref()
-        .map_or_else(|| "never".to_owned(), |t| t.0.to_string());
+    let last_used = last_used(status.last_used_at.as_ref());
     let Some(usage) = status.usage else {
         return format!(
             "apikey {}: no request recorded for any of its keys (last used: {last_used})\n",
@@ -531,8 +530,8 @@ pub fn render_usage(key: &ApiKey, by: Bucket, window: Option<SignedDuration>) ->
         usage.updated_at.0
     );
     let (series, width) = match by {
-        Bucket::Hour => (&usage.hourly, SignedDuration::from_hours(1)),
-        Bucket::Day => (&usage.daily, SignedDuration::from_hours(24)),
+        Bucket::Hour => (&usage.hourly, crate::usage::HOUR),
+        Bucket::Day => (&usage.daily, crate::usage::DAY),
     };
     let outcomes = [
         ("VALID", &series.valid),
@@ -540,7 +539,8 @@ pub fn render_usage(key: &ApiKey, by: Bucket, window: Option<SignedDuration>) ->
         ("REVOKED", &series.revoked),
         ("EXPIRED", &series.expired),
     ];
-    let len = outcomes.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+    let totals = series.totals();
+    let len = totals.len();
     let value = |values: &Vec<i64>, i: usize| values.get(i).copied().unwrap_or(0);
     // The window's length in buckets, the current one included.
     let first = window.map_or(0, |window| {
@@ -555,22 +555,18 @@ pub fn render_usage(key: &ApiKey, by: Bucket, window: Option<SignedDuration>) ->
         "TOTAL".into(),
     ]];
     rows[0].extend(outcomes.iter().map(|(name, _)| (*name).to_owned()));
-    for i in first..len {
+    for (i, total) in totals.iter().enumerate().skip(first) {
         let start = series.start.0 + width * i as i32;
         let label = match by {
             Bucket::Hour => start.strftime("%Y-%m-%d %H:00").to_string(),
             Bucket::Day => start.strftime("%Y-%m-%d").to_string(),
         };
-        let total: i64 = outcomes.iter().map(|(_, v)| value(v, i)).sum();
         let mut row = vec![label, total.to_string()];
         row.extend(outcomes.iter().map(|(_, v)| value(v, i).to_string()));
         rows.push(row);
     }
     out.push_str(&table(&rows));
-    let totals: Vec<i64> = (first..len)
-        .map(|i| outcomes.iter().map(|(_, v)| value(v, i)).sum())
-        .collect();
-    out.push_str(&format!("{:<19}{}\n", "total", sparkline(&totals)));
+    out.push_str(&format!("{:<19}{}\n", "total", sparkline(&totals[first..])));
     for (name, values) in outcomes {
         if values.iter().any(|v| *v > 0) {
             let shown: Vec<i64> = (first..len).map(|i| value(values, i)).collect();
@@ -656,15 +652,7 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
                 .map(|t| t.0.to_string()),
         ),
         ("Rotate request", status.last_rotation_request.clone()),
-        (
-            "Last used",
-            Some(
-                status
-                    .last_used_at
-                    .as_ref()
-                    .map_or_else(|| "never".to_owned(), |t| t.0.to_string()),
-            ),
-        ),
+        ("Last used", Some(last_used(status.last_used_at.as_ref()))),
         (
             "Requests",
             status.usage.as_ref().map(|u| {
@@ -673,7 +661,7 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
                     u.last24h,
                     u.refused_last24h,
                     u.last7d,
-                    sparkline(&daily_totals(u))
+                    sparkline(&u.daily.totals())
                 )
             }),
         ),
@@ -737,26 +725,6 @@ pub fn render_status(key: &ApiKey, events: &[Event]) -> String {
     }
     out.push_str(&indent(&table(&rows)));
     out
-}
-
-/// Requests per day, every outcome.
-fn daily_totals(usage: &crate::crd::UsageStatus) -> Vec<i64> {
-    let series = &usage.daily;
-    let outcomes = [
-        &series.valid,
-        &series.insufficient_scope,
-        &series.revoked,
-        &series.expired,
-    ];
-    let len = outcomes.iter().map(|v| v.len()).max().unwrap_or(0);
-    (0..len)
-        .map(|i| {
-            outcomes
-                .iter()
-                .map(|v| v.get(i).copied().unwrap_or(0))
-                .sum()
-        })
-        .collect()
 }
 
 fn indent(text: &str) -> String {

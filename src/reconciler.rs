@@ -1011,7 +1011,7 @@ impl Reconciler {
     ) {
         fn in_use(status: Option<&ApiKeyStatus>) -> Option<&Condition> {
             status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == PREVIOUS_KEY_IN_USE))
+                .and_then(|s| s.condition(PREVIOUS_KEY_IN_USE))
                 .filter(|c| c.status == "True")
         }
         if let Some(condition) = in_use(Some(status))

@@ -154,7 +154,7 @@ pub struct Metrics {
     pub verifier_fallbacks: Family<OutcomeLabel, Counter>,
     /// Reconnects of the PostgreSQL change listener.
     pub verifier_listener_reconnects: Counter,
-    /// Keys whose last use waits for the next flush.
+    /// Keys whose last use and counts wait for the next flush.
     pub verifier_last_used_pending: Gauge,
     /// Last-used times that moved a key's `last_used_at` forward in the database.
     pub verifier_last_used_flushed: Counter,
@@ -334,7 +334,7 @@ impl Default for Metrics {
         );
         registry.register(
             "verifier_last_used_pending",
-            "Keys whose last use waits for the next flush",
+            "Keys whose last use and counts wait for the next flush",
             metrics.verifier_last_used_pending.clone(),
         );
         registry.register(

@@ -207,7 +207,7 @@ pub struct PolicyViolationEntry {
     pub namespace: String,
     /// The ApiKey's name.
     pub name: String,
-    /// The rule it breaks: `teams`, `scopes`, `owner`, `lifetime.maxExpiresAfter`, `lifetime.maxRotationInterval`, `lifetime.maxGracePeriod`, `lifetime.maxUnused` or `maxKeysPerNamespace`.
+    /// The rule it breaks: `teams`, `scopes`, `owner`, `lifetime.maxExpiresAfter`, `lifetime.maxRotationInterval`, `lifetime.maxGracePeriod` or `maxKeysPerNamespace` (`lifetime.maxUnused` is judged per key, in its `PolicyCompliant` condition).
     pub rule: String,
     /// What is wrong, in words.
     pub message: String,

@@ -455,15 +455,10 @@ fn check_unused(
         // through the usage scan.
         return None;
     };
-    let quiet_since = [
-        Some(activity.created),
-        Some(recorded_since),
-        activity.last_used,
-    ]
-    .into_iter()
-    .flatten()
-    .max()
-    .unwrap_or(activity.created);
+    let quiet_since = activity
+        .created
+        .max(recorded_since)
+        .max(activity.last_used.unwrap_or(activity.created));
     if quiet_since > horizon {
         return Some(quiet_since + max);
     }

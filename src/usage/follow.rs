@@ -9,7 +9,7 @@
 //! queries per interval is fixed, whatever the number of ApiKeys.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -49,8 +49,6 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
 /// uses are stored floored to the minute and flushed by verifiers a few
 /// seconds later.
 const OVERLAP: SignedDuration = SignedDuration::from_mins(3);
-/// The usage retention when `--usage-retention` is not given.
-pub const DEFAULT_RETENTION: SignedDuration = SignedDuration::from_hours(90 * 24);
 
 /// What the leader's scans learned, read by every reconcile. Each part is
 /// `None` until its first scan, so that a restarted operator never reads "no
@@ -163,7 +161,7 @@ pub fn attention_due(
                         .is_some_and(|at| now.duration_since(at) < IN_USE_WINDOW)
             });
             let shown = status
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == PREVIOUS_KEY_IN_USE))
+                .and_then(|s| s.condition(PREVIOUS_KEY_IN_USE))
                 .is_some_and(|c| c.status == "True");
             let reported = status
                 .and_then(|s| s.revoked_key_reported_at.as_ref())
@@ -321,13 +319,14 @@ impl UsageFollower {
         due.extend(use_due(&used, &live));
         due.extend(attention_due(&recent, &live, now));
         self.book.set_recent(recent);
+        let used_uids: HashSet<&str> = used.iter().map(|(uid, _)| uid.as_str()).collect();
         let first_use = live.iter().any(|key| {
             key.status.as_ref().is_none_or(|s| s.usage.is_none())
                 && key
                     .metadata
                     .uid
                     .as_deref()
-                    .is_some_and(|uid| used.iter().any(|(used, _)| used == uid))
+                    .is_some_and(|uid| used_uids.contains(uid))
         });
         Ok(first_use)
     }

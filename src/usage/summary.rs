@@ -260,7 +260,7 @@ pub fn previous_key_condition(
     generation: Option<i64>,
     now: Timestamp,
 ) -> Option<Condition> {
-    let shown = shown.and_then(|s| s.conditions.iter().find(|c| c.type_ == PREVIOUS_KEY_IN_USE));
+    let shown = shown.and_then(|s| s.condition(PREVIOUS_KEY_IN_USE));
     let Some(recent) = recent else {
         return shown.cloned();
     };
