@@ -1,4 +1,4 @@
-//! The `keyward` command line: `run`, `crd`, `admission`, `verify`, `migrate`.
+//! The `keyward` command line: `run`, `verifier`, `crd`, `admission`, `verify`, `dashboard`, `migrate`.
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -247,6 +247,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = AdmissionVersion::V1)]
         api_version: AdmissionVersion,
     },
+    /// Serve the dashboard (as `kubectl keyward dashboard` does); in a cluster,
+    /// with `--token-passthrough` behind an authenticating proxy (docs/dashboard.md).
+    Dashboard(crate::dashboard::DashboardArgs),
     /// Apply the key database migrations and exit.
     Migrate {
         /// The key database.
@@ -333,6 +336,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 verifier: verifier_address.map(|address| verifier.settings(address, None)),
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dashboard(args) => {
+            crate::dashboard::run(args, None).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Crd { only } => {

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod controller;
 pub mod core;
 pub mod crd;
+pub mod dashboard;
 mod error;
 pub mod key;
 pub mod plugin;

@@ -114,6 +114,8 @@ pub enum PluginCommand {
         #[arg(long, default_value = "60s", value_parser = parse_timeout)]
         timeout: Duration,
     },
+    /// Serve the keyward dashboard: a web page on 127.0.0.1 with your kubeconfig's permissions.
+    Dashboard(crate::dashboard::DashboardArgs),
     /// Show an ApiKey's conditions, key, rotation times and recent Events.
     Status {
         /// ApiKey name.
@@ -167,6 +169,10 @@ pub async fn execute(plugin: Plugin) -> ExitCode {
 }
 
 async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
+    if let PluginCommand::Dashboard(args) = plugin.command {
+        crate::dashboard::run(args, plugin.namespace).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let client = Client::try_default().await?;
     let namespace = plugin
         .namespace
@@ -235,7 +241,10 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
             })
         }
         PluginCommand::Revoke { name, timeout } => {
-            revoke(&namespaced, &name, timeout).await?;
+            revoke(&namespaced, &name, timeout, |blocked| {
+                eprintln!("waiting: revocation is blocked{blocked}");
+            })
+            .await?;
             println!("apikey {name} revoked and deleted");
             Ok(ExitCode::SUCCESS)
         }
@@ -255,6 +264,7 @@ async fn dispatch(plugin: Plugin) -> Result<ExitCode> {
             print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
+        PluginCommand::Dashboard(_) => unreachable!("served above"),
         PluginCommand::Status { name, output } => {
             let key = namespaced.get(&name).await?;
             let text = match output {
@@ -301,7 +311,7 @@ async fn select(
 }
 
 /// Sets the rotate annotation and waits until the operator reports it handled.
-async fn rotate(
+pub(crate) async fn rotate(
     api: &Api<ApiKey>,
     name: &str,
     request: &str,
@@ -344,8 +354,14 @@ async fn rotate(
     }
 }
 
-/// Deletes the ApiKey and waits until the finalizer has revoked its key and it is gone.
-async fn revoke(api: &Api<ApiKey>, name: &str, timeout: Duration) -> Result<()> {
+/// Deletes the ApiKey and waits until the finalizer has revoked its key and it
+/// is gone, telling `progress` each new reason the revocation is blocked.
+pub(crate) async fn revoke(
+    api: &Api<ApiKey>,
+    name: &str,
+    timeout: Duration,
+    mut progress: impl FnMut(&str),
+) -> Result<()> {
     api.delete(name, &DeleteParams::default()).await?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut said = String::new();
@@ -355,7 +371,7 @@ async fn revoke(api: &Api<ApiKey>, name: &str, timeout: Duration) -> Result<()> 
         };
         let blocked = blocked_reason(&key);
         if !blocked.is_empty() && blocked != said {
-            eprintln!("waiting: revocation is blocked{blocked}");
+            progress(&blocked);
             said = blocked.clone();
         }
         if tokio::time::Instant::now() >= deadline {
