@@ -302,7 +302,8 @@ async fn admit(State(app): State<SharedApp>, mut request: Request, next: Next) -
 }
 
 /// No third-party origin, no inline script or style, no framing, no caching
-/// (a revealed key must not stay in a cache), no referrer.
+/// (a revealed key must not stay in a cache), no referrer to other origins
+/// (`no-referrer` would make Chromium send `Origin: null` on the forms).
 fn secure_headers(headers: &mut HeaderMap) {
     let set = [
         (
@@ -311,7 +312,7 @@ fn secure_headers(headers: &mut HeaderMap) {
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::CACHE_CONTROL, "no-store"),
     ];
     for (name, value) in set {

@@ -3,6 +3,7 @@
 
 mod admission;
 mod chart;
+mod dashboard;
 mod database;
 mod harness;
 mod limits;
@@ -12,6 +13,8 @@ mod roles;
 mod support;
 mod usage;
 mod verifier;
+#[path = "../support/webdriver.rs"]
+mod webdriver;
 // Only part of it serves these tests; tests/replication.rs uses all of it.
 #[allow(dead_code)]
 #[path = "../support/replication.rs"]
