@@ -320,6 +320,7 @@ fn the_dashboard_creates_reveals_rotates_and_revokes_in_chromium() {
     browser.find("#reveal").click();
     let shown = browser.wait_for("#key", long);
     assert_eq!(shown.property("value").as_str(), Some(first.as_str()));
+    assert!(!browser.url().contains(&first), "the key is in a URL");
     // docs/dashboard.md's pictures: KEYWARD_SCREENSHOT_DIR=docs/dashboard.
     let screenshots = std::env::var("KEYWARD_SCREENSHOT_DIR")
         .map(PathBuf::from)
@@ -365,7 +366,7 @@ fn the_dashboard_creates_reveals_rotates_and_revokes_in_chromium() {
             r#"{.status.usage.last24h} {.status.conditions[?(@.type=="PreviousKeyInUse")].status}"#,
         );
             let (requests, previous_in_use) = shown.split_once(' ')?;
-        (!requests.is_empty() && previous_in_use == "True").then_some(())
+            (!requests.is_empty() && previous_in_use == "True").then_some(())
         },
     );
 
@@ -409,6 +410,16 @@ fn the_dashboard_creates_reveals_rotates_and_revokes_in_chromium() {
     assert_eq!(verify(&database, &third).0, 0);
     stop.store(true, Ordering::SeqCst);
     client.join().unwrap();
+
+    // The policies that select the namespace, with what they allow.
+    browser.goto(&format!("http://{}/policies?ns=default", dashboard.address));
+    let policy = browser
+        .wait_for_text("section.policy", "ml-keys", long)
+        .text();
+    assert!(
+        policy.contains("ml,search") && policy.contains("models:*"),
+        "{policy}"
+    );
 
     // Revoke: a wrong name is refused, the right one deletes and waits.
     browser.goto(&format!(
@@ -516,6 +527,15 @@ fn a_viewer_is_refused_with_the_api_servers_message_and_offered_no_reveal() {
         create.body.contains("cannot create resource"),
         "{}",
         create.body
+    );
+    let policies = get("/policies");
+    assert_eq!(policies.status, 403, "{}", policies.body);
+    assert!(
+        policies
+            .body
+            .contains("cannot list resource &quot;apikeypolicies&quot;"),
+        "{}",
+        policies.body
     );
     let reveal = post("/keys/default/watched/reveal", "");
     assert_eq!(reveal.status, 403, "{}", reveal.body);
@@ -735,6 +755,14 @@ fn token_passthrough_refuses_requests_without_a_token_and_acts_as_the_caller() {
         &cluster.dir.path().join("dashboard-passthrough.log"),
     );
     assert_eq!(dashboard.address, address);
+    // The example that runs it so is valid on this API server.
+    cluster.kubectl(&["create", "namespace", "keyward-system"]);
+    cluster.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &format!("{ROOT}/examples/dashboard-in-cluster.yaml"),
+    ]);
     for path in ["/", "/keys/default/passed", "/policies"] {
         let reply = http(address, "GET", path, &[], "");
         assert_eq!(reply.status, 401, "{path}: {}", reply.body);
