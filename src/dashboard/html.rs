@@ -88,6 +88,18 @@ fn flags(attention: &[Attention]) -> Markup {
     html! { @for flag in attention { span.flag { (flag.label()) } " " } }
 }
 
+/// The namespace filter: `everything` first, then each namespace.
+fn namespace_select(selected: Option<&str>, namespaces: &[String], everything: &str) -> Markup {
+    html! {
+        label { "Namespace "
+            select name="ns" {
+                option value="" selected[selected.is_none()] { (everything) }
+                @for ns in namespaces { option value=(ns) selected[selected == Some(ns.as_str())] { (ns) } }
+            }
+        }
+    }
+}
+
 fn key_href(namespace: &str, name: &str) -> String {
     format!("/keys/{namespace}/{name}")
 }
@@ -120,14 +132,7 @@ pub fn list(
     let body = html! {
         h1 { "API keys" }
         form.filters method="get" action="/" {
-            label { "Namespace "
-                select name="ns" {
-                    option value="" selected[query.namespace.is_none()] { "all shown" }
-                    @for ns in namespaces {
-                        option value=(ns) selected[query.namespace.as_deref() == Some(ns.as_str())] { (ns) }
-                    }
-                }
-            }
+            (namespace_select(query.namespace.as_deref(), namespaces, "all shown"))
             label { "Search " input type="search" name="q" value=(query.search) placeholder="name, owner, team, scope"; }
             label { input type="checkbox" name="attention" value="1" checked[query.attention_only]; " needs attention only" }
             button type="submit" { "Filter" }
@@ -556,12 +561,7 @@ pub fn policies(
     let body = html! {
         h1 { "Policies" }
         form.filters method="get" action="/policies" {
-            label { "Namespace "
-                select name="ns" {
-                    option value="" selected[namespace.is_none()] { "every policy" }
-                    @for ns in namespaces { option value=(ns) selected[namespace == Some(ns.as_str())] { (ns) } }
-                }
-            }
+            (namespace_select(namespace, namespaces, "every policy"))
             button type="submit" { "Show" }
         }
         @if policies.is_empty() { p.muted { "No ApiKeyPolicy" @if namespace.is_some() { " selects this namespace" } "." } }

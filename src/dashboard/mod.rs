@@ -107,11 +107,12 @@ struct App {
 
 type SharedApp = Arc<App>;
 
-/// The caller of one request: the client that acts as them and their identity.
+/// The caller of one request: the client that acts as them and the CSRF
+/// token their forms carry.
 #[derive(Clone)]
 struct Caller {
     client: Client,
-    identity: [u8; 32],
+    csrf: String,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -276,7 +277,8 @@ async fn admit(State(app): State<SharedApp>, mut request: Request, next: Next) -
     let mut response = match app.guard.admit(&facts) {
         Admission::Allowed { identity, bearer } => match app.client_for(bearer) {
             Ok(client) => {
-                request.extensions_mut().insert(Caller { client, identity });
+                let csrf = app.guard.csrf_token(&identity);
+                request.extensions_mut().insert(Caller { client, csrf });
                 next.run(request).await
             }
             Err(error) => PageError::from(error).into_response(),
@@ -458,7 +460,6 @@ fn page(markup: Markup) -> Html<String> {
 
 /// The form fields of a POST, after its CSRF token was checked.
 fn checked_form(
-    app: &App,
     caller: &Caller,
     body: &Bytes,
 ) -> std::result::Result<Vec<(String, String)>, PageError> {
@@ -471,7 +472,7 @@ fn checked_form(
         .iter()
         .find(|(k, _)| k == "csrf")
         .map(|(_, v)| v.as_str());
-    if !app.guard.csrf_ok(&caller.identity, presented) {
+    if !guard::same_secret(presented.unwrap_or_default(), &caller.csrf) {
         return Err(PageError {
             status: 403,
             message: "the form's CSRF token is missing or wrong; reload the page and try again"
@@ -511,9 +512,8 @@ async fn list(
     let (keys, namespaces) = app.keys(&caller, query.namespace.as_deref()).await?;
     let now = jiff::Timestamp::now();
     let list = view::list_page(&keys, &query, now);
-    let csrf = app.guard.csrf_token(&caller.identity);
     Ok(page(html::list(
-        &app.frame(&csrf),
+        &app.frame(&caller.csrf),
         &list,
         &query,
         &namespaces,
@@ -549,9 +549,8 @@ async fn key_page(
     let key = actions::get_key(&caller.client, &namespace, &name).await?;
     let events = actions::events(&caller.client, &key).await;
     let reveal = actions::may_read_secret(&caller.client, &key).await;
-    let csrf = app.guard.csrf_token(&caller.identity);
     let markup = html::key_page(
-        &app.frame(&csrf),
+        &app.frame(&caller.csrf),
         &key,
         &events,
         &html::KeyActions { reveal },
@@ -568,18 +567,21 @@ async fn rotate_form(
     Query(params): Query<KeyParams>,
 ) -> Page {
     let key = actions::get_key(&caller.client, &namespace, &name).await?;
-    let csrf = app.guard.csrf_token(&caller.identity);
     let emergency = params.emergency.is_some();
-    Ok(page(html::confirm_rotate(&app.frame(&csrf), &key, emergency)).into_response())
+    Ok(page(html::confirm_rotate(
+        &app.frame(&caller.csrf),
+        &key,
+        emergency,
+    ))
+    .into_response())
 }
 
 async fn rotate(
-    State(app): State<SharedApp>,
     caller: Caller,
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Page {
-    let pairs = checked_form(&app, &caller, &body)?;
+    let pairs = checked_form(&caller, &body)?;
     let emergency = field(&pairs, "emergency") == Some("1");
     actions::rotate(&caller.client, &namespace, &name, emergency).await?;
     let code = if emergency { "emergency" } else { "rotated" };
@@ -592,8 +594,7 @@ async fn revoke_form(
     Path((namespace, name)): Path<(String, String)>,
 ) -> Page {
     let key = actions::get_key(&caller.client, &namespace, &name).await?;
-    let csrf = app.guard.csrf_token(&caller.identity);
-    Ok(page(html::confirm_revoke(&app.frame(&csrf), &key, false)).into_response())
+    Ok(page(html::confirm_revoke(&app.frame(&caller.csrf), &key, false)).into_response())
 }
 
 async fn revoke(
@@ -602,15 +603,20 @@ async fn revoke(
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Page {
-    let pairs = checked_form(&app, &caller, &body)?;
-    let csrf = app.guard.csrf_token(&caller.identity);
+    let pairs = checked_form(&caller, &body)?;
     if field(&pairs, "confirm").map(str::trim) != Some(name.as_str()) {
         let key = actions::get_key(&caller.client, &namespace, &name).await?;
-        let markup = html::confirm_revoke(&app.frame(&csrf), &key, true);
+        let markup = html::confirm_revoke(&app.frame(&caller.csrf), &key, true);
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, page(markup)).into_response());
     }
     let outcome = actions::revoke(&caller.client, &namespace, &name).await?;
-    Ok(page(html::revoked(&app.frame(&csrf), &namespace, &name, outcome)).into_response())
+    Ok(page(html::revoked(
+        &app.frame(&caller.csrf),
+        &namespace,
+        &name,
+        outcome,
+    ))
+    .into_response())
 }
 
 async fn reveal(
@@ -619,10 +625,9 @@ async fn reveal(
     Path((namespace, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Page {
-    checked_form(&app, &caller, &body)?;
+    checked_form(&caller, &body)?;
     let (secret, key) = actions::read_key(&caller.client, &namespace, &name).await?;
-    let csrf = app.guard.csrf_token(&caller.identity);
-    let markup = html::revealed(&app.frame(&csrf), &namespace, &name, &secret, &key);
+    let markup = html::revealed(&app.frame(&caller.csrf), &namespace, &name, &secret, &key);
     Ok(page(markup).into_response())
 }
 
@@ -653,8 +658,12 @@ async fn policies(
         })
         .collect();
     let (_, namespaces) = app.namespaces_offered(&caller).await;
-    let csrf = app.guard.csrf_token(&caller.identity);
-    let markup = html::policies(&app.frame(&csrf), namespace.as_deref(), &shown, &namespaces);
+    let markup = html::policies(
+        &app.frame(&caller.csrf),
+        namespace.as_deref(),
+        &shown,
+        &namespaces,
+    );
     Ok(page(markup).into_response())
 }
 
@@ -686,9 +695,8 @@ impl App {
         let policies = actions::policies(&caller.client).await.unwrap_or_default();
         let labels = actions::namespace_labels(&caller.client, &form.namespace).await;
         let choices = form::choices(&policies, labels.as_ref());
-        let csrf = self.guard.csrf_token(&caller.identity);
         html::new_key(
-            &self.frame(&csrf),
+            &self.frame(&caller.csrf),
             form,
             &form::field_rules(),
             &choices,
@@ -712,7 +720,7 @@ async fn new_form(
 }
 
 async fn new_post(State(app): State<SharedApp>, caller: Caller, body: Bytes) -> Page {
-    let pairs = checked_form(&app, &caller, &body)?;
+    let pairs = checked_form(&caller, &body)?;
     let form = form::NewKey::from_pairs(&pairs);
     let step = field(&pairs, "step").unwrap_or("check");
     let dry_run = match step {
@@ -722,8 +730,7 @@ async fn new_post(State(app): State<SharedApp>, caller: Caller, body: Bytes) -> 
     };
     match actions::create(&caller.client, &form, dry_run).await {
         Ok(()) if dry_run => {
-            let csrf = app.guard.csrf_token(&caller.identity);
-            Ok(page(html::preview(&app.frame(&csrf), &form)).into_response())
+            Ok(page(html::preview(&app.frame(&caller.csrf), &form)).into_response())
         }
         Ok(()) => Ok(Redirect::to(&format!(
             "/keys/{}/{}?notice=created",
