@@ -149,7 +149,11 @@ fn collect_rules(schema: &Value, prefix: &str, rules: &mut BTreeMap<String, Fiel
                 pattern: item["pattern"].as_str().map(html_pattern),
                 min_length: item["minLength"].as_u64(),
                 max_length: item["maxLength"].as_u64(),
-                help: field["description"].as_str().unwrap_or_default().to_owned(),
+                // The doc comments' Markdown code marks read as noise in a form.
+                help: field["description"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .replace('`', ""),
             },
         );
     }

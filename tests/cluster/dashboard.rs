@@ -321,6 +321,13 @@ fn the_dashboard_creates_reveals_rotates_and_revokes_in_chromium() {
     let shown = browser.wait_for("#key", long);
     assert_eq!(shown.property("value").as_str(), Some(first.as_str()));
     assert!(!browser.url().contains(&first), "the key is in a URL");
+    // The copy button's script runs under the CSP (headless Chromium may deny
+    // the clipboard; either answer shows the script ran).
+    browser.find("#copy").click();
+    wait_for("the copy button to answer", long, || {
+        let said = browser.find("#copy").text();
+        (said == "Copied" || said == "Press Ctrl+C").then_some(())
+    });
     // docs/dashboard.md's pictures: KEYWARD_SCREENSHOT_DIR=docs/dashboard.
     let screenshots = std::env::var("KEYWARD_SCREENSHOT_DIR")
         .map(PathBuf::from)
