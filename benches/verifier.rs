@@ -580,7 +580,8 @@ async fn serve_verifier_nodelay(url: &str) {
     use axum::serve::ListenerExt;
     use keyward::verifier::{
         core::{Follow, follow},
-        http::{Endpoint, router},
+        listen::router,
+        request::Endpoint,
     };
     let store = Arc::new(SqlStore::connect(url).await.expect("the key set"));
     let metrics = Arc::new(Metrics::default());

@@ -707,7 +707,7 @@ fn verifier_examples_are_manifests_that_call_the_verifier_service() {
         .as_str()
         .unwrap()
         .to_ascii_lowercase();
-    for header in keyward::verifier::http::IDENTITY_HEADERS {
+    for header in keyward::verifier::request::IDENTITY_HEADERS {
         assert!(headers.split(',').any(|h| h == header), "{header}");
     }
     for (key, _) in annotations.as_mapping().unwrap() {
@@ -729,7 +729,7 @@ fn verifier_examples_are_manifests_that_call_the_verifier_service() {
             .iter()
             .map(|h| h.to_ascii_lowercase())
             .collect();
-    assert_eq!(forwarded, keyward::verifier::http::IDENTITY_HEADERS);
+    assert_eq!(forwarded, keyward::verifier::request::IDENTITY_HEADERS);
     assert_eq!(
         only(&traefik, "IngressRoute")["spec"]["routes"][0]["middlewares"][0]["name"],
         middleware["metadata"]["name"]

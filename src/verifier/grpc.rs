@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 
 use super::{
     core::Checked,
-    http::{Endpoint, KeySource, identity_headers, presented_key, required_scopes, result_label},
+    request::{
+        Endpoint, KeySource, identity_headers, presented_key, required_scopes, result_label,
+    },
     snapshot::{Code, Verdict},
 };
 
@@ -34,6 +36,14 @@ fn denied(status: Status, http: HttpStatusCode, www_authenticate: Option<String>
     let mut response = CheckResponse::with_status(status);
     response.set_http_response(body);
     response
+}
+
+/// The gRPC route: `envoy.service.auth.v3.Authorization/Check`.
+pub fn routes(endpoint: Endpoint) -> axum::Router {
+    tonic::service::Routes::new(envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+        ExtAuthz { endpoint },
+    ))
+    .into_axum_router()
 }
 
 /// The CheckResponse for an answer; `removed` is the header that carried the key.

@@ -1,5 +1,5 @@
-//! The verifier's endpoints on one port: Envoy ext_authz over gRPC (HTTP/2),
-//! the plain HTTP check that nginx `auth_request`, Traefik ForwardAuth, Envoy's
+//! The verifier's HTTP endpoints (the gRPC one is in `grpc`; `listen` serves
+//! both on one port): the plain HTTP check that nginx `auth_request`, Traefik ForwardAuth, Envoy's
 //! and Istio's HTTP mode and Gateway API ExternalAuth call, `POST /v1/verify`
 //! for services, and `/metrics`, `/healthz`, `/readyz`.
 
@@ -9,99 +9,24 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{any, get, post},
-    serve::ListenerExt,
 };
 use serde::{Deserialize, Serialize};
 
 use super::{
-    core::{Checked, Verifier},
-    grpc::ExtAuthz,
+    core::Checked,
+    request::{
+        Endpoint, KeySource, MAX_KEY_HEADER, identity_headers, presented_key, required_scopes,
+        result_label,
+    },
     snapshot::{Code, Identity, Verdict},
 };
-use crate::telemetry::Metrics;
-
-/// The longest header value that can hold a key; longer ones are refused unread.
-pub const MAX_KEY_HEADER: usize = 256;
-
-/// Identity headers on an allowed request.
-pub const IDENTITY_HEADERS: [&str; 7] = [
-    "x-keyward-key-id",
-    "x-keyward-owner",
-    "x-keyward-team",
-    "x-keyward-scopes",
-    "x-keyward-namespace",
-    "x-keyward-name",
-    "x-keyward-cluster",
-];
 
 /// The header a gateway may set instead of `?scope=`: required scopes,
 /// separated by spaces or commas.
 pub const SCOPES_HEADER: &str = "x-keyward-required-scopes";
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct Endpoint {
-    /// The key set.
-    pub verifier: Arc<Verifier>,
-    /// Metrics for `/metrics` and the check counters.
-    pub metrics: Arc<Metrics>,
-    /// The header that carries a key besides `Authorization: Bearer`, e.g. `x-api-key`.
-    pub key_header: HeaderName,
-}
-
-/// Where the key came from, so that it can be removed before the request goes upstream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeySource {
-    /// `Authorization: Bearer …`.
-    Authorization,
-    /// The configured key header.
-    Custom,
-}
-
-/// Finds the one key in a request: `Authorization: Bearer <key>` or the key
-/// header. No key, an empty or oversized value, a non-Bearer Authorization, or
-/// more than one key is `None`: a definite 401, and nothing of it is logged.
-pub fn presented_key<'a>(
-    authorization: impl Iterator<Item = &'a [u8]>,
-    custom: impl Iterator<Item = &'a [u8]>,
-) -> Option<(&'a str, KeySource)> {
-    let mut found = None;
-    for (value, source) in authorization
-        .map(|v| (v, KeySource::Authorization))
-        .chain(custom.map(|v| (v, KeySource::Custom)))
-    {
-        if value.is_empty() || value.len() > MAX_KEY_HEADER || found.is_some() {
-            return None;
-        }
-        let text = std::str::from_utf8(value).ok()?;
-        let key = match source {
-            KeySource::Authorization => {
-                let (scheme, token) = text.split_once(' ')?;
-                if !scheme.eq_ignore_ascii_case("bearer") {
-                    return None;
-                }
-                token.trim()
-            }
-            KeySource::Custom => text.trim(),
-        };
-        if key.is_empty() {
-            return None;
-        }
-        found = Some((key, source));
-    }
-    found
-}
-
-/// Scopes from a list of `scope` values and a header, split on commas and spaces.
-pub fn required_scopes<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
-    lists
-        .flat_map(|list| list.split([',', ' ']))
-        .filter(|s| !s.is_empty())
-        .collect()
-}
 
 /// The `scope` values of a check URL's query: `?scope=a,b` or `?scope=a&scope=b`.
 /// Anything else in the query is ignored (gateways may append the original
@@ -122,22 +47,6 @@ fn bearer_error(error: &str, scopes: Option<&[&str]>) -> HeaderValue {
         value.push_str(&format!(", scope=\"{}\"", scopes.join(" ")));
     }
     HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("Bearer"))
-}
-
-/// Identity headers for an allowed request; values that are not valid header
-/// text are left out (keyward's own fields always are valid).
-pub fn identity_headers(identity: &Identity) -> Vec<(&'static str, String)> {
-    let scopes: Vec<&str> = identity.scopes.iter().map(|s| &**s).collect();
-    let values = [
-        identity.key_id.to_string(),
-        identity.owner.to_string(),
-        identity.team.to_string(),
-        scopes.join(" "),
-        identity.namespace.to_string(),
-        identity.name.to_string(),
-        identity.cluster.to_string(),
-    ];
-    IDENTITY_HEADERS.into_iter().zip(values).collect()
 }
 
 /// The HTTP answer to a check: 200 with identity headers, 401, 403 or 503.
@@ -180,14 +89,6 @@ pub fn check_response(checked: &Checked, required: &[&str]) -> Response {
             )],
         )
             .into_response(),
-    }
-}
-
-/// The metric label of an answer.
-pub fn result_label(checked: &Checked) -> &'static str {
-    match checked {
-        Checked::Answer(verdict) => verdict.code.as_str(),
-        Checked::Unavailable(_) => "unavailable",
     }
 }
 
@@ -404,16 +305,10 @@ async fn metrics(State(endpoint): State<Endpoint>) -> Response {
         .into_response()
 }
 
-/// Every route: gRPC ext_authz, the HTTP check (`/check`, and `/check/…` for
-/// gateways that append the original path), `/v1/verify` and the probes.
-pub fn router(endpoint: Endpoint) -> Router {
-    let grpc = tonic::service::Routes::new(
-        envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ExtAuthz {
-            endpoint: endpoint.clone(),
-        }),
-    )
-    .into_axum_router();
-    let http = Router::new()
+/// The HTTP routes: the check (`/check`, and `/check/…` for gateways that
+/// append the original path), `/v1/verify` and the probes.
+pub fn routes(endpoint: Endpoint) -> Router {
+    Router::new()
         .route("/check", any(check))
         .route("/check/scopes/{scopes}", any(check_with_path_scopes))
         .route(
@@ -425,17 +320,7 @@ pub fn router(endpoint: Endpoint) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(endpoint);
-    grpc.merge(http)
-}
-
-/// Serves [`router`] on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std::io::Result<()> {
-    // Without TCP_NODELAY every gRPC answer waits ~40 ms for a delayed ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router(endpoint)).await
+        .with_state(endpoint)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use axum::http::HeaderName;
+use axum::{Router, http::HeaderName, serve::ListenerExt};
 use jiff::Timestamp;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
@@ -19,7 +19,8 @@ use tracing::{error, info, warn};
 
 use super::{
     core::{Follow, KeySource, Verifier, VerifierConfig, follow},
-    http::{Endpoint, serve},
+    grpc, http,
+    request::Endpoint,
 };
 use crate::{
     Error, Result,
@@ -29,6 +30,21 @@ use crate::{
     telemetry::Metrics,
     usage::UsageBatch,
 };
+
+/// Every route on one port: gRPC ext_authz beside the HTTP check, `/v1/verify`
+/// and the probes.
+pub fn router(endpoint: Endpoint) -> Router {
+    grpc::routes(endpoint.clone()).merge(http::routes(endpoint))
+}
+
+/// Serves [`router`] on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std::io::Result<()> {
+    // Without TCP_NODELAY every gRPC answer waits ~40 ms for a delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, router(endpoint)).await
+}
 
 /// Settings of a verifier.
 #[derive(Clone, Debug)]
