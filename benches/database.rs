@@ -70,8 +70,8 @@ use keyward::{
     clock::SystemClock,
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, FINALIZER, KEY_ID_ANNOTATION, READY},
     key::{KeyFactory, PlainKey, SeededEntropy},
-    reconciler::KubeCluster,
-    secret_cache::SecretCache,
+    operator::reconciler::KubeCluster,
+    operator::secret_cache::SecretCache,
     store::{IssueReason, KeyMetadata, KeyRecord, KeyState, KeyStore, RevokeReason, SqlStore},
     telemetry::{Metrics, OutcomeLabel},
     verifier::{

@@ -14,7 +14,7 @@ use futures::{StreamExt, stream};
 use jiff::SignedDuration;
 use keyward::{
     crd::{ApiKey, RotationSpec},
-    reconciler::RateLimiter,
+    operator::reconciler::RateLimiter,
     store::SqlStore,
 };
 use support::{Harness, api_key};

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use crate::{
     Result,
-    controller::{self, RunConfig},
     crd::{crd_yaml, policy_crd_yaml},
+    operator::controller::{self, RunConfig},
     policy::admission::{self, AdmissionVersion},
     store::{DEFAULT_CLUSTER_NAME, DEFAULT_DATABASE_URL, SqlStore},
     verifier::{
@@ -389,7 +389,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 metrics,
             )
             .await?;
-            crate::controller::shutdown_signal().await;
+            crate::operator::controller::shutdown_signal().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Admission { api_version } => {

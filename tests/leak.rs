@@ -12,7 +12,7 @@ use std::{
 use jiff::SignedDuration;
 use keyward::{
     clock::Clock,
-    core::PENDING_TIMEOUT,
+    operator::core::PENDING_TIMEOUT,
     usage::summary::recent_window,
     verifier::{Verifier, VerifierConfig},
 };

@@ -8,9 +8,9 @@ use jiff::SignedDuration;
 use keyward::{
     Error,
     clock::Clock,
-    core::PENDING_TIMEOUT,
     crd::{ApiKey, KEY_ID_ANNOTATION, MANAGED_BY_LABEL},
     key::KeyHash,
+    operator::core::PENDING_TIMEOUT,
     store::{KeyState, KeyStore},
     verify::Rejection,
 };
@@ -212,7 +212,7 @@ async fn a_foreign_secret_is_never_touched() {
     let action = h.reconciler().apply(&key).await.unwrap();
     assert_eq!(
         action,
-        kube::runtime::controller::Action::requeue(keyward::reconciler::CONFLICT_RECHECK)
+        kube::runtime::controller::Action::requeue(keyward::operator::reconciler::CONFLICT_RECHECK)
     );
 
     assert_eq!(h.cluster.secret(NS, "inference").unwrap(), before);

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use jiff::SignedDuration;
 use keyward::{
     clock::Clock,
-    core::PENDING_TIMEOUT,
     crd::{ApiKey, RolloutKind, RolloutSpec, RolloutTarget, RotationSpec},
+    operator::core::PENDING_TIMEOUT,
     store::{KeyState, KeyStore},
     verify::Rejection,
 };

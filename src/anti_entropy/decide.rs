@@ -8,8 +8,8 @@
 use jiff::{SignedDuration, Timestamp};
 
 use crate::{
-    core::PENDING_TIMEOUT,
     crd::ApiKeyStatus,
+    operator::core::PENDING_TIMEOUT,
     store::{KeyState, LiveRow},
 };
 

@@ -32,9 +32,9 @@ use crate::{
     Result,
     clock::Clock,
     crd::ApiKey,
+    operator::reconciler::Cluster,
+    operator::secret_cache::{SecretCache, SecretFacts},
     policy::watch::Requeue,
-    reconciler::Cluster,
-    secret_cache::{SecretCache, SecretFacts},
     store::{KeyRecord, KeyStore, LiveRow, RevokeReason, SqlStore},
     telemetry::{Health, Metrics, OutcomeLabel, ReasonLabel},
 };

@@ -31,8 +31,8 @@ use super::{
 };
 use crate::{
     clock::Clock,
-    core::shows_use,
     crd::{ApiKey, PREVIOUS_KEY_IN_USE, UsageStatus},
+    operator::core::shows_use,
     policy::{PolicyIndex, index::live, watch::Requeue},
     store::{KeyState, KeyStore, REPORTING_GAP, SqlStore},
     telemetry::Metrics,

@@ -23,9 +23,11 @@ use keyward::{
     clock::ManualClock,
     crd::{ApiKey, ApiKeySpec, ApiKeyStatus, RolloutTarget},
     key::{KeyFactory, KeyHash, SeededEntropy},
+    operator::reconciler::{
+        CachedSecret, Cluster, IssueTurns, RateLimiter, Reconciler, StatusMemo,
+    },
+    operator::secret_cache::SecretFacts,
     policy::PolicyIndex,
-    reconciler::{CachedSecret, Cluster, IssueTurns, RateLimiter, Reconciler, StatusMemo},
-    secret_cache::SecretFacts,
     store::{KeyMetadata, KeyRecord, KeySet, KeyStore, RevokeReason, SqlStore},
     telemetry::Metrics,
 };

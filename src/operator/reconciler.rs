@@ -33,17 +33,17 @@ use zeroize::Zeroize;
 use crate::{
     Error, Result,
     clock::Clock,
-    core::{
-        self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step, UsageView,
-    },
     crd::{
         ApiKey, ApiKeyStatus, FIELD_MANAGER, KEY_ID_ANNOTATION, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
         POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
         RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
     key::{KeyFactory, KeyHash},
+    operator::core::{
+        self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step, UsageView,
+    },
+    operator::secret_cache::{SecretCache, SecretFacts},
     policy::{Activity, Governance, Verdict, ViolationAction},
-    secret_cache::{SecretCache, SecretFacts},
     store::{IssueReason, KeyMetadata, KeyRecord, KeySet, KeyState, KeyStore, RevokeReason},
     telemetry::{Metrics, NamespaceLabel, timed},
     usage::{
