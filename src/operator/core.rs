@@ -209,78 +209,97 @@ impl Wakeup {
     }
 }
 
-/// Decides the steps that bring the database and Secret to the desired state.
+/// The steps decided so far and the earliest time something is due.
+#[derive(Default)]
+struct Plan {
+    steps: Vec<Step>,
+    wakeup: Wakeup,
+}
+
+/// The record that stays in the Secret (`None`: a new key is issued), why it
+/// was issued, and when it became (or becomes) active.
+struct Current<'r> {
+    record: Option<&'r KeyRecord>,
+    reason: IssueReason,
+    since: Timestamp,
+}
+
+impl Current<'_> {
+    /// No key stays: one is issued now (or, when forbidden, none is).
+    fn replaced(reason: IssueReason, now: Timestamp) -> Self {
+        Current {
+            record: None,
+            reason,
+            since: now,
+        }
+    }
+}
+
+/// Decides the steps that bring the database and Secret to the desired state,
+/// in four phases: observe what the Secret holds, decide the current key
+/// (keep, activate, rotate or issue), settle every other live record (retire,
+/// revoke or wait), and end a finished emergency request.
 pub fn decide(obs: &Observation<'_>) -> Decision {
-    let (policy, now, forbidden) = (obs.policy, obs.now, obs.forbidden);
+    let held = match held_record(obs) {
+        Ok(held) => held,
+        Err(conflict) => return conflict,
+    };
+    let mut plan = Plan::default();
+    let current = current_key(obs, held, &mut plan);
+    settle_others(obs, &current, &mut plan);
+    end_emergency(obs, &current, &mut plan);
+    Decision::Converge {
+        steps: plan.steps,
+        held: current.record.map(|r| r.key_id.clone()),
+        requeue_after: plan.wakeup.0.map(|at| at.duration_since(obs.now)),
+    }
+}
+
+/// Observe: the live record the Secret holds, or the conflict when the Secret
+/// is someone else's.
+fn held_record<'r>(obs: &Observation<'r>) -> Result<Option<&'r KeyRecord>, Decision> {
     let held_hash = match obs.secret {
-        SecretView::Foreign => return Decision::SecretConflict,
+        SecretView::Foreign => return Err(Decision::SecretConflict),
         SecretView::Absent => None,
         SecretView::Owned { key_hash } => key_hash.as_ref(),
     };
-    let held = held_hash.and_then(|hash| {
+    Ok(held_hash.and_then(|hash| {
         obs.records.iter().find(|r| {
             &r.key_hash == hash && matches!(r.state, KeyState::Active | KeyState::Pending)
         })
-    });
+    }))
+}
 
-    let mut steps = Vec::new();
-    let mut wakeup = Wakeup::default();
-    // The record that stays in the Secret (None: a new key is issued), why it
-    // was issued, and when it became (or becomes) active.
-    let (current, current_reason, current_since) = match held {
+/// Issue: the key that stays in the Secret, or a new one.
+fn current_key<'r>(
+    obs: &Observation<'r>,
+    held: Option<&'r KeyRecord>,
+    plan: &mut Plan,
+) -> Current<'r> {
+    let (policy, now, forbidden) = (obs.policy, obs.now, obs.forbidden);
+    let current = match held {
         // A forbidden key is never issued: a pending one is not activated, nothing
         // new is issued, and `Revoke` takes the active one away too.
         Some(record) if forbidden.is_some() && record.state == KeyState::Pending => {
-            (None, IssueReason::Initial, now)
+            Current::replaced(IssueReason::Initial, now)
         }
-        None if forbidden.is_some() => (None, IssueReason::Initial, now),
-        Some(_) if forbidden == Some(ViolationAction::Revoke) => (None, IssueReason::Initial, now),
+        None if forbidden.is_some() => Current::replaced(IssueReason::Initial, now),
+        Some(_) if forbidden == Some(ViolationAction::Revoke) => {
+            Current::replaced(IssueReason::Initial, now)
+        }
         Some(record) if record.state == KeyState::Pending => {
             // A crash after the Secret write: finish the issuance.
-            steps.push(Step::Activate {
+            plan.steps.push(Step::Activate {
                 key_id: record.key_id.clone(),
                 expires_at: policy.expiry_from(now),
             });
-            (Some(record), record.issue_reason, now)
-        }
-        Some(record) => {
-            let since = record.activated_at.unwrap_or(record.created_at);
-            let requested = policy.rotation_request.is_some()
-                && policy.rotation_request != record.rotation_request;
-            let next_rotation = policy.next_rotation(since);
-            let due = requested || next_rotation.is_some_and(|next| next <= now);
-            if due && forbidden == Some(ViolationAction::RefuseRotation) {
-                // Revoked below instead of rotated.
-                (None, IssueReason::Initial, now)
-            } else if due && forbidden.is_none() {
-                let reason = match (requested, policy.revoke_previous.is_some()) {
-                    (true, true) => IssueReason::Emergency,
-                    (true, false) => IssueReason::Requested,
-                    (false, _) => IssueReason::Scheduled,
-                };
-                steps.push(Step::Issue {
-                    reason,
-                    expires_at: policy.expiry_from(now),
-                });
-                (None, reason, now)
-            } else {
-                let expires_at = match (policy.expiry_from(since), record.expires_at) {
-                    (Some(tighter), current) if current.is_none_or(|c| tighter < c) => {
-                        steps.push(Step::ShortenExpiry {
-                            key_id: record.key_id.clone(),
-                            expires_at: tighter,
-                        });
-                        Some(tighter)
-                    }
-                    (_, current) => current,
-                };
-                if !due {
-                    wakeup.at(next_rotation);
-                }
-                wakeup.at(expires_at.filter(|t| *t > now));
-                (Some(record), record.issue_reason, since)
+            Current {
+                record: Some(record),
+                reason: record.issue_reason,
+                since: now,
             }
         }
+        Some(record) => keep_or_rotate(obs, record, plan),
         None => {
             let had_active = obs.records.iter().any(|r| r.state == KeyState::Active);
             let reason = match obs.secret {
@@ -288,58 +307,114 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 SecretView::Absent => IssueReason::SecretDeleted,
                 _ => IssueReason::SecretAltered,
             };
-            steps.push(Step::Issue {
+            plan.steps.push(Step::Issue {
                 reason,
                 expires_at: policy.expiry_from(now),
             });
-            (None, reason, now)
+            Current::replaced(reason, now)
         }
     };
-    if current.is_none() && forbidden.is_none() {
-        wakeup.at(policy.next_rotation(now));
-        wakeup.at(policy.expiry_from(now));
+    if current.record.is_none() && forbidden.is_none() {
+        plan.wakeup.at(policy.next_rotation(now));
+        plan.wakeup.at(policy.expiry_from(now));
     }
     // A forbidden owner, team or scope never reaches a live record.
-    if let Some(record) = current
+    if let Some(record) = current.record
         && forbidden.is_none()
         && record.metadata != *obs.desired
     {
-        steps.push(Step::UpdateMetadata {
+        plan.steps.push(Step::UpdateMetadata {
             key_id: record.key_id.clone(),
         });
     }
+    current
+}
 
-    // Every other live record: retire, revoke, or wait.
-    let grace_ends = current_since
+/// Rotate: the active key in the Secret, rotated when due or requested, else
+/// kept (with its expiry shortened to a tighter spec).
+fn keep_or_rotate<'r>(
+    obs: &Observation<'r>,
+    record: &'r KeyRecord,
+    plan: &mut Plan,
+) -> Current<'r> {
+    let (policy, now, forbidden) = (obs.policy, obs.now, obs.forbidden);
+    let since = record.activated_at.unwrap_or(record.created_at);
+    let requested =
+        policy.rotation_request.is_some() && policy.rotation_request != record.rotation_request;
+    let next_rotation = policy.next_rotation(since);
+    let due = requested || next_rotation.is_some_and(|next| next <= now);
+    if due && forbidden == Some(ViolationAction::RefuseRotation) {
+        // Revoked below instead of rotated.
+        return Current::replaced(IssueReason::Initial, now);
+    }
+    if due && forbidden.is_none() {
+        let reason = match (requested, policy.revoke_previous.is_some()) {
+            (true, true) => IssueReason::Emergency,
+            (true, false) => IssueReason::Requested,
+            (false, _) => IssueReason::Scheduled,
+        };
+        plan.steps.push(Step::Issue {
+            reason,
+            expires_at: policy.expiry_from(now),
+        });
+        return Current::replaced(reason, now);
+    }
+    let expires_at = match (policy.expiry_from(since), record.expires_at) {
+        (Some(tighter), current) if current.is_none_or(|c| tighter < c) => {
+            plan.steps.push(Step::ShortenExpiry {
+                key_id: record.key_id.clone(),
+                expires_at: tighter,
+            });
+            Some(tighter)
+        }
+        (_, current) => current,
+    };
+    if !due {
+        plan.wakeup.at(next_rotation);
+    }
+    plan.wakeup.at(expires_at.filter(|t| *t > now));
+    Current {
+        record: Some(record),
+        reason: record.issue_reason,
+        since,
+    }
+}
+
+/// Retire: every live record but the current one is retired into its grace
+/// period, revoked, or left to wait.
+fn settle_others(obs: &Observation<'_>, current: &Current<'_>, plan: &mut Plan) {
+    let (policy, now, forbidden) = (obs.policy, obs.now, obs.forbidden);
+    let grace_ends = current
+        .since
         .checked_add(policy.grace_period)
-        .unwrap_or(current_since);
+        .unwrap_or(current.since);
     let graceful = matches!(
-        current_reason,
+        current.reason,
         IssueReason::Scheduled | IssueReason::Requested
     ) && grace_ends > now;
-    let replaced_reason = match current_reason {
+    let replaced_reason = match current.reason {
         _ if forbidden.is_some() => RevokeReason::PolicyViolation,
         IssueReason::Emergency => RevokeReason::Emergency,
         reason if reason.is_rotation() => RevokeReason::Rotated,
         _ => RevokeReason::Replaced,
     };
+    let revoke_all = forbidden == Some(ViolationAction::Revoke);
     for record in obs.records {
-        if current.is_some_and(|c| c.key_id == record.key_id) {
+        if current.record.is_some_and(|c| c.key_id == record.key_id) {
             continue;
         }
         let key_id = record.key_id.clone();
         // A key's validity only ever shrinks: a grace period never outlives the
         // key's own expiry, and an expired key is never brought back.
         let expired = record.expires_at.is_some_and(|at| at <= now);
-        let revoke_all = forbidden == Some(ViolationAction::Revoke);
         match record.state {
             KeyState::Active | KeyState::Retiring | KeyState::Pending if revoke_all => {
-                steps.push(Step::Revoke {
+                plan.steps.push(Step::Revoke {
                     key_id,
                     reason: RevokeReason::PolicyViolation,
                 });
             }
-            KeyState::Active if expired => steps.push(Step::Revoke {
+            KeyState::Active if expired => plan.steps.push(Step::Revoke {
                 key_id,
                 reason: RevokeReason::Expired,
             }),
@@ -347,73 +422,87 @@ pub fn decide(obs: &Observation<'_>) -> Decision {
                 let expires_at = record
                     .expires_at
                     .map_or(grace_ends, |own| own.min(grace_ends));
-                steps.push(Step::Retire { key_id, expires_at });
-                wakeup.at(Some(expires_at));
+                plan.steps.push(Step::Retire { key_id, expires_at });
+                plan.wakeup.at(Some(expires_at));
             }
-            KeyState::Active => steps.push(Step::Revoke {
+            KeyState::Active => plan.steps.push(Step::Revoke {
                 key_id,
                 reason: replaced_reason,
             }),
-            KeyState::Retiring => {
-                let expired = record.expires_at.is_none_or(|at| at <= now);
-                if expired || current_reason == IssueReason::Emergency {
-                    let reason = if expired {
-                        RevokeReason::Rotated
-                    } else {
-                        RevokeReason::Emergency
-                    };
-                    steps.push(Step::Revoke { key_id, reason });
-                } else {
-                    wakeup.at(record.expires_at);
-                    if forbidden.is_none() && record.metadata != *obs.desired {
-                        steps.push(Step::UpdateMetadata { key_id });
-                    }
-                }
-            }
-            KeyState::Pending if forbidden.is_some() => steps.push(Step::Revoke {
+            KeyState::Retiring => settle_retiring(obs, record, current.reason, plan),
+            KeyState::Pending if forbidden.is_some() => plan.steps.push(Step::Revoke {
                 key_id,
                 reason: RevokeReason::PolicyViolation,
             }),
-            KeyState::Pending => {
-                let abandon_at = record
-                    .created_at
-                    .checked_add(PENDING_TIMEOUT)
-                    .unwrap_or(record.created_at);
-                if abandon_at <= now {
-                    steps.push(Step::Revoke {
-                        key_id,
-                        reason: RevokeReason::Abandoned,
-                    });
-                } else {
-                    wakeup.at(Some(abandon_at));
-                }
-            }
+            KeyState::Pending => settle_pending(record, now, plan),
             KeyState::Revoked => {}
         }
     }
-    // The emergency is over once the key in the Secret came from it (issued now,
-    // or earlier by a run that crashed before removing the annotation).
-    let emergency_done = match current {
+}
+
+/// A pending key the Secret does not hold: a crashed issuance, abandoned after
+/// [`PENDING_TIMEOUT`].
+fn settle_pending(record: &KeyRecord, now: Timestamp, plan: &mut Plan) {
+    let abandon_at = record
+        .created_at
+        .checked_add(PENDING_TIMEOUT)
+        .unwrap_or(record.created_at);
+    if abandon_at <= now {
+        plan.steps.push(Step::Revoke {
+            key_id: record.key_id.clone(),
+            reason: RevokeReason::Abandoned,
+        });
+    } else {
+        plan.wakeup.at(Some(abandon_at));
+    }
+}
+
+/// A key in its grace period: revoked when the grace period is over or an
+/// emergency rotation replaced it, else it waits (and follows the spec's metadata).
+fn settle_retiring(
+    obs: &Observation<'_>,
+    record: &KeyRecord,
+    current_reason: IssueReason,
+    plan: &mut Plan,
+) {
+    let key_id = record.key_id.clone();
+    let expired = record.expires_at.is_none_or(|at| at <= obs.now);
+    if expired || current_reason == IssueReason::Emergency {
+        let reason = if expired {
+            RevokeReason::Rotated
+        } else {
+            RevokeReason::Emergency
+        };
+        plan.steps.push(Step::Revoke { key_id, reason });
+    } else {
+        plan.wakeup.at(record.expires_at);
+        if obs.forbidden.is_none() && record.metadata != *obs.desired {
+            plan.steps.push(Step::UpdateMetadata { key_id });
+        }
+    }
+}
+
+/// Status of the request: the emergency is over once the key in the Secret
+/// came from it (issued now, or earlier by a run that crashed before removing
+/// the annotation), so `keyward.dev/revoke-previous` applies to one request.
+fn end_emergency(obs: &Observation<'_>, current: &Current<'_>, plan: &mut Plan) {
+    let policy = obs.policy;
+    let emergency_done = match current.record {
         Some(record) => {
             record.issue_reason == IssueReason::Emergency
                 && record.rotation_request == policy.rotation_request
         }
-        None => current_reason == IssueReason::Emergency,
+        None => current.reason == IssueReason::Emergency,
     };
     if let (true, Some(value), Some(request)) = (
         emergency_done,
         &policy.revoke_previous,
         &policy.rotation_request,
     ) {
-        steps.push(Step::ConsumeRevokePrevious {
+        plan.steps.push(Step::ConsumeRevokePrevious {
             rotation_request: request.clone(),
             value: value.clone(),
         });
-    }
-    Decision::Converge {
-        steps,
-        held: current.map(|r| r.key_id.clone()),
-        requeue_after: wakeup.0.map(|at| at.duration_since(now)),
     }
 }
 
