@@ -1047,3 +1047,71 @@ fn verifier_network_policy_follows_its_values() {
         "the documented override, and no scraper namespace when its selector is null"
     );
 }
+
+#[test]
+fn the_values_schema_names_the_field_of_every_mistake() {
+    let test = "the_values_schema_names_the_field_of_every_mistake";
+    // One mistake in each top-level block: a wrong type, a typo, a value out of range.
+    let mistakes = [
+        ("replicaCount=two", "/replicaCount"),
+        ("image.pullpolicy=Always", "/image"),
+        ("imagePullSecrets=regcred", "/imagePullSecrets"),
+        ("database.sqlite.sise=2Gi", "/database/sqlite"),
+        ("clusterName=7", "/clusterName"),
+        ("antiEntropyInterval=0", "/antiEntropyInterval"),
+        ("usageRetention=90d", "/usageRetention"),
+        ("keyPrefix=KW", "/keyPrefix"),
+        ("logFormat=xml", "/logFormat"),
+        ("maxConcurrentReconciles=0", "/maxConcurrentReconciles"),
+        ("maxIssuesPerSecond=-1", "/maxIssuesPerSecond"),
+        ("requirePolicy=maybe", "/requirePolicy"),
+        ("leaderElection.enable=true", "/leaderElection"),
+        ("admission.enabled=yes", "/admission/enabled"),
+        ("rollout.enabled=1", "/rollout/enabled"),
+        ("aggregatedRoles=true", "/aggregatedRoles"),
+        ("serviceAccount.create=no", "/serviceAccount/create"),
+        ("metrics.port=70000", "/metrics/port"),
+        (
+            "metrics.serviceMonitor.interval=soon",
+            "/metrics/serviceMonitor/interval",
+        ),
+        (
+            "podDisruptionBudget.enabled=on",
+            "/podDisruptionBudget/enabled",
+        ),
+        ("networkPolicy.enabled=sure", "/networkPolicy/enabled"),
+        ("verifier.replica=3", "/verifier"),
+        ("verifier.maxStaleness=0", "/verifier/maxStaleness"),
+        ("replicas=2", "additional properties 'replicas'"),
+    ];
+    for (value, field) in mistakes {
+        let Some(output) = helm_render(test, &["--set", value]) else {
+            return;
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "--set {value} was accepted");
+        assert!(
+            stderr.contains("lint failed") && stderr.contains(field),
+            "--set {value}: {stderr}"
+        );
+    }
+    // Every default, and the documented variants, pass the schema.
+    for args in [
+        &[][..],
+        &[
+            "--set",
+            "database.existingSecret=db",
+            "--set",
+            "replicaCount=3",
+        ],
+        &[
+            "--set",
+            "verifier.enabled=true",
+            "--set",
+            "database.existingSecret=db",
+        ],
+        &["--set", "podDisruptionBudget.minAvailable=50%"],
+    ] {
+        assert!(render(test, args).is_some());
+    }
+}
