@@ -19,8 +19,8 @@ use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Metric, Registry},
 };
 use tracing::{debug, warn};
 
@@ -116,6 +116,8 @@ pub struct OutcomeLabel {
 /// Every metric keyward exports.
 pub struct Metrics {
     registry: Registry,
+    /// Every series name `/metrics` can show, for the alerts and dashboard checks.
+    series: Vec<String>,
     /// Reconciles by result and error category.
     pub reconciles: Family<ReconcileLabels, Counter>,
     /// Reconcile duration.
@@ -236,177 +238,266 @@ impl Default for Metrics {
             anti_entropy_records: Gauge::default(),
             anti_entropy_duration: latency_histogram(),
             registry: Registry::default(),
+            series: Vec::new(),
         };
-        registry.register(
+        let mut series = Vec::new();
+        register(
+            &mut registry,
+            &mut series,
             "reconciles",
             "ApiKey reconciles by result and error category",
             metrics.reconciles.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "reconcile_duration_seconds",
             "ApiKey reconcile duration",
             metrics.reconcile_duration.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "kube_request_duration_seconds",
             "Kubernetes API call latency by operation",
             metrics.kube_duration.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "reconcile_queue_wait_seconds",
             "Time from a watch event to the start of the ApiKey's reconcile",
             metrics.queue_wait.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "keys_issued",
             "Keys issued, by reason",
             metrics.keys_issued.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "keys_rotated",
             "Keys issued by a rotation",
             metrics.keys_rotated.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "keys_revoked",
             "Keys revoked, by reason",
             metrics.keys_revoked.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "database_duration_seconds",
             "Key database call latency",
             metrics.database_duration.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "keys",
             "Keys in the key database by state",
             metrics.keys_by_state.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "next_rotation_timestamp_seconds",
             "When each ApiKey rotates next",
             metrics.next_rotation.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "leader",
             "1 when this replica is the leader",
             metrics.leader.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "policy_violating_keys",
             "ApiKeys that each ApiKeyPolicy forbids",
             metrics.policy_violations.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verify",
             "Verifier checks by protocol and result",
             metrics.verify_total.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verify_duration_seconds",
             "Verifier check latency",
             metrics.verify_duration.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_keys",
             "Keys in the verifier's memory",
             metrics.verifier_keys.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_change_sequence",
             "The change number the verifier's key set is current to",
             metrics.verifier_change_seq.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_snapshot_age_seconds",
             "Seconds since the key database last answered the verifier",
             metrics.verifier_snapshot_age.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_fallbacks",
             "Database lookups for keys not in memory, by outcome",
             metrics.verifier_fallbacks.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_listener_reconnects",
             "Reconnects of the PostgreSQL change listener",
             metrics.verifier_listener_reconnects.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_last_used_pending",
             "Keys whose last use and counts wait for the next flush",
             metrics.verifier_last_used_pending.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_last_used_flushed",
             "Last-used times that moved a key's last_used_at forward in the key database",
             metrics.verifier_last_used_flushed.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_usage_dropped",
             "Checks not counted, nor their last use, because the usage tally was full",
             metrics.verifier_usage_dropped.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_usage_flushed",
             "Checks counted into the key database by the verifier's flushes",
             metrics.verifier_usage_flushed.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_usage_uncertain",
             "Checks given up after a usage flush whose commit outcome is unknown",
             metrics.verifier_usage_uncertain.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "revoked_key_in_use",
             "RevokedKeyInUse reports: clients presenting a revoked key of an ApiKey that still exists, by namespace",
             metrics.revoked_key_in_use.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "usage_rows_pruned",
             "Usage rows deleted past their retention",
             metrics.usage_rows_pruned.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_last_used_disabled",
             "1 while last-used times are not recorded (a read replica and no --primary-database-url)",
             metrics.verifier_last_used_disabled.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_history_resets",
             "Full reloads because the key database's change history moved backwards (a restore or a failover)",
             metrics.verifier_history_resets.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "verifier_replica_behind",
             "Changes the primary announced that the read replica has not replayed yet",
             metrics.verifier_replica_behind.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "anti_entropy_revocations",
             "Keys revoked by the anti-entropy pass because no ApiKey of this cluster accounts for them, by reason",
             metrics.anti_entropy_revocations.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "anti_entropy_passes",
             "Anti-entropy passes by outcome",
             metrics.anti_entropy_passes.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "anti_entropy_records",
             "Live records of this cluster that the last anti-entropy pass compared with the ApiKeys",
             metrics.anti_entropy_records.clone(),
         );
-        registry.register(
+        register(
+            &mut registry,
+            &mut series,
             "anti_entropy_duration_seconds",
             "Duration of an anti-entropy pass",
             metrics.anti_entropy_duration.clone(),
         );
         Self {
             registry,
+            series,
             ..metrics
         }
     }
+}
+
+/// Registers `metric` as `keyward_<name>` and notes the series names it shows:
+/// a counter's `_total`, a histogram's `_bucket`, `_sum` and `_count`.
+fn register(
+    registry: &mut Registry,
+    series: &mut Vec<String>,
+    name: &str,
+    help: &str,
+    metric: impl Metric,
+) {
+    let full = format!("keyward_{name}");
+    match metric.metric_type() {
+        MetricType::Counter => series.push(format!("{full}_total")),
+        MetricType::Histogram => {
+            series.extend(["_bucket", "_sum", "_count"].map(|suffix| format!("{full}{suffix}")))
+        }
+        _ => series.push(full),
+    }
+    registry.register(name, help, metric);
 }
 
 impl Metrics {
@@ -466,6 +557,12 @@ impl Metrics {
         self.verify_duration
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Every series name `/metrics` can show, whether or not it has samples
+    /// yet: what an alert or a dashboard panel may query.
+    pub fn series(&self) -> &[String] {
+        &self.series
     }
 
     /// The OpenMetrics text exposition.

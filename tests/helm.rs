@@ -1115,3 +1115,147 @@ fn the_values_schema_names_the_field_of_every_mistake() {
         assert!(render(test, args).is_some());
     }
 }
+
+/// The series names keyward's binaries export: the operator and the verifier
+/// share one registry (`keyward run --verifier-address` serves both).
+fn exported_series() -> BTreeSet<String> {
+    keyward::telemetry::Metrics::default()
+        .series()
+        .iter()
+        .cloned()
+        .collect()
+}
+
+/// The series a PromQL expression reads: every identifier that is not a
+/// function, keyword or label name (quoted values and ranges removed first).
+fn queried_series(expr: &str) -> Vec<String> {
+    const PROMQL: [&str; 17] = [
+        "sum",
+        "max",
+        "by",
+        "rate",
+        "increase",
+        "histogram_quantile",
+        "time",
+        "absent",
+        "unless",
+        "le",
+        "state",
+        "reason",
+        "category",
+        "protocol",
+        "result",
+        "policy",
+        "operation",
+    ];
+    const LABELS: [&str; 4] = ["pod", "namespace", "outcome", "name"];
+    let without_values = regex::Regex::new(r#""[^"]*"|\[[^\]]*\]"#)
+        .unwrap()
+        .replace_all(expr, "");
+    regex::Regex::new(r"[A-Za-z_][A-Za-z0-9_]*")
+        .unwrap()
+        .find_iter(&without_values)
+        .map(|m| m.as_str().to_owned())
+        .filter(|t| !PROMQL.contains(&t.as_str()) && !LABELS.contains(&t.as_str()))
+        .collect()
+}
+
+#[test]
+fn every_alert_and_panel_queries_a_metric_keyward_exports() {
+    let test = "every_alert_and_panel_queries_a_metric_keyward_exports";
+    // Both are opt-in: nothing by default.
+    let Some(defaults) = render(test, &[]) else {
+        return;
+    };
+    assert!(defaults.of_kind("PrometheusRule").is_empty());
+    assert!(defaults.find("ConfigMap", "keyward-dashboard").is_none());
+    let chart = render(
+        test,
+        &[
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+        ],
+    )
+    .unwrap();
+    let exported = exported_series();
+    assert!(exported.contains("keyward_verify_total"), "{exported:?}");
+
+    let rule = chart.get("PrometheusRule", "keyward");
+    let mut alerts = BTreeSet::new();
+    for group in rule["spec"]["groups"].as_sequence().unwrap() {
+        for alert in group["rules"].as_sequence().unwrap() {
+            let name = alert["alert"].as_str().unwrap();
+            let expr = alert["expr"].as_str().unwrap();
+            let series = queried_series(expr);
+            assert!(!series.is_empty(), "{name}: {expr}");
+            for s in series {
+                assert!(
+                    exported.contains(&s),
+                    "{name} queries {s}, which keyward does not export"
+                );
+            }
+            assert!(alert["annotations"]["summary"].as_str().is_some(), "{name}");
+            alerts.insert(name.to_owned());
+        }
+    }
+    // The alerts docs/operations.md and docs/verifier.md recommend are all in it.
+    let docs = fs::read_to_string(format!("{ROOT}/docs/operations.md")).unwrap()
+        + &fs::read_to_string(format!("{ROOT}/docs/verifier.md")).unwrap();
+    for line in docs.lines() {
+        if let Some(name) = line.trim().strip_prefix("- alert: ") {
+            let name = name.split_whitespace().next().unwrap();
+            assert!(
+                alerts.contains(name),
+                "docs recommend {name}, the PrometheusRule lacks it"
+            );
+        }
+    }
+
+    let config_map = chart.get("ConfigMap", "keyward-dashboard");
+    assert_eq!(
+        config_map["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let json = config_map["data"]["keyward.json"].as_str().unwrap();
+    let example = fs::read_to_string(format!("{ROOT}/examples/grafana-dashboard.json")).unwrap();
+    assert_eq!(
+        json.trim_end(),
+        example.trim_end(),
+        "examples/grafana-dashboard.json drifted from the chart's"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(json).unwrap();
+    let mut titles = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        titles.push(panel["title"].as_str().unwrap().to_owned());
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let series = queried_series(&expr.replace("$__rate_interval", "5m"));
+            assert!(!series.is_empty(), "{expr}");
+            for s in series {
+                assert!(
+                    exported.contains(&s),
+                    "panel {:?} queries {s}, which keyward does not export",
+                    panel["title"]
+                );
+            }
+        }
+    }
+    for wanted in [
+        "Keys by state",
+        "Keys issued",
+        "Keys revoked",
+        "Reconcile latency",
+        "Reconcile errors",
+        "Verifier checks",
+        "Check latency",
+        "Verifier snapshot age",
+        "Policy violations",
+    ] {
+        assert!(
+            titles.iter().any(|t| t == wanted),
+            "no {wanted} panel in {titles:?}"
+        );
+    }
+}
