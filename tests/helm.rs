@@ -1259,3 +1259,74 @@ fn every_alert_and_panel_queries_a_metric_keyward_exports() {
         );
     }
 }
+
+#[test]
+fn artifact_hub_metadata_matches_the_crds_and_the_icon_ships() {
+    let chart: Value = serde_yaml::from_str(
+        &fs::read_to_string(format!("{ROOT}/charts/keyward/Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let icon = chart["icon"].as_str().unwrap();
+    let shipped = icon.rsplit_once("/main/").unwrap().1;
+    assert!(
+        fs::read_to_string(format!("{ROOT}/{shipped}"))
+            .unwrap()
+            .starts_with("<svg"),
+        "{icon} is not in the repository"
+    );
+    let annotations = &chart["annotations"];
+    for key in [
+        "artifacthub.io/category",
+        "artifacthub.io/license",
+        "artifacthub.io/links",
+        "artifacthub.io/images",
+        "artifacthub.io/operator",
+    ] {
+        assert!(annotations[key].as_str().is_some(), "{key}");
+    }
+    // Each CRD annotation names a CRD in crds/, with its served version.
+    let listed: Vec<Value> =
+        serde_yaml::from_str(annotations["artifacthub.io/crds"].as_str().unwrap()).unwrap();
+    let mut shipped_crds = Vec::new();
+    for file in ["apikey", "apikeypolicy"] {
+        let crd: Value = documents(
+            &fs::read_to_string(format!("{ROOT}/charts/keyward/crds/{file}.yaml")).unwrap(),
+        )
+        .remove(0);
+        shipped_crds.push((
+            crd["spec"]["names"]["kind"].as_str().unwrap().to_owned(),
+            crd["metadata"]["name"].as_str().unwrap().to_owned(),
+            crd["spec"]["versions"][0]["name"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        ));
+    }
+    let annotated: Vec<(String, String, String)> = listed
+        .iter()
+        .map(|c| {
+            (
+                c["kind"].as_str().unwrap().to_owned(),
+                c["name"].as_str().unwrap().to_owned(),
+                c["version"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(annotated, shipped_crds);
+    // The examples are objects of those kinds (tests/cluster/chart.rs applies them).
+    let examples: Vec<Value> =
+        serde_yaml::from_str(annotations["artifacthub.io/crdsExamples"].as_str().unwrap()).unwrap();
+    let kinds: Vec<&str> = examples
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ApiKey", "ApiKeyPolicy"]);
+    let image = annotations["artifacthub.io/images"].as_str().unwrap();
+    assert!(
+        image.contains(&format!(
+            "ghcr.io/keyward/keyward:{}",
+            chart["appVersion"].as_str().unwrap()
+        )),
+        "{image}"
+    );
+}

@@ -73,7 +73,7 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
             "--set",
             "podDisruptionBudget.enabled=true,networkPolicy.enabled=true",
             "--set",
-            "verifier.enabled=true",
+            "verifier.enabled=true,metrics.grafanaDashboard.enabled=true",
         ],
     );
     for kind in ["PodDisruptionBudget", "NetworkPolicy"] {
@@ -91,6 +91,23 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
             .try_kubectl(&["get", "apikeys,apikeypolicies", "-A"])
             .ok()
     });
+    // Artifact Hub's CRD examples are objects the API server accepts.
+    let chart: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/charts/keyward/Chart.yaml")).unwrap(),
+    )
+    .unwrap();
+    let examples: Vec<serde_yaml::Value> = serde_yaml::from_str(
+        chart["annotations"]["artifacthub.io/crdsExamples"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    for example in examples {
+        let manifest = serde_yaml::to_string(&example).unwrap();
+        cluster
+            .try_kubectl_with_input(&["apply", "--dry-run=server", "-f", "-"], Some(&manifest))
+            .unwrap_or_else(|e| panic!("the Artifact Hub example is refused: {e}\n{manifest}"));
+    }
     cluster.kubectl(&["create", "namespace", NAMESPACE]);
     let apply = |manifest: &str, extra: &[&str]| {
         let mut args = vec!["apply", "-n", NAMESPACE, "-f", "-"];
@@ -107,6 +124,7 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
         "poddisruptionbudget.policy/keyward-verifier",
         "networkpolicy.networking.k8s.io/keyward-verifier",
         "serviceaccount/keyward-verifier",
+        "configmap/keyward-dashboard",
     ] {
         assert!(
             accepted.contains(&format!("{object} created (server dry run)")),
