@@ -1,4 +1,4 @@
-//! The `keyward` command line: `run`, `verifier`, `crd`, `admission`, `verify`, `dashboard`, `migrate`.
+//! The `keyward` command line: `run`, `verifier`, `crd`, `admission`, `verify`, `dashboard`, `selftest`, `migrate`.
 
 use std::{process::ExitCode, sync::Arc};
 
@@ -250,6 +250,10 @@ pub enum Command {
     /// Serve the dashboard (as `kubectl keyward dashboard` does); in a cluster,
     /// with `--token-passthrough` behind an authenticating proxy (docs/dashboard.md).
     Dashboard(crate::dashboard::DashboardArgs),
+    /// Check an installation from inside the cluster (the chart's `helm test`):
+    /// the operator and the verifier answer, a throwaway ApiKey is issued and
+    /// verifies, and once deleted it is refused. Exit 0 when every check passes.
+    Selftest(crate::selftest::SelftestArgs),
     /// Apply the key database migrations and exit.
     Migrate {
         /// The key database.
@@ -336,6 +340,11 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 verifier: verifier_address.map(|address| verifier.settings(address, None)),
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Selftest(args) => {
+            crate::selftest::run(args).await?;
+            println!("keyward selftest passed");
             Ok(ExitCode::SUCCESS)
         }
         Command::Dashboard(args) => {

@@ -9,6 +9,7 @@
 //! - [`telemetry`]: Prometheus metrics and the health endpoints.
 //! - [`plugin`]: the `kubectl keyward` plugin.
 //! - [`dashboard`]: `kubectl keyward dashboard`, the key page in a browser.
+//! - [`selftest`]: `keyward selftest`, the chart's `helm test`.
 //! - [`policy`]: `ApiKeyPolicy`, which teams, scopes and lifetimes a namespace's keys may have.
 //! - [`verify`](mod@verify): checking a presented key against the database, for one-off checks.
 //! - [`verifier`]: the verifier for gateways and services: an in-memory key set that follows the database.
@@ -24,6 +25,7 @@ pub mod operator;
 pub mod plugin;
 pub mod policy;
 pub mod schedule;
+pub mod selftest;
 pub mod store;
 pub mod telemetry;
 pub mod usage;

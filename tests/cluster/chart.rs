@@ -165,3 +165,169 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
         "keyward-apikey-policy"
     );
 }
+
+/// A kubeconfig that authenticates as the harness's admin and impersonates `user`.
+fn impersonating(cluster: &Cluster, user: &str) -> PathBuf {
+    let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
+    let path = cluster.dir.path().join("kubeconfig-selftest");
+    std::fs::write(
+        &path,
+        admin.replace(
+            "user: {token: e2e-token}",
+            &format!("user: {{token: e2e-token, as: \"{user}\"}}"),
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn helm_test_runs_keyward_selftest_with_its_own_narrow_role() {
+    let test = "helm_test_runs_keyward_selftest_with_its_own_narrow_role";
+    let Some(python) = helm_python() else {
+        eprintln!(
+            "SKIP: {test}: no python with helm-python-sdk (scripts/test installs it and sets KEYWARD_HELM_PYTHON)"
+        );
+        return;
+    };
+    let Some(cluster) = Cluster::start(test) else {
+        return;
+    };
+    // The operator with its endpoints and verifier, as the chart runs it with embedded SQLite.
+    let (verifier, endpoints) = (
+        crate::verifier::free_address(),
+        crate::verifier::free_address(),
+    );
+    let database = format!("sqlite://{}", cluster.dir.path().join("keys.db").display());
+    let (verifier_flag, endpoints_flag) = (verifier.to_string(), endpoints.to_string());
+    let operator = cluster.operator(
+        &database,
+        &[
+            "--verifier-address",
+            &verifier_flag,
+            "--http-address",
+            &endpoints_flag,
+        ],
+        "info",
+    );
+    wait_for("the CRDs", Duration::from_secs(60), || {
+        cluster.try_kubectl(&["get", "apikeys"]).ok()
+    });
+    cluster.kubectl(&["create", "namespace", NAMESPACE]);
+
+    // The hook's ServiceAccount, Role and RoleBinding as the chart renders them.
+    let rendered = render(
+        &python,
+        &["--include-tests", "--set", "verifier.enabled=true"],
+    );
+    let hooks: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|d: &serde_yaml::Value| {
+            d["metadata"]["annotations"]["helm.sh/hook"].as_str() == Some("test")
+        })
+        .collect();
+    let kinds: Vec<&str> = hooks.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "Pod",
+            "NetworkPolicy"
+        ]
+    );
+    let pod = &hooks[3];
+    let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "selftest",
+            "--operator-url=http://keyward-metrics:8080",
+            "--verifier-url=http://keyward-verifier:9000",
+            "--namespace=keyward-system",
+        ]
+    );
+    // The Pod cannot run here (no kubelet); the NetworkPolicy is checked by the API server.
+    for object in hooks.iter().filter(|d| d["kind"] != "Pod") {
+        let manifest = serde_yaml::to_string(object).unwrap();
+        cluster.apply(&manifest);
+    }
+
+    // The Pod's command, with the Pod's identity, against this API server; the
+    // Services' addresses replaced by the processes'.
+    let kubeconfig = impersonating(
+        &cluster,
+        "system:serviceaccount:keyward-system:keyward-selftest",
+    );
+    let selftest = |extra: &[&str]| {
+        Command::new(crate::harness::OPERATOR)
+            .args([
+                "selftest",
+                &format!("--operator-url=http://{endpoints}"),
+                &format!("--verifier-url=http://{verifier}"),
+                "--namespace=keyward-system",
+            ])
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    };
+    let passed = selftest(&[]);
+    let stdout = String::from_utf8_lossy(&passed.stdout);
+    assert!(
+        passed.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&passed.stderr)
+    );
+    for step in [
+        "ok: the operator is ready",
+        "ok: the verifier is ready",
+        "ok: the operator issued its key",
+        "ok: the verifier accepts the key",
+        "ok: deleted, the key is refused",
+        "keyward selftest passed",
+    ] {
+        assert!(stdout.contains(step), "{step}:\n{stdout}");
+    }
+    assert!(!stdout.contains("kw_"), "a key in the output:\n{stdout}");
+    assert!(
+        cluster
+            .try_kubectl(&["get", "apikey", "keyward-selftest", "-n", NAMESPACE])
+            .is_err(),
+        "the throwaway ApiKey is left behind"
+    );
+
+    // The Role allows nothing else: not another ApiKey, not another Secret.
+    let as_selftest = |args: &[&str]| {
+        Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["get", "apikeys", "-n", NAMESPACE][..],
+        &["get", "secret", "keyward-database", "-n", NAMESPACE],
+        &["delete", "apikey", "someone-elses", "-n", NAMESPACE],
+    ] {
+        let refused = as_selftest(args);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("forbidden"),
+            "{args:?}"
+        );
+    }
+
+    // Without an operator, it fails and says what it waited for.
+    operator.kill();
+    let failed = selftest(&["--timeout-seconds=3"]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("the operator's /readyz"), "{stderr}");
+}

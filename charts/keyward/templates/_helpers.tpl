@@ -101,3 +101,13 @@ groups, not kinds: it picks by --kube-version (v1 from 1.30).
 {{- ternary "v1" "v1beta1" (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) }}
 {{- end }}
 {{- end }}
+
+{{/* `helm test`'s objects: a name of their own, so that no operator or verifier selector matches the selftest pod. */}}
+{{- define "keyward.selftest.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "keyward.name" . }}-selftest
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: selftest
+app.kubernetes.io/part-of: {{ include "keyward.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
