@@ -166,21 +166,6 @@ fn the_rendered_chart_is_accepted_by_the_api_server() {
     );
 }
 
-/// A kubeconfig that authenticates as the harness's admin and impersonates `user`.
-fn impersonating(cluster: &Cluster, user: &str) -> PathBuf {
-    let admin = std::fs::read_to_string(&cluster.kubeconfig).unwrap();
-    let path = cluster.dir.path().join("kubeconfig-selftest");
-    std::fs::write(
-        &path,
-        admin.replace(
-            "user: {token: e2e-token}",
-            &format!("user: {{token: e2e-token, as: \"{user}\"}}"),
-        ),
-    )
-    .unwrap();
-    path
-}
-
 #[test]
 fn helm_test_runs_keyward_selftest_with_its_own_narrow_role() {
     let test = "helm_test_runs_keyward_selftest_with_its_own_narrow_role";
@@ -261,10 +246,7 @@ fn helm_test_runs_keyward_selftest_with_its_own_narrow_role() {
 
     // The Pod's command, with the Pod's identity, against this API server; the
     // Services' addresses replaced by the processes'.
-    let kubeconfig = impersonating(
-        &cluster,
-        "system:serviceaccount:keyward-system:keyward-selftest",
-    );
+    let kubeconfig = cluster.impersonating("system:serviceaccount:keyward-system:keyward-selftest");
     let selftest = |extra: &[&str]| {
         Command::new(crate::harness::OPERATOR)
             .args([

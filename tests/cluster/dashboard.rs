@@ -171,21 +171,6 @@ fn http(
     }
 }
 
-/// A kubeconfig that authenticates as the harness's admin and impersonates `user`.
-fn impersonating(cluster: &Cluster, user: &str) -> PathBuf {
-    let admin = fs::read_to_string(&cluster.kubeconfig).unwrap();
-    let path = cluster.dir.path().join(format!("kubeconfig-{user}"));
-    fs::write(
-        &path,
-        admin.replace(
-            "user: {token: e2e-token}",
-            &format!("user: {{token: e2e-token, as: {user}}}"),
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// The verifier's answer to `key` for `scope`.
 fn check(verifier: SocketAddr, key: &str, scope: &str) -> u16 {
     let bearer = format!("Bearer {key}");
@@ -486,7 +471,7 @@ fn a_viewer_is_refused_with_the_api_servers_message_and_offered_no_reveal() {
     }
 
     // vera may only read ApiKeys: she sees them, and every action is refused.
-    let vera = Dashboard::start(&cluster, &impersonating(&cluster, "vera"), "vera");
+    let vera = Dashboard::start(&cluster, &cluster.impersonating("vera"), "vera");
     let cookie = vera.session();
     let get = |path: &str| http(vera.address, "GET", path, &[("Cookie", &cookie)], "");
     let list = get("/");
@@ -574,7 +559,7 @@ fn a_viewer_is_refused_with_the_api_servers_message_and_offered_no_reveal() {
     );
 
     // eddie may edit ApiKeys but not read Secrets: no reveal, and rotation works.
-    let eddie = Dashboard::start(&cluster, &impersonating(&cluster, "eddie"), "eddie");
+    let eddie = Dashboard::start(&cluster, &cluster.impersonating("eddie"), "eddie");
     let cookie = eddie.session();
     let page = http(
         eddie.address,

@@ -281,6 +281,26 @@ impl Cluster {
         self.dir.path().join("kubeconfig-operator")
     }
 
+    /// A kubeconfig that authenticates as the harness's admin and impersonates
+    /// `user` (only with the API server started here), so the API server
+    /// authorizes every request as that user, with RBAC.
+    pub fn impersonating(&self, user: &str) -> PathBuf {
+        let admin = fs::read_to_string(&self.kubeconfig).unwrap();
+        let path = self
+            .dir
+            .path()
+            .join(format!("kubeconfig-as-{}", user.replace(':', "-")));
+        fs::write(
+            &path,
+            admin.replace(
+                "user: {token: e2e-token}",
+                &format!("user: {{token: e2e-token, as: \"{user}\"}}"),
+            ),
+        )
+        .unwrap();
+        path
+    }
+
     /// Starts `keyward run` with the given kubeconfig.
     pub fn operator_as(
         &self,
