@@ -236,6 +236,15 @@ fn base62_fixed(bytes: &[u8], width: usize, out: &mut String) {
     number.zeroize();
 }
 
+/// Overwrites every data value of a Secret in memory before it is dropped:
+/// whoever reads a key from a Secret keeps it only as long as it needs it.
+pub fn wipe_secret(secret: &mut k8s_openapi::api::core::v1::Secret) {
+    for value in secret.data.iter_mut().flat_map(|d| d.values_mut()) {
+        value.0.zeroize();
+    }
+    secret.data = None;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 use crate::{
     Error, Result,
     crd::{ApiKey, ApiKeySpec, SECRET_DATA_KEY},
+    key::wipe_secret,
 };
 
 /// The throwaway ApiKey's name; the chart's test Role may read only its Secret.
@@ -126,14 +127,17 @@ async fn issue_and_revoke(
     let Some(verifier) = verifier else {
         return Ok(());
     };
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+    let mut secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(SELFTEST_KEY)
         .await?;
     let presented = secret
         .data
-        .and_then(|mut data| data.remove(SECRET_DATA_KEY))
-        .map(|bytes| Zeroizing::new(String::from_utf8_lossy(&bytes.0).into_owned()))
-        .ok_or_else(|| Error::Config(format!("Secret {SELFTEST_KEY} holds no key")))?;
+        .as_ref()
+        .and_then(|data| data.get(SECRET_DATA_KEY))
+        .map(|bytes| Zeroizing::new(String::from_utf8_lossy(&bytes.0).into_owned()));
+    wipe_secret(&mut secret);
+    let presented =
+        presented.ok_or_else(|| Error::Config(format!("Secret {SELFTEST_KEY} holds no key")))?;
     let check = format!("/check?scope={SELFTEST_SCOPE}");
     wait(timeout, "the verifier to accept the key (200)", || async {
         Ok(verifier.get(&check, Some(&presented)).await? == 200)

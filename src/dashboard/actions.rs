@@ -17,6 +17,7 @@ use super::form::NewKey;
 use crate::{
     Error, Result,
     crd::{ApiKey, SECRET_DATA_KEY},
+    key::wipe_secret,
     policy::ApiKeyPolicy,
 };
 
@@ -49,7 +50,7 @@ pub async fn events(client: &Client, key: &ApiKey) -> Vec<Event> {
     events.retain(|e| {
         uid.is_none() || e.involved_object.uid.is_none() || e.involved_object.uid == uid
     });
-    events.sort_by_key(|e| std::cmp::Reverse(super::html::event_time(e)));
+    events.sort_by_key(|e| std::cmp::Reverse(super::view::event_time(e)));
     events
 }
 
@@ -116,22 +117,24 @@ pub async fn read_key(
         .and_then(|s| s.secret_name.clone())
         .or_else(|| key.target_secret_name().map(str::to_owned))
         .ok_or(Error::MissingMetadata("name"))?;
-    let secret = Api::<Secret>::namespaced(client.clone(), namespace)
+    let mut secret = Api::<Secret>::namespaced(client.clone(), namespace)
         .get(&secret_name)
         .await?;
-    let bytes = secret
+    let key = secret
         .data
         .as_ref()
         .and_then(|data| data.get(SECRET_DATA_KEY))
-        .ok_or_else(|| {
-            Error::Config(format!("Secret {namespace}/{secret_name} holds no key yet"))
-        })?;
-    let text = String::from_utf8(bytes.0.clone()).map_err(|_| {
-        Error::Config(format!(
+        .map(|bytes| std::str::from_utf8(&bytes.0).map(|text| Zeroizing::new(text.to_owned())));
+    wipe_secret(&mut secret);
+    match key {
+        Some(Ok(key)) => Ok((secret_name, key)),
+        Some(Err(_)) => Err(Error::Config(format!(
             "Secret {namespace}/{secret_name} holds no text key"
-        ))
-    })?;
-    Ok((secret_name, Zeroizing::new(text)))
+        ))),
+        None => Err(Error::Config(format!(
+            "Secret {namespace}/{secret_name} holds no key yet"
+        ))),
+    }
 }
 
 /// Creates the ApiKey (or only validates it, with `dry_run`), as the caller.

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::{
     crd::{ApiKey, ApiKeySpec, RotationSpec},
-    policy::{ApiKeyPolicy, evaluate::selects},
+    policy::{ApiKeyPolicy, evaluate::governs},
 };
 
 /// What the user typed, kept as typed so a refused form comes back whole.
@@ -191,7 +191,7 @@ pub fn choices(policies: &[ApiKeyPolicy], labels: Option<&BTreeMap<String, Strin
     };
     let selecting: Vec<&ApiKeyPolicy> = policies
         .iter()
-        .filter(|p| selects(&p.spec.namespace_selector, labels).unwrap_or(true))
+        .filter(|p| governs(&p.spec.namespace_selector, labels))
         .collect();
     let mut choices = Choices {
         policies: selecting

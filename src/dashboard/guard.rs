@@ -35,8 +35,9 @@ pub enum Mode {
     Passthrough,
 }
 
-/// What the guard decided about one request.
-#[derive(Debug, PartialEq, Eq)]
+/// What the guard decided about one request. Its Debug output leaves the
+/// credentials out.
+#[derive(PartialEq, Eq)]
 pub enum Admission {
     /// Go on, as the caller with this identity (a hash of its credential) and,
     /// in passthrough mode, its bearer token.
@@ -64,7 +65,7 @@ pub enum Admission {
 }
 
 /// The parts of a request the guard reads.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RequestFacts<'a> {
     /// Whether the method only reads (GET or HEAD).
     pub safe_method: bool,
@@ -84,6 +85,26 @@ pub struct RequestFacts<'a> {
     pub authorization: Option<&'a str>,
     /// The X-Forwarded-Access-Token header (oauth2-proxy's `--pass-access-token`).
     pub forwarded_token: Option<&'a str>,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Admission::Allowed { bearer, .. } => f
+                .debug_struct("Allowed")
+                .field("bearer", &bearer.as_ref().map(|_| "<redacted>"))
+                .finish_non_exhaustive(),
+            Admission::StartSession { location, .. } => f
+                .debug_struct("StartSession")
+                .field("location", location)
+                .finish_non_exhaustive(),
+            Admission::Refused { status, reason } => f
+                .debug_struct("Refused")
+                .field("status", status)
+                .field("reason", reason)
+                .finish(),
+        }
+    }
 }
 
 impl Guard {
@@ -187,7 +208,7 @@ fn cookie_value<'a>(header: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// A value from a query string, decoded.
-pub fn query_value(query: &str, name: &str) -> Option<String> {
+fn query_value(query: &str, name: &str) -> Option<String> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(query)
         .ok()?
         .into_iter()
@@ -320,6 +341,25 @@ mod tests {
         };
         // Each caller's CSRF token is its own.
         assert_ne!(guard.csrf_token(&identity), guard.csrf_token(&bob));
+    }
+
+    #[test]
+    fn admissions_never_print_a_credential() {
+        let allowed = Admission::Allowed {
+            identity: [1; 32],
+            bearer: Some("alice-token".into()),
+        };
+        let session = Admission::StartSession {
+            set_cookie: format!("keyward_dashboard_8080={TOKEN}"),
+            location: "/".into(),
+        };
+        for admission in [allowed, session] {
+            let printed = format!("{admission:?}");
+            assert!(
+                !printed.contains("alice-token") && !printed.contains(TOKEN),
+                "{printed}"
+            );
+        }
     }
 
     #[test]

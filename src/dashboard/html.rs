@@ -287,7 +287,7 @@ pub fn key_page(
             @if events.is_empty() { p.muted { "No Events (the API server keeps them for an hour by default)." } }
             ol.timeline {
                 @for e in events { li.warning[e.type_.as_deref() == Some("Warning")] {
-                    (time(event_time(e), now, "-")) " "
+                    (time(view::event_time(e), now, "-")) " "
                     strong { (e.reason.clone().unwrap_or_default()) }
                     @if e.count.unwrap_or(1) > 1 { " ×" (e.count.unwrap_or(1)) }
                     " " (e.message.clone().unwrap_or_default())
@@ -296,17 +296,6 @@ pub fn key_page(
         }
     };
     layout(frame, &row.name, body)
-}
-
-/// When an Event happened: its series' last time, else its own.
-pub fn event_time(e: &Event) -> Option<Timestamp> {
-    e.series
-        .as_ref()
-        .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0))
-        .or(e.last_timestamp.as_ref().map(|t| t.0))
-        .or(e.event_time.as_ref().map(|t| t.0))
-        .or(e.first_timestamp.as_ref().map(|t| t.0))
-        .or(e.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
 /// One bar segment of the usage chart.

@@ -361,7 +361,14 @@ impl App {
         match &self.callers {
             Callers::Local { watches, shown, .. } => {
                 let (keys, mut offered) = match (shown, filter) {
-                    (Shown::Everywhere, _) => (watches.keys(None).await?, Vec::new()),
+                    (Shown::Everywhere, _) => {
+                        let keys = watches.keys(None).await?;
+                        let offered = keys
+                            .iter()
+                            .filter_map(|k| k.metadata.namespace.clone())
+                            .collect();
+                        (keys, offered)
+                    }
                     (Shown::Namespaces(list), Some(ns)) => {
                         (watches.keys(Some(ns)).await?, list.clone())
                     }
@@ -373,12 +380,6 @@ impl App {
                         (keys, list.clone())
                     }
                 };
-                if matches!(shown, Shown::Everywhere) {
-                    offered = keys
-                        .iter()
-                        .filter_map(|k| k.metadata.namespace.clone())
-                        .collect();
-                }
                 offered.sort();
                 offered.dedup();
                 Ok((keys, offered))
@@ -429,12 +430,6 @@ impl From<Error> for PageError {
                 message: other.to_string(),
             },
         }
-    }
-}
-
-impl From<kube::Error> for PageError {
-    fn from(error: kube::Error) -> Self {
-        Error::Kube(error).into()
     }
 }
 
@@ -651,8 +646,7 @@ async fn policies(
         .into_iter()
         .filter_map(|policy| {
             let selects = labels.as_ref().map(|labels| {
-                crate::policy::evaluate::selects(&policy.spec.namespace_selector, labels)
-                    .unwrap_or(true)
+                crate::policy::evaluate::governs(&policy.spec.namespace_selector, labels)
             });
             (selects != Some(false)).then_some((policy, selects))
         })
@@ -689,9 +683,9 @@ impl App {
         &self,
         caller: &Caller,
         form: &form::NewKey,
+        namespaces: &[String],
         error: Option<&str>,
     ) -> Markup {
-        let (_, namespaces) = self.namespaces_offered(caller).await;
         let policies = actions::policies(&caller.client).await.unwrap_or_default();
         let labels = actions::namespace_labels(&caller.client, &form.namespace).await;
         let choices = form::choices(&policies, labels.as_ref());
@@ -700,7 +694,7 @@ impl App {
             form,
             &form::field_rules(),
             &choices,
-            &namespaces,
+            namespaces,
             error,
         )
     }
@@ -711,12 +705,13 @@ async fn new_form(
     caller: Caller,
     Query(params): Query<NamespaceParams>,
 ) -> Page {
-    let (default, _) = app.namespaces_offered(&caller).await;
+    let (default, namespaces) = app.namespaces_offered(&caller).await;
     let form = form::NewKey {
         namespace: params.ns.filter(|ns| !ns.is_empty()).unwrap_or(default),
         ..Default::default()
     };
-    Ok(page(app.new_form_page(&caller, &form, None).await).into_response())
+    let markup = app.new_form_page(&caller, &form, &namespaces, None).await;
+    Ok(page(markup).into_response())
 }
 
 async fn new_post(State(app): State<SharedApp>, caller: Caller, body: Bytes) -> Page {
@@ -726,7 +721,11 @@ async fn new_post(State(app): State<SharedApp>, caller: Caller, body: Bytes) -> 
     let dry_run = match step {
         "preview" => true,
         "apply" => false,
-        _ => return Ok(page(app.new_form_page(&caller, &form, None).await).into_response()),
+        _ => {
+            let (_, namespaces) = app.namespaces_offered(&caller).await;
+            let markup = app.new_form_page(&caller, &form, &namespaces, None).await;
+            return Ok(page(markup).into_response());
+        }
     };
     match actions::create(&caller.client, &form, dry_run).await {
         Ok(()) if dry_run => {
@@ -739,7 +738,10 @@ async fn new_post(State(app): State<SharedApp>, caller: Caller, body: Bytes) -> 
         .into_response()),
         Err(error) => {
             let message = PageError::from(error).message;
-            let markup = app.new_form_page(&caller, &form, Some(&message)).await;
+            let (_, namespaces) = app.namespaces_offered(&caller).await;
+            let markup = app
+                .new_form_page(&caller, &form, &namespaces, Some(&message))
+                .await;
             Ok((StatusCode::UNPROCESSABLE_ENTITY, page(markup)).into_response())
         }
     }

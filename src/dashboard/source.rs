@@ -1,8 +1,9 @@
 //! Where the key list comes from. Locally, a watch per namespace scope the
 //! user looks at, so a page after the first is served from memory, and memory
-//! stays bounded by the namespaces shown (the least recently shown watch stops
-//! when more than the shown namespaces' start). In token passthrough mode each request lists with the
-//! caller's own token, since one caller's cache must never serve another.
+//! stays bounded by the namespaces shown (past a few more watches than shown
+//! namespaces, the least recently shown one stops). In token passthrough mode
+//! each request lists with the caller's own token, since one caller's cache
+//! must never serve another.
 
 use std::{
     collections::HashMap,
@@ -88,11 +89,6 @@ impl KeyWatches {
             .map_err(|_| crate::Error::Config("the ApiKey list did not arrive within 60s".into()))?
             .map_err(|_| crate::Error::Config("the ApiKey watch stopped".into()))?;
         Ok(store.state())
-    }
-
-    /// How many watches run (for the memory test and the benchmark).
-    pub fn running(&self) -> usize {
-        self.watches.lock().expect("watch map poisoned").len()
     }
 
     async fn start(&self, scope: Option<String>) -> Result<Store<ApiKey>> {

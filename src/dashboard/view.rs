@@ -2,6 +2,7 @@
 //! ApiKey and `now` alone, so it is tested without a server or a browser.
 
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::Event;
 use kube::ResourceExt;
 
 use crate::crd::{ApiKey, ApiKeyStatus, POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE, UsageSeries};
@@ -338,6 +339,17 @@ fn search_matches(key: &ApiKey, needle: &str) -> bool {
         || contains(&key.spec.owner)
         || contains(&key.spec.team)
         || key.spec.scopes.iter().any(|s| contains(s))
+}
+
+/// When an Event happened: its series' last time, else its own.
+pub fn event_time(e: &Event) -> Option<Timestamp> {
+    e.series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0))
+        .or(e.last_timestamp.as_ref().map(|t| t.0))
+        .or(e.event_time.as_ref().map(|t| t.0))
+        .or(e.first_timestamp.as_ref().map(|t| t.0))
+        .or(e.metadata.creation_timestamp.as_ref().map(|t| t.0))
 }
 
 /// "3 h ago", "in 2 d", "just now": how people read times in a list.

@@ -28,7 +28,6 @@ use kube::{
     },
 };
 use tracing::{debug, info, warn};
-use zeroize::Zeroize;
 
 use crate::{
     Error, Result,
@@ -38,7 +37,7 @@ use crate::{
         POLICY_COMPLIANT, PREVIOUS_KEY_IN_USE, REVOKE_PREVIOUS_ANNOTATION, ROTATE_ANNOTATION,
         RolloutKind, RolloutTarget, SECRET_DATA_KEY,
     },
-    key::{KeyFactory, KeyHash},
+    key::{KeyFactory, KeyHash, wipe_secret},
     operator::core::{
         self, Decision, Observation, Outcome, Policy, SecretView, StatusInput, Step, UsageView,
     },
@@ -1113,7 +1112,7 @@ impl Reconciler {
         } else {
             self.cluster.create_secret(&manifest).await
         };
-        wipe(&mut manifest);
+        wipe_secret(&mut manifest);
         let version = match written {
             Ok(version) => version,
             Err(Error::SecretWrite { code: 409, .. }) => {
@@ -1257,7 +1256,7 @@ impl Reconciler {
         } else {
             SecretView::Foreign
         };
-        wipe(&mut secret);
+        wipe_secret(&mut secret);
         Ok(ObservedSecret {
             view,
             uid: secret.metadata.uid,
@@ -1283,12 +1282,4 @@ impl Reconciler {
 /// The record with this id, to keep the in-memory copy in step with the database.
 fn find<'a>(records: &'a mut [KeyRecord], key_id: &str) -> Option<&'a mut KeyRecord> {
     records.iter_mut().find(|r| r.key_id == key_id)
-}
-
-/// Overwrites every data value of a Secret in memory before it is dropped.
-fn wipe(secret: &mut Secret) {
-    for value in secret.data.iter_mut().flat_map(|d| d.values_mut()) {
-        value.0.zeroize();
-    }
-    secret.data = None;
 }

@@ -86,7 +86,7 @@ impl CompiledPolicy {
     /// Whether this policy governs a namespace with these labels. A selector
     /// that cannot be read selects every namespace, so the policy fails closed.
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        selects(&self.spec.namespace_selector, labels).unwrap_or(true)
+        governs(&self.spec.namespace_selector, labels)
     }
 
     /// Whether this policy limits the keys of a namespace with these labels.
@@ -103,6 +103,13 @@ impl CompiledPolicy {
         }
         Some(parts.join(","))
     }
+}
+
+/// Whether a policy with this namespace selector governs a namespace with
+/// these labels. A selector that cannot be read selects every namespace, so
+/// the policy fails closed.
+pub fn governs(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    selects(selector, labels).unwrap_or(true)
 }
 
 /// Whether a label selector matches `labels`, as the API server reads it.
