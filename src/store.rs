@@ -579,23 +579,45 @@ impl SqlStore {
         Ok(dump)
     }
 
-    /// Takes the next change sequence number inside `tx`. On PostgreSQL the
-    /// counter row stays locked until the commit, so numbers follow commit order,
-    /// and a NOTIFY (delivered at commit) wakes the verifiers.
-    async fn next_change(&self, tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
-        let change: i64 =
-            sqlx::query("UPDATE key_change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq")
+    /// Stamps `key_id`'s row, written earlier in `tx`, with the next change
+    /// number: the transaction's last statement before its commit. On
+    /// PostgreSQL the counter row stays locked until the commit, so numbers
+    /// follow commit order and a reader never skips a change; taking it last
+    /// holds that one lock for a single round trip and the commit, not for the
+    /// whole transaction. The NOTIFY (delivered at commit) wakes the verifiers.
+    async fn stamp_change(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        key_id: &str,
+    ) -> Result<()> {
+        match self.backend {
+            Backend::Postgres => {
+                sqlx::query(
+                    "WITH next AS (UPDATE key_change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq), \
+                     stamped AS (UPDATE api_keys SET change_seq = next.seq FROM next WHERE api_keys.key_id = $1 RETURNING next.seq) \
+                     SELECT pg_notify($2, seq::text) FROM stamped",
+                )
+                .bind(key_id)
+                .bind(CHANGE_CHANNEL)
+                .execute(&mut **tx)
+                .await?;
+            }
+            // SQLite has one writer at a time: the order within it is free.
+            Backend::Sqlite => {
+                let change: i64 = sqlx::query(
+                    "UPDATE key_change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+                )
                 .fetch_one(&mut **tx)
                 .await?
                 .try_get("seq")?;
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANGE_CHANNEL)
-                .bind(change.to_string())
-                .execute(&mut **tx)
-                .await?;
+                sqlx::query("UPDATE api_keys SET change_seq = $1 WHERE key_id = $2")
+                    .bind(change)
+                    .bind(key_id)
+                    .execute(&mut **tx)
+                    .await?;
+            }
         }
-        Ok(change)
+        Ok(())
     }
 
     /// Every key that is not revoked, with the change number they are current
@@ -1069,10 +1091,9 @@ impl KeyStore for SqlStore {
 
     async fn insert_pending(&self, record: &KeyRecord) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         sqlx::query(
             "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request, change_seq, cluster) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, $13, $14)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, 0, $13)",
         )
         .bind(&record.key_id)
         .bind(record.key_hash.as_str())
@@ -1086,7 +1107,6 @@ impl KeyStore for SqlStore {
         .bind(record.created_at.as_millisecond())
         .bind(record.issue_reason.as_str())
         .bind(record.rotation_request.as_deref())
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?;
@@ -1104,6 +1124,7 @@ impl KeyStore for SqlStore {
             &detail,
         )
         .await?;
+        self.stamp_change(&mut tx, &record.key_id).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1115,14 +1136,12 @@ impl KeyStore for SqlStore {
         expires_at: Option<Timestamp>,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3, change_seq = $4 WHERE key_id = $1 AND state = 'pending' AND cluster = $5",
+            "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = $3 WHERE key_id = $1 AND state = 'pending' AND cluster = $4",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(expires_at.map(|t| t.as_millisecond()))
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
@@ -1141,21 +1160,20 @@ impl KeyStore for SqlStore {
             "key confirmed in its Secret",
         )
         .await?;
+        self.stamp_change(&mut tx, key_id).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn retire(&self, key_id: &str, expires_at: Timestamp, at: Timestamp) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'retiring', change_seq = $3, \
+            "UPDATE api_keys SET state = 'retiring', \
              expires_at = CASE WHEN expires_at IS NOT NULL AND expires_at < $2 THEN expires_at ELSE $2 END \
-             WHERE key_id = $1 AND state = 'active' AND cluster = $4",
+             WHERE key_id = $1 AND state = 'active' AND cluster = $3",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
@@ -1164,6 +1182,7 @@ impl KeyStore for SqlStore {
             let detail = format!("valid until {expires_at}");
             self.audit_in(&mut tx, key_id, at, "retired", &detail)
                 .await?;
+            self.stamp_change(&mut tx, key_id).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1176,14 +1195,12 @@ impl KeyStore for SqlStore {
         at: Timestamp,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET expires_at = $2, change_seq = $3 \
-             WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2) AND cluster = $4",
+            "UPDATE api_keys SET expires_at = $2 \
+             WHERE key_id = $1 AND state = 'active' AND (expires_at IS NULL OR expires_at > $2) AND cluster = $3",
         )
         .bind(key_id)
         .bind(expires_at.as_millisecond())
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
@@ -1192,6 +1209,7 @@ impl KeyStore for SqlStore {
             let detail = format!("expires at {expires_at}");
             self.audit_in(&mut tx, key_id, at, "expiry_changed", &detail)
                 .await?;
+            self.stamp_change(&mut tx, key_id).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1204,17 +1222,15 @@ impl KeyStore for SqlStore {
         at: Timestamp,
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         let scopes = metadata.scopes.join(" ");
         let updated = sqlx::query(
-            "UPDATE api_keys SET owner = $2, team = $3, scopes = $4, change_seq = $5 \
-             WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4) AND cluster = $6",
+            "UPDATE api_keys SET owner = $2, team = $3, scopes = $4 \
+             WHERE key_id = $1 AND state <> 'revoked' AND (owner <> $2 OR team <> $3 OR scopes <> $4) AND cluster = $5",
         )
         .bind(key_id)
         .bind(&metadata.owner)
         .bind(&metadata.team)
         .bind(&scopes)
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
@@ -1226,6 +1242,7 @@ impl KeyStore for SqlStore {
             );
             self.audit_in(&mut tx, key_id, at, "metadata_changed", &detail)
                 .await?;
+            self.stamp_change(&mut tx, key_id).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -1233,15 +1250,13 @@ impl KeyStore for SqlStore {
 
     async fn revoke(&self, key_id: &str, reason: RevokeReason, at: Timestamp) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let change = self.next_change(&mut tx).await?;
         let updated = sqlx::query(
-            "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3, change_seq = $4 \
-             WHERE key_id = $1 AND state <> 'revoked' AND cluster = $5",
+            "UPDATE api_keys SET state = 'revoked', revoked_at = $2, revoke_reason = $3 \
+             WHERE key_id = $1 AND state <> 'revoked' AND cluster = $4",
         )
         .bind(key_id)
         .bind(at.as_millisecond())
         .bind(reason.as_str())
-        .bind(change)
         .bind(&self.cluster)
         .execute(&mut *tx)
         .await?
@@ -1249,6 +1264,7 @@ impl KeyStore for SqlStore {
         if updated > 0 {
             self.audit_in(&mut tx, key_id, at, "revoked", reason.as_str())
                 .await?;
+            self.stamp_change(&mut tx, key_id).await?;
         }
         tx.commit().await?;
         Ok(())

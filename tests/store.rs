@@ -348,6 +348,93 @@ async fn usage_counts_add_up_and_are_read_back_grouped(store: SqlStore) {
     assert_eq!(left, 8);
 }
 
+/// The verifier follows `changes_since` from the last change number it saw,
+/// so numbers must become visible in order: a change committed with a number
+/// below one a follower already passed would be skipped for good. Writers
+/// interleave issue, activation, metadata and revocation of their own keys
+/// while a follower reads as fast as it can; every revocation must reach it.
+async fn concurrent_writers_never_hide_a_change_from_a_follower(store: SqlStore) {
+    const WRITERS: u64 = 8;
+    const KEYS_PER_WRITER: usize = 30;
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let follower = {
+        let (store, writing) = (store.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut after = 0;
+            let mut states = std::collections::HashMap::new();
+            let mut reads = 0;
+            loop {
+                let done = !writing.load(std::sync::atomic::Ordering::SeqCst);
+                loop {
+                    let batch = store.changes_since(after, 50).await.unwrap();
+                    reads += 1;
+                    for (seq, record) in &batch {
+                        assert!(*seq > after, "change {seq} came after {after}");
+                        after = *seq;
+                        states.insert(record.key_id.clone(), record.state);
+                    }
+                    if batch.len() < 50 {
+                        break;
+                    }
+                }
+                if done {
+                    return (states, reads);
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let t0 = start_time();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let keys =
+                    KeyFactory::new("kw", Arc::new(SeededEntropy::new(100 + writer))).unwrap();
+                let mut ids = Vec::new();
+                for i in 0..KEYS_PER_WRITER {
+                    let (_, record) = pending(&keys, &format!("uid-{writer}-{i}"), t0);
+                    store.insert_pending(&record).await.unwrap();
+                    store.activate(&record.key_id, t0, None).await.unwrap();
+                    ids.push(record.key_id);
+                }
+                for (i, key_id) in ids.iter().enumerate() {
+                    let changed = KeyMetadata {
+                        owner: format!("owner-{i}@example.com"),
+                        ..metadata()
+                    };
+                    store.update_metadata(key_id, &changed, t0).await.unwrap();
+                    store
+                        .revoke(key_id, RevokeReason::Deleted, t0)
+                        .await
+                        .unwrap();
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut written = Vec::new();
+    for writer in writers {
+        written.extend(writer.await.unwrap());
+    }
+    writing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (seen, reads) = follower.await.unwrap();
+    assert!(
+        reads > 10,
+        "the follower read only {reads} times while the writers ran"
+    );
+    let missed: Vec<_> = written
+        .iter()
+        .filter(|id| seen.get(*id) != Some(&KeyState::Revoked))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} of {} revocations never reached the follower: {missed:?}",
+        missed.len(),
+        written.len()
+    );
+}
+
 /// Declares each case once per backend.
 macro_rules! both_backends {
     ($($case:ident),* $(,)?) => {
@@ -382,6 +469,7 @@ both_backends!(
     migrations_are_idempotent,
     database_never_holds_the_key,
     usage_counts_add_up_and_are_read_back_grouped,
+    concurrent_writers_never_hide_a_change_from_a_follower,
 );
 
 #[tokio::test]
