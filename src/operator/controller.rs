@@ -42,6 +42,7 @@ use crate::{
     key::{KeyFactory, OsEntropy},
     operator::reconciler::{KubeCluster, RateLimiter, Reconciler, StatusMemo},
     operator::secret_cache::SecretCache,
+    operator::wire::WireApiKey,
     policy::{PolicyIndex, watch as policy_watch},
     store::{KeyStore, SqlStore},
     telemetry::{Endpoints, Health, InstrumentedStore, Metrics},
@@ -56,8 +57,8 @@ const LEASE_GRACE_SECS: u64 = 5;
 /// Longest wait between retries of a failing ApiKey.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// Objects per page of the watches' initial LIST. Each page is held whole
-/// (and for ApiKeys, parsed twice by `DeserializeGuard`) while it is decoded,
-/// so smaller pages lower the start-up peak at a few more round trips.
+/// while it is decoded, so smaller pages lower the start-up peak at a few
+/// more round trips.
 const LIST_PAGE_SIZE: u32 = 100;
 /// How long a reconcile at start-up waits for the Secret cache's first list,
 /// so that a restart over a settled fleet reads no Secret; then it reads them.
@@ -881,9 +882,10 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
     let before = keys.clone();
     let (waiting_index, waiting_requeue) = (policies.clone(), requeue.clone());
     let key_changes = watcher(
-        Api::<DeserializeGuard<ApiKey>>::all(client.clone()),
+        Api::<WireApiKey>::all(client.clone()),
         watcher::Config::default().page_size(LIST_PAGE_SIZE),
     )
+    .map_ok(WireApiKey::unwrap_event)
     .default_backoff()
     .modify(slim_apikey)
     .inspect_ok(move |event| {
