@@ -1,7 +1,8 @@
 //! The key database in production (issue 14, "Performance").
 //!
-//! Three parts, each selectable by name (`cargo bench --bench database --
-//! anti-entropy`, `-- replica`, `-- failover`; no name runs all three):
+//! Four parts, each selectable by name (`cargo bench --bench database --
+//! anti-entropy`, `-- replica`, `-- failover`, `-- writers`; no name runs all
+//! four):
 //!
 //! - `anti-entropy`: one anti-entropy pass (`AntiEntropy::pass`) over N live
 //!   records of cluster "bench" and N ApiKeys with nothing to revoke, for each
@@ -36,6 +37,13 @@
 //!   `insert_pending` + `activate` of a fresh key to succeed (retried every 50
 //!   ms), and (b) the verifier answering VALID for that key from memory. Fresh
 //!   servers for each of `--failovers` runs.
+//! - `writers` (issue 15): `--writers` tasks issue `--keys` keys on one
+//!   PostgreSQL primary, each an insert-pending and an activate transaction,
+//!   with fsync off and on, three ways of taking the change number: as shipped
+//!   (`SqlStore`, stamped last), taken first (as before issue 15, so the
+//!   counter row is locked for the whole transaction), and from a sequence
+//!   with no lock (not in commit order, so unsafe for the verifier: an upper
+//!   bound of what the lock costs).
 //!
 //! PostgreSQL parts print SKIP and exit 0 without the PostgreSQL server
 //! binaries (as root, also the `postgres` user). Run: `cargo bench --bench
@@ -105,6 +113,7 @@ enum Part {
     AntiEntropy,
     Replica,
     Failover,
+    Writers,
 }
 
 /// Options; `cargo bench` appends `--bench`, which is not one of them.
@@ -127,6 +136,12 @@ struct Args {
     /// Failovers of the failover part, each with fresh servers.
     #[arg(long, default_value_t = 5)]
     failovers: usize,
+    /// Keys each way of the writers part issues, per round.
+    #[arg(long, default_value_t = 2000)]
+    writer_keys: usize,
+    /// Concurrent writers of the writers part (the operator's PostgreSQL pool).
+    #[arg(long, default_value_t = 8)]
+    writers: usize,
     /// Internal: run one anti-entropy measurement in this (child) process.
     #[arg(long, hide = true)]
     child_pass: bool,
@@ -159,7 +174,12 @@ fn main() {
             .init();
     }
     let parts = if args.parts.is_empty() {
-        vec![Part::AntiEntropy, Part::Replica, Part::Failover]
+        vec![
+            Part::AntiEntropy,
+            Part::Replica,
+            Part::Failover,
+            Part::Writers,
+        ]
     } else {
         args.parts.clone()
     };
@@ -191,6 +211,7 @@ fn main() {
             Part::AntiEntropy => part_anti_entropy(&args),
             Part::Replica => part_replica(&args),
             Part::Failover => part_failover(&args),
+            Part::Writers => part_writers(&args),
         };
         eprint!("{section}");
         report.push_str(&section);
@@ -1424,6 +1445,246 @@ async fn failover_once(
         old_key_checks,
         old_key_not_valid,
     })
+}
+
+// ---------------------------------------------------------------------------
+// Part 4: concurrent key writes, and what the change number's lock costs
+
+/// How a write takes its change number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Numbering {
+    /// `SqlStore` as shipped: stamped by the last statement before the commit.
+    Shipped,
+    /// Taken by the first statement, as before issue 15: the counter row stays
+    /// locked for the whole transaction.
+    First,
+    /// `nextval` of a sequence, no lock: not in commit order, so a follower can
+    /// skip a change. An upper bound, not an option.
+    Unordered,
+}
+
+impl Numbering {
+    const ALL: [Numbering; 3] = [Numbering::Shipped, Numbering::First, Numbering::Unordered];
+
+    fn label(self) -> &'static str {
+        match self {
+            Numbering::Shipped => "as shipped: stamped last",
+            Numbering::First => "taken first (before)",
+            Numbering::Unordered => "sequence, no lock (unsafe)",
+        }
+    }
+}
+
+fn part_writers(args: &Args) -> (String, Vec<String>) {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "--- writers: {} concurrent writers issuing {} keys (insert pending + activate, two transactions each) ---",
+        args.writers, args.writer_keys
+    );
+    if !replication::available("database bench: writers") {
+        let _ = writeln!(
+            s,
+            "SKIP: no PostgreSQL server binaries (see the SKIP line above)"
+        );
+        return (s, Vec::new());
+    }
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let server = Server::primary(dir.path(), false);
+    let _ = writeln!(s, "load average       {}", load_average());
+    let _ = writeln!(
+        s,
+        "setup              PostgreSQL 15 on TCP loopback, one database; each way issues its keys into emptied tables; two rounds in alternating order"
+    );
+    let _ = writeln!(
+        s,
+        "fsync  numbering                     | round | transactions/s | p50 | p99 per transaction"
+    );
+    let rt = runtime();
+    for fsync in ["off", "on"] {
+        server.sql(&format!("ALTER SYSTEM SET fsync = {fsync}"));
+        server.sql("SELECT pg_reload_conf()");
+        for round in 0..2 {
+            let mut order = Numbering::ALL.to_vec();
+            if round == 1 {
+                order.reverse();
+            }
+            for numbering in order {
+                let (rate, p50, p99) = rt.block_on(write_keys(args, &server, numbering));
+                let line = format!(
+                    "{fsync:<6} {:<29} | {} | {rate:>8.0} | {:.2} ms | {:.2} ms",
+                    numbering.label(),
+                    round + 1,
+                    ms(p50),
+                    ms(p99)
+                );
+                eprintln!("database bench: writers: {line}");
+                let _ = writeln!(s, "{line}");
+            }
+        }
+    }
+    rt.shutdown_background();
+    (s, Vec::new())
+}
+
+/// Issues `args.writer_keys` keys with `args.writers` writers; the rate of
+/// transactions and their p50 and p99.
+async fn write_keys(
+    args: &Args,
+    server: &Server,
+    numbering: Numbering,
+) -> (f64, Duration, Duration) {
+    let store = SqlStore::connect(&server.url()).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(u32::try_from(args.writers).unwrap_or(8))
+        .connect(&server.url())
+        .await
+        .expect("a pool");
+    for sql in [
+        "TRUNCATE api_keys, key_audit",
+        "CREATE SEQUENCE IF NOT EXISTS bench_unordered_change",
+    ] {
+        sqlx::query(sql).execute(&pool).await.expect(sql);
+    }
+    let keys = Arc::new(bench_keys(SEED + 100, args.writer_keys));
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.writers)
+        .map(|_| {
+            let (store, pool, keys, next) =
+                (store.clone(), pool.clone(), keys.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((key_id, key)) = keys.get(i) else {
+                        return times;
+                    };
+                    let now = Timestamp::now();
+                    let record = record(i, key_id, key, now);
+                    let t = Instant::now();
+                    match numbering {
+                        Numbering::Shipped => store.insert_pending(&record).await.expect("insert"),
+                        _ => raw_write(&pool, numbering, Some(&record), key_id).await,
+                    }
+                    times.push(t.elapsed());
+                    let t = Instant::now();
+                    match numbering {
+                        Numbering::Shipped => {
+                            store.activate(key_id, now, None).await.expect("activate")
+                        }
+                        _ => raw_write(&pool, numbering, None, key_id).await,
+                    }
+                    times.push(t.elapsed());
+                }
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for worker in workers {
+        times.extend(worker.await.expect("a writer"));
+    }
+    let elapsed = started.elapsed();
+    times.sort_unstable();
+    let rate = times.len() as f64 / elapsed.as_secs_f64();
+    (rate, percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
+/// `SqlStore::insert_pending` (with `record`) or `activate`, statement for
+/// statement, with the change number taken as `numbering` says.
+async fn raw_write(
+    pool: &sqlx::AnyPool,
+    numbering: Numbering,
+    record: Option<&KeyRecord>,
+    key_id: &str,
+) {
+    use sqlx::Row as _;
+    let mut tx = pool.begin().await.expect("begin");
+    let change: Option<i64> = match numbering {
+        Numbering::First => {
+            let change: i64 = sqlx::query(
+                "UPDATE key_change_counter SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .expect("counter")
+            .get("seq");
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(keyward::store::CHANGE_CHANNEL)
+                .bind(change.to_string())
+                .execute(&mut *tx)
+                .await
+                .expect("notify");
+            Some(change)
+        }
+        _ => None,
+    };
+    let change_seq = match change {
+        Some(n) => n.to_string(),
+        None => "nextval('bench_unordered_change')".to_owned(),
+    };
+    let (action, detail) = match record {
+        Some(record) => {
+            let insert = format!(
+                "INSERT INTO api_keys (key_id, key_hash, key_hint, apikey_uid, namespace, name, owner, team, scopes, state, created_at, issue_reason, rotation_request, change_seq, cluster) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', $10, $11, $12, {change_seq}, $13)"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(insert))
+                .bind(&record.key_id)
+                .bind(record.key_hash.as_str())
+                .bind(&record.key_hint)
+                .bind(&record.apikey_uid)
+                .bind(&record.namespace)
+                .bind(&record.name)
+                .bind(&record.metadata.owner)
+                .bind(&record.metadata.team)
+                .bind(record.metadata.scopes.join(" "))
+                .bind(record.created_at.as_millisecond())
+                .bind(record.issue_reason.as_str())
+                .bind(record.rotation_request.as_deref())
+                .bind(CLUSTER)
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+            (
+                "issued",
+                format!("issued for {}/{} (initial)", record.namespace, record.name),
+            )
+        }
+        None => {
+            let update = format!(
+                "UPDATE api_keys SET state = 'active', activated_at = $2, expires_at = NULL, change_seq = {change_seq} WHERE key_id = $1 AND state = 'pending' AND cluster = $3"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(update))
+                .bind(key_id)
+                .bind(Timestamp::now().as_millisecond())
+                .bind(CLUSTER)
+                .execute(&mut *tx)
+                .await
+                .expect("activate");
+            ("activated", "key confirmed in its Secret".to_owned())
+        }
+    };
+    sqlx::query(
+        "INSERT INTO key_audit (key_id, at, action, detail, cluster) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(key_id)
+    .bind(Timestamp::now().as_millisecond())
+    .bind(action)
+    .bind(detail)
+    .bind(CLUSTER)
+    .execute(&mut *tx)
+    .await
+    .expect("audit");
+    if numbering == Numbering::Unordered {
+        sqlx::query("SELECT pg_notify($1, 'unordered')")
+            .bind(keyward::store::CHANGE_CHANNEL)
+            .execute(&mut *tx)
+            .await
+            .expect("notify");
+    }
+    tx.commit().await.expect("commit");
 }
 
 // ---------------------------------------------------------------------------
