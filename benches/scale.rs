@@ -510,7 +510,7 @@ impl std::fmt::Display for Report {
             f,
             "baseline, per write {}",
             server_time(&self.baseline_requests, |key| key.group == BASELINE_GROUP
-                || (key.group == "core" && key.resource == "secrets")
+                || (key.group.is_empty() && key.resource == "secrets")
                 || key.resource == "events")
         )?;
         writeln!(
@@ -999,7 +999,7 @@ async fn baseline_key(client: &Client, resource: &ApiResource, i: usize, namespa
     .await
     .expect("baseline status apply");
     let event: Event = serde_json::from_value(json!({
-        "metadata": {"generateName": format!("{name}."), "namespace": namespace},
+        "metadata": {"name": format!("{name}.issued"), "namespace": namespace},
         "eventTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
         "reportingController": "keyward.dev/baseline",
         "reportingInstance": "scale-baseline",
@@ -1052,10 +1052,14 @@ fn server_time(scrape: &Scrape, shown: impl Fn(&RequestKey) -> bool) -> String {
         .filter(|(k, _)| shown(k))
         .map(|(key, count)| {
             let mean = scrape.mean_seconds(key).unwrap_or(0.0);
+            let resource = if key.subresource.is_empty() {
+                key.resource.clone()
+            } else {
+                format!("{}/{}", key.resource, key.subresource)
+            };
             format!(
-                "{} {} {}: {count:.0} at {:.1} ms",
+                "{} {resource} {}: {count:.0} at {:.1} ms",
                 key.verb,
-                key.resource,
                 key.code,
                 mean * 1000.0
             )
