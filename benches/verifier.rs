@@ -568,7 +568,10 @@ async fn serve_hello() {
 }
 
 /// The verifier's server, as `keyward verifier` starts it, over the key set.
+/// Its logging too: without a subscriber, every span of h2 and tonic would be
+/// handed to the `log` facade, which the real server never pays.
 async fn serve_verifier(url: &str) {
+    keyward::cli::init_logging(keyward::cli::LogFormat::Text);
     let store = Arc::new(SqlStore::connect(url).await.expect("the key set"));
     let settings = VerifierSettings {
         address: "127.0.0.1:0".parse().expect("an address"),
