@@ -120,7 +120,9 @@ async fn check(State(endpoint): State<Endpoint>, request: Request) -> Response {
     check_request(&endpoint, None, request.uri().query(), request.headers()).await
 }
 
-async fn check_request(
+/// The answer to a check: `path_scopes` from `/check/scopes/{scopes}/…`,
+/// the query's `scope` values and the scopes header are all required.
+pub async fn check_request(
     endpoint: &Endpoint,
     path_scopes: Option<String>,
     query: Option<&str>,
