@@ -51,8 +51,9 @@ pub fn router(endpoint: Endpoint) -> Router {
 /// (gRPC) on each connection, as `axum::serve` would, except that a request
 /// for exactly `/check` is answered by [`http::check_request`] without the
 /// router. That is what nginx and Traefik call for every request they pass,
-/// and the router's matching, extractors and boxing cost it about as much as
-/// the check (docs/benchmarks.md); the answer is the same.
+/// and the router's matching, extractors, body boxing and per-request
+/// extensions are work it does not need (docs/benchmarks.md, "HTTP check on
+/// loopback"); the answer is the same.
 pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std::io::Result<()> {
     let router = router(endpoint.clone());
     // Without TCP_NODELAY every gRPC answer waits ~40 ms for a delayed ACK.
