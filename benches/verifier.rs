@@ -89,7 +89,6 @@ enum Role {
     MemorySnapshot,
     ServeHello,
     ServeVerifier,
-    ServeVerifierNodelay,
     GrpcLoad,
     /// Prints the first bench key, for running wrk by hand.
     PrintKey,
@@ -204,18 +203,35 @@ fn main() {
         .iter()
         .any(|p| matches!(p, Part::Check | Part::Memory | Part::Http | Part::Grpc));
     let key_set = needs_set.then(|| runtime.block_on(key_set_database(&cache, args.keys)));
+    // Server CPU per request of each protocol, for their ratio.
+    let (mut http_cost, mut grpc_cost) = (None, None);
     for part in &args.parts {
         let section = match (part, &key_set) {
             (Part::Check, Some(url)) => part_check(&args, url, pin),
             (Part::Memory, Some(url)) => part_memory(&args, url),
-            (Part::Http, Some(url)) => part_http(&args, url, pin),
-            (Part::Grpc, Some(url)) => part_grpc(&args, url, pin),
+            (Part::Http, Some(url)) => {
+                let (section, cost) = part_http(&args, url, pin);
+                http_cost = cost;
+                section
+            }
+            (Part::Grpc, Some(url)) => {
+                let (section, cost) = part_grpc(&args, url, pin);
+                grpc_cost = Some(cost);
+                section
+            }
             (Part::Revocation, _) => runtime.block_on(part_revocation(&args)),
             (Part::E2e, _) => part_e2e(&args),
             _ => unreachable!("the key set is built for these parts"),
         };
         eprint!("{section}");
         report.push_str(&section);
+    }
+    if let (Some(http), Some(grpc)) = (http_cost, grpc_cost) {
+        let _ = writeln!(
+            report,
+            "gRPC Check / HTTP /check server CPU per request: {grpc:.1} / {http:.1} us = {:.2}x  [target <= 1.5x]",
+            grpc / http
+        );
     }
     let _ = writeln!(report, "load average end   {}", load_average());
     print!("{report}");
@@ -351,9 +367,6 @@ fn child(role: Role, args: &Args) {
         Role::MemorySnapshot => child_memory_snapshot(args.keys),
         Role::ServeHello => server_runtime(args.server_threads).block_on(serve_hello()),
         Role::ServeVerifier => server_runtime(args.server_threads).block_on(serve_verifier(&url)),
-        Role::ServeVerifierNodelay => {
-            server_runtime(args.server_threads).block_on(serve_verifier_nodelay(&url));
-        }
         Role::GrpcLoad => current_thread().block_on(grpc_load(args)),
         Role::PrintKey => println!("{}", bench_keys(1).remove(0).1.expose()),
     }
@@ -555,7 +568,10 @@ async fn serve_hello() {
 }
 
 /// The verifier's server, as `keyward verifier` starts it, over the key set.
+/// Its logging too: without a subscriber, every span of h2 and tonic would be
+/// handed to the `log` facade, which the real server never pays.
 async fn serve_verifier(url: &str) {
+    keyward::cli::init_logging(keyward::cli::LogFormat::Text);
     let store = Arc::new(SqlStore::connect(url).await.expect("the key set"));
     let settings = VerifierSettings {
         address: "127.0.0.1:0".parse().expect("an address"),
@@ -571,51 +587,6 @@ async fn serve_verifier(url: &str) {
     }
     println!("PORT {}", address.port());
     std::future::pending::<()>().await;
-}
-
-/// The verifier's router and follower as `listen::start` wires them, but with
-/// TCP_NODELAY on every accepted socket: what the shipped server would do with
-/// `axum::serve(listener.tap_io(|tcp| tcp.set_nodelay(true)), …)`.
-async fn serve_verifier_nodelay(url: &str) {
-    use axum::serve::ListenerExt;
-    use keyward::verifier::{
-        core::{Follow, follow},
-        listen::router,
-        request::Endpoint,
-    };
-    let store = Arc::new(SqlStore::connect(url).await.expect("the key set"));
-    let metrics = Arc::new(Metrics::default());
-    let verifier = Arc::new(Verifier::new(
-        store,
-        Arc::new(SystemClock),
-        VerifierConfig::default(),
-        metrics.clone(),
-    ));
-    verifier.reload().await.expect("the key set loads");
-    let (_wake, woken) = tokio::sync::mpsc::channel(1);
-    let timing = Follow {
-        poll: Duration::from_millis(100),
-        unheard_poll: Duration::from_millis(100),
-        listening: Arc::default(),
-        full_reload: Duration::from_secs(300),
-        flush: Duration::from_secs(60),
-    };
-    tokio::spawn(follow(verifier.clone(), timing, woken));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a port");
-    println!("PORT {}", listener.local_addr().expect("an address").port());
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let endpoint = Endpoint {
-        verifier,
-        metrics,
-        key_header: axum::http::HeaderName::from_static("x-api-key"),
-    };
-    axum::serve(listener, router(endpoint))
-        .await
-        .expect("the server runs");
 }
 
 /// One gRPC Check request carrying `key` as a Bearer token.
@@ -917,13 +888,31 @@ impl Server {
         (ticks(11) + ticks(12)) / 100.0
     }
 
-    /// Runs `load` and returns its result with the server's CPU use meanwhile, in % of one core.
-    fn busy<T>(&self, load: impl FnOnce() -> T) -> (T, f64) {
+    /// Runs `load` and returns its result with the server's CPU use meanwhile.
+    fn busy<T>(&self, load: impl FnOnce() -> T) -> (T, Busy) {
         let cpu = self.cpu_seconds();
         let started = Instant::now();
         let result = load();
-        let used = self.cpu_seconds() - cpu;
-        (result, used / started.elapsed().as_secs_f64() * 100.0)
+        let seconds = self.cpu_seconds() - cpu;
+        let percent = seconds / started.elapsed().as_secs_f64() * 100.0;
+        (result, Busy { seconds, percent })
+    }
+}
+
+/// A server's CPU use during one load run.
+#[derive(Clone, Copy, Debug)]
+struct Busy {
+    /// CPU seconds (user + system).
+    seconds: f64,
+    /// In % of one core.
+    percent: f64,
+}
+
+impl Busy {
+    /// Server CPU per answered request, in microseconds: the cost that
+    /// compares protocols and servers independently of the load generator.
+    fn per_request_us(&self, requests: f64) -> f64 {
+        self.seconds / requests * 1e6
     }
 }
 
@@ -965,6 +954,7 @@ fn server(role: &str, args: &Args, url: &str, pin: bool) -> Server {
 #[derive(Debug, Default)]
 struct Wrk {
     rate: f64,
+    requests: f64,
     p50: String,
     p90: String,
     p99: String,
@@ -1019,8 +1009,18 @@ fn wrk(
     if !socket.is_empty() {
         errors = format!("{errors} socket errors: {socket}");
     }
+    // "  196588 requests in 5.00s, 27.93MB read"
+    let requests = text
+        .lines()
+        .find_map(|l| {
+            l.split_once(" requests in ")
+                .map(|(n, _)| n.trim().to_owned())
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(f64::NAN);
     Wrk {
         rate: field("Requests/sec:").parse().unwrap_or(f64::NAN),
+        requests,
         p50: field("50%"),
         p90: field("90%"),
         p99: field("99%"),
@@ -1064,7 +1064,8 @@ fn wrk_at(
     )
 }
 
-fn part_http(args: &Args, url: &str, pin: bool) -> String {
+/// The HTTP part's report, and the verifier's server CPU per `/check` (µs) at max rate.
+fn part_http(args: &Args, url: &str, pin: bool) -> (String, Option<f64>) {
     let mut s = String::new();
     let _ = writeln!(s, "--- HTTP check on loopback (wrk) ---");
     if !which("wrk") {
@@ -1072,7 +1073,7 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
             s,
             "SKIP: wrk is not installed (Debian: apt-get install wrk)"
         );
-        return s;
+        return (s, None);
     }
     eprintln!("verifier bench: HTTP with wrk");
     let key = bench_keys(1).remove(0).1.expose().to_owned();
@@ -1092,33 +1093,32 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
         "the bench key is refused on /check: {}",
         warm.errors
     );
+    let mut v_costs = Vec::new();
     let ((v, v_cpu), v_seen) = median_of(
         args.repeat,
-        |r: &(Wrk, f64)| r.0.rate,
-        || verifier.busy(|| wrk(&check_url, Some(&header), c, d, None, pin)),
+        |r: &(Wrk, Busy)| r.0.rate,
+        || {
+            let (run, busy) = verifier.busy(|| wrk(&check_url, Some(&header), c, d, None, pin));
+            v_costs.push(busy.per_request_us(run.requests));
+            (run, busy)
+        },
     );
     let half = v.rate / 2.0;
     let (v_conns, v_half) = wrk_at(&check_url, Some(&header), half, d, &script, pin);
     drop(verifier);
 
-    let nodelay = server("serve-verifier-nodelay", args, url, pin);
-    let nodelay_url = format!("http://127.0.0.1:{}/check", nodelay.port);
-    let _ = wrk(&nodelay_url, Some(&header), c, 1, None, pin);
-    let ((n, n_cpu), _) = median_of(
-        args.repeat,
-        |r: &(Wrk, f64)| r.0.rate,
-        || nodelay.busy(|| wrk(&nodelay_url, Some(&header), c, d, None, pin)),
-    );
-    let (n_conns, n_half) = wrk_at(&nodelay_url, Some(&header), half, d, &script, pin);
-    drop(nodelay);
-
     let hello = server("serve-hello", args, url, pin);
     let hello_url = format!("http://127.0.0.1:{}/", hello.port);
     let _ = wrk(&hello_url, Some(&header), c, 1, None, pin);
+    let mut h_costs = Vec::new();
     let ((h, h_cpu), h_seen) = median_of(
         args.repeat,
-        |r: &(Wrk, f64)| r.0.rate,
-        || hello.busy(|| wrk(&hello_url, Some(&header), c, d, None, pin)),
+        |r: &(Wrk, Busy)| r.0.rate,
+        || {
+            let (run, busy) = hello.busy(|| wrk(&hello_url, Some(&header), c, d, None, pin));
+            h_costs.push(busy.per_request_us(run.requests));
+            (run, busy)
+        },
     );
     let (h_conns, h_half) = wrk_at(&hello_url, Some(&header), half, d, &script, pin);
     drop(hello);
@@ -1139,10 +1139,11 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "max rate           verifier /check {:.0} req/s (p50 {}, p99 {}, server CPU {v_cpu:.0}%{}); hyper hello-world {:.0} req/s (p50 {}, p99 {}, server CPU {h_cpu:.0}%)",
+        "max rate           verifier /check {:.0} req/s (p50 {}, p99 {}, server CPU {:.0}%{}); hyper hello-world {:.0} req/s (p50 {}, p99 {}, server CPU {:.0}%)",
         v.rate,
         v.p50,
         v.p99,
+        v_cpu.percent,
         if v.errors.is_empty() {
             String::new()
         } else {
@@ -1150,7 +1151,8 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
         },
         h.rate,
         h.p50,
-        h.p99
+        h.p99,
+        h_cpu.percent
     );
     let _ = writeln!(
         s,
@@ -1160,6 +1162,14 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
         s,
         "ratio              {:.2}x  [target >= 0.70x]",
         v.rate / h.rate
+    );
+    let v_cost = v_cpu.per_request_us(v.requests);
+    let _ = writeln!(
+        s,
+        "server CPU/request verifier /check {v_cost:.1} us (runs {}); hello-world {:.1} us (runs {})",
+        us_list(&v_costs),
+        h_cpu.per_request_us(h.requests),
+        us_list(&h_costs)
     );
     let _ = writeln!(
         s,
@@ -1172,18 +1182,23 @@ fn part_http(args: &Args, url: &str, pin: bool) -> String {
     );
     let _ = writeln!(
         s,
-        "  verifier+NODELAY -c{n_conns}: {:.0} req/s, p50 {}, p90 {}, p99 {}, max {} (its max rate: {:.0} req/s, p99 {}, server CPU {n_cpu:.0}%)",
-        n_half.rate, n_half.p50, n_half.p90, n_half.p99, n_half.max, n.rate, n.p99
-    );
-    let _ = writeln!(
-        s,
         "  hello-world      -c{h_conns}: {:.0} req/s, p50 {}, p90 {}, p99 {}, max {}",
         h_half.rate, h_half.p50, h_half.p90, h_half.p99, h_half.max
     );
-    s
+    (s, Some(v_cost))
 }
 
-fn part_grpc(args: &Args, url: &str, pin: bool) -> String {
+/// Microsecond figures, comma-separated.
+fn us_list(costs: &[f64]) -> String {
+    costs
+        .iter()
+        .map(|c| format!("{c:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The gRPC part's report, and the server CPU per Check (µs) at max rate.
+fn part_grpc(args: &Args, url: &str, pin: bool) -> (String, f64) {
     eprintln!("verifier bench: gRPC Check");
     let load = load_average();
     let mut s = String::new();
@@ -1199,59 +1214,63 @@ fn part_grpc(args: &Args, url: &str, pin: bool) -> String {
         args.grpc_channels,
         args.duration
     );
-    for (role, label) in [
-        ("serve-verifier", "as shipped (listen::start)"),
-        (
-            "serve-verifier-nodelay",
-            "same router, TCP_NODELAY on accepted sockets",
-        ),
-    ] {
-        let verifier = server(role, args, url, pin);
-        let run = |rate: f64| {
-            run_child(
-                "grpc-load",
-                &[
-                    "--port".into(),
-                    verifier.port.to_string(),
-                    "--duration".into(),
-                    args.duration.to_string(),
-                    "--grpc-tasks".into(),
-                    args.grpc_tasks.to_string(),
-                    "--grpc-channels".into(),
-                    args.grpc_channels.to_string(),
-                    "--rate".into(),
-                    rate.to_string(),
-                ],
-                pin.then_some(1),
-            )
-        };
-        let ((full, cpu), seen) = median_of(
-            args.repeat,
-            |r: &(HashMap<String, String>, f64)| num(&r.0, "rate"),
-            || verifier.busy(|| run(0.0)),
-        );
-        let half = run(num(&full, "rate") / 2.0);
-        drop(verifier);
-        let ms = |r: &HashMap<String, String>, name: &str| num(r, name) / 1000.0;
+    let verifier = server("serve-verifier", args, url, pin);
+    let run = |rate: f64| {
+        run_child(
+            "grpc-load",
+            &[
+                "--port".into(),
+                verifier.port.to_string(),
+                "--duration".into(),
+                args.duration.to_string(),
+                "--grpc-tasks".into(),
+                args.grpc_tasks.to_string(),
+                "--grpc-channels".into(),
+                args.grpc_channels.to_string(),
+                "--rate".into(),
+                rate.to_string(),
+            ],
+            pin.then_some(1),
+        )
+    };
+    let mut costs = Vec::new();
+    let ((full, cpu), seen) = median_of(
+        args.repeat,
+        |r: &(HashMap<String, String>, Busy)| num(&r.0, "rate"),
+        || {
+            let (run, busy) = verifier.busy(|| run(0.0));
+            costs.push(busy.per_request_us(num(&run, "requests")));
+            (run, busy)
+        },
+    );
+    let half = run(num(&full, "rate") / 2.0);
+    drop(verifier);
+    let ms = |r: &HashMap<String, String>, name: &str| num(r, name) / 1000.0;
+    let cost = cpu.per_request_us(num(&full, "requests"));
+    let _ = writeln!(
+        s,
+        "as shipped (listen::start): server CPU {:.0}% of a core at max rate; max-rate runs {seen} req/s (median reported)",
+        cpu.percent
+    );
+    let _ = writeln!(
+        s,
+        "server CPU/request {cost:.1} us at max rate (runs {})",
+        us_list(&costs)
+    );
+    for (name, r) in [("max rate", &full), ("half rate", &half)] {
         let _ = writeln!(
             s,
-            "{label}: server CPU {cpu:.0}% of a core at max rate; max-rate runs {seen} req/s (median reported)"
+            "  {name:<16} {:.0} req/s ({} denied): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
+            num(r, "rate"),
+            num(r, "denied"),
+            ms(r, "p50"),
+            ms(r, "p90"),
+            ms(r, "p99"),
+            ms(r, "p999"),
+            ms(r, "max")
         );
-        for (name, r) in [("max rate", &full), ("half rate", &half)] {
-            let _ = writeln!(
-                s,
-                "  {name:<16} {:.0} req/s ({} denied): p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms",
-                num(r, "rate"),
-                num(r, "denied"),
-                ms(r, "p50"),
-                ms(r, "p90"),
-                ms(r, "p99"),
-                ms(r, "p999"),
-                ms(r, "max")
-            );
-        }
     }
-    s
+    (s, cost)
 }
 
 // ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -185,7 +185,25 @@ pub struct Metrics {
     pub anti_entropy_records: Gauge,
     /// Duration of an anti-entropy pass.
     pub anti_entropy_duration: Histogram,
+    /// The `verify_total` and `verify_duration` series of each (protocol,
+    /// result), looked up in their families at the first check that needs
+    /// them (so `/metrics` shows only the series seen, as before), then used
+    /// directly: a check costs no label hashing or family lock.
+    verify_series: [[OnceLock<(Counter, Histogram)>; VERIFY_RESULTS.len()]; VERIFY_PROTOCOLS.len()],
 }
+
+/// The `protocol` label values of the verifier's checks.
+const VERIFY_PROTOCOLS: [&str; 3] = ["grpc", "http", "json"];
+/// The `result` label values: every code's, and `unavailable`.
+const VERIFY_RESULTS: [&str; 7] = [
+    "valid",
+    "malformed",
+    "unknown",
+    "revoked",
+    "expired",
+    "insufficient_scope",
+    "unavailable",
+];
 
 fn verify_histogram() -> Histogram {
     Histogram::new([
@@ -239,6 +257,7 @@ impl Default for Metrics {
             anti_entropy_duration: latency_histogram(),
             registry: Registry::default(),
             series: Vec::new(),
+            verify_series: Default::default(),
         };
         let mut series = Vec::new();
         register(
@@ -553,10 +572,27 @@ impl Metrics {
     /// Records one verifier check.
     pub fn observe_verify(&self, protocol: &'static str, result: &'static str, started: Instant) {
         let labels = VerifyLabels { protocol, result };
-        self.verify_total.get_or_create(&labels).inc();
-        self.verify_duration
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        let family_series = || {
+            (
+                self.verify_total.get_or_create(&labels).clone(),
+                self.verify_duration.get_or_create(&labels).clone(),
+            )
+        };
+        let held = VERIFY_PROTOCOLS
+            .iter()
+            .position(|p| *p == protocol)
+            .zip(VERIFY_RESULTS.iter().position(|r| *r == result))
+            .map(|(p, r)| self.verify_series[p][r].get_or_init(family_series));
+        let fetched;
+        let (total, duration) = match held {
+            Some(series) => series,
+            None => {
+                fetched = family_series();
+                &fetched
+            }
+        };
+        total.inc();
+        duration.observe(started.elapsed().as_secs_f64());
     }
 
     /// Every series name `/metrics` can show, whether or not it has samples
@@ -789,5 +825,33 @@ pub async fn serve(listener: tokio::net::TcpListener, endpoints: Arc<Endpoints>)
                 debug!(%peer, error = %e, "HTTP connection ended");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_series_are_the_families_own_and_appear_once_used() {
+        let metrics = Metrics::default();
+        assert!(!metrics.encode().contains("keyward_verify_total{"));
+        let started = Instant::now();
+        for _ in 0..2 {
+            metrics.observe_verify("http", "valid", started);
+        }
+        metrics.observe_verify("grpc", "unavailable", started);
+        // A label outside the fixed set still counts, through the family.
+        metrics.observe_verify("other", "valid", started);
+        let text = metrics.encode();
+        for line in [
+            r#"keyward_verify_total{protocol="http",result="valid"} 2"#,
+            r#"keyward_verify_total{protocol="grpc",result="unavailable"} 1"#,
+            r#"keyward_verify_total{protocol="other",result="valid"} 1"#,
+            r#"keyward_verify_duration_seconds_count{protocol="http",result="valid"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(!text.contains(r#"protocol="json""#), "{text}");
     }
 }

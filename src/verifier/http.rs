@@ -7,9 +7,9 @@ use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
-    body::Bytes,
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    body::{Body, Bytes},
+    extract::{Path, Request, State},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{any, get, post},
 };
@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 use super::{
     core::Checked,
     request::{
-        Endpoint, KeySource, MAX_KEY_HEADER, identity_headers, presented_key, required_scopes,
-        result_label,
+        Endpoint, IDENTITY_HEADER_NAMES, KeySource, MAX_KEY_HEADER, identity_header_values,
+        presented_key, required_scopes, result_label,
     },
     snapshot::{Code, Identity, Verdict},
 };
@@ -32,8 +32,11 @@ pub const SCOPES_HEADER: &str = "x-keyward-required-scopes";
 /// Anything else in the query is ignored (gateways may append the original
 /// request's query).
 pub fn query_scopes(query: Option<&str>) -> Vec<String> {
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
+    // The usual check has no query: no parsing, no allocation.
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Vec::new();
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).unwrap_or_default();
     pairs
         .into_iter()
         .filter(|(name, _)| name == "scope")
@@ -62,12 +65,19 @@ pub fn check_response(checked: &Checked, required: &[&str]) -> Response {
             code: Code::Valid,
             identity: Some(identity),
         }) => {
-            let mut response = StatusCode::OK.into_response();
-            for (name, value) in identity_headers(identity) {
-                if let Ok(value) = HeaderValue::from_str(&value) {
-                    response.headers_mut().insert(name, value);
+            // Room for the identity headers and the one naming the key's
+            // header, so the map is allocated once.
+            let mut headers = HeaderMap::with_capacity(IDENTITY_HEADER_NAMES.len() + 1);
+            for (name, value) in IDENTITY_HEADER_NAMES
+                .into_iter()
+                .zip(identity_header_values(identity))
+            {
+                if let Some(value) = value {
+                    headers.insert(name, value);
                 }
             }
+            let mut response = Response::new(Body::empty());
+            *response.headers_mut() = headers;
             response
         }
         Checked::Answer(Verdict {
@@ -98,22 +108,21 @@ pub fn check_response(checked: &Checked, required: &[&str]) -> Response {
 async fn check_with_path_scopes(
     State(endpoint): State<Endpoint>,
     Path(path): Path<HashMap<String, String>>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
     let scopes = path.get("scopes").cloned();
-    check_request(&endpoint, scopes, query.as_deref(), &headers).await
+    check_request(&endpoint, scopes, request.uri().query(), request.headers()).await
 }
 
-async fn check(
-    State(endpoint): State<Endpoint>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    check_request(&endpoint, None, query.as_deref(), &headers).await
+/// The request is taken whole and read in place: the `HeaderMap` extractor
+/// would copy every header.
+async fn check(State(endpoint): State<Endpoint>, request: Request) -> Response {
+    check_request(&endpoint, None, request.uri().query(), request.headers()).await
 }
 
-async fn check_request(
+/// The answer to a check: `path_scopes` from `/check/scopes/{scopes}/…`,
+/// the query's `scope` values and the scopes header are all required.
+pub async fn check_request(
     endpoint: &Endpoint,
     path_scopes: Option<String>,
     query: Option<&str>,
@@ -161,18 +170,19 @@ async fn check_request(
     if response.status() == StatusCode::OK
         && let Some(source) = source
     {
-        let header = match source {
-            KeySource::Authorization => header::AUTHORIZATION.as_str(),
-            KeySource::Custom => endpoint.key_header.as_str(),
+        let value = match source {
+            KeySource::Authorization => Ok(HeaderValue::from_static("authorization")),
+            KeySource::Custom => HeaderValue::from_str(endpoint.key_header.as_str()),
         };
-        if let Ok(value) = HeaderValue::from_str(header) {
-            response
-                .headers_mut()
-                .insert("x-envoy-auth-headers-to-remove", value);
+        if let Ok(value) = value {
+            response.headers_mut().insert(HEADERS_TO_REMOVE, value);
         }
     }
     response
 }
+
+/// Envoy's list of request headers to remove before going upstream.
+const HEADERS_TO_REMOVE: HeaderName = HeaderName::from_static("x-envoy-auth-headers-to-remove");
 
 /// The body of `POST /v1/verify`.
 #[derive(Deserialize)]

@@ -11,10 +11,20 @@ use std::{
 };
 
 use async_trait::async_trait;
-use axum::{Router, http::HeaderName, serve::ListenerExt};
+use axum::{
+    Router,
+    body::Body,
+    http::HeaderName,
+    serve::{Listener, ListenerExt},
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use jiff::Timestamp;
 use sqlx::postgres::PgListener;
 use tokio::sync::mpsc;
+use tower::ServiceExt;
 use tracing::{error, info, warn};
 
 use super::{
@@ -37,13 +47,44 @@ pub fn router(endpoint: Endpoint) -> Router {
     grpc::routes(endpoint.clone()).merge(http::routes(endpoint))
 }
 
-/// Serves [`router`] on `listener` until the process ends.
+/// Serves [`router`] on `listener` until the process ends: HTTP/1 and HTTP/2
+/// (gRPC) on each connection, as `axum::serve` would, except that a request
+/// for exactly `/check` is answered by [`http::check_request`] without the
+/// router. That is what nginx and Traefik call for every request they pass,
+/// and the router's matching, extractors, body boxing and per-request
+/// extensions are work it does not need (docs/benchmarks.md, "HTTP check on
+/// loopback"); the answer is the same.
 pub async fn serve(listener: tokio::net::TcpListener, endpoint: Endpoint) -> std::io::Result<()> {
+    let router = router(endpoint.clone());
     // Without TCP_NODELAY every gRPC answer waits ~40 ms for a delayed ACK.
-    let listener = listener.tap_io(|tcp| {
+    let mut listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(endpoint)).await
+    loop {
+        // As `axum::serve`: a failed accept is retried (after 1 s unless the
+        // connection itself failed), never returned.
+        let (stream, _) = listener.accept().await;
+        let endpoint = endpoint.clone();
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+            let endpoint = endpoint.clone();
+            let router = router.clone();
+            async move {
+                if request.uri().path() == "/check" {
+                    let (query, headers) = (request.uri().query(), request.headers());
+                    return Ok(http::check_request(&endpoint, None, query, headers).await);
+                }
+                router.oneshot(request.map(Body::new)).await
+            }
+        });
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::trace!(error = %e, "verifier connection ended");
+            }
+        });
+    }
 }
 
 /// Settings of a verifier.

@@ -3,9 +3,9 @@
 //! request and the metric label. The gRPC and HTTP servers both build on it,
 //! and neither imports the other.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
-use axum::http::HeaderName;
+use axum::http::{HeaderName, HeaderValue};
 
 use super::{
     core::{Checked, Verifier},
@@ -89,20 +89,44 @@ pub fn required_scopes<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<&'a str>
         .collect()
 }
 
-/// Identity headers for an allowed request; values that are not valid header
-/// text are left out (keyward's own fields always are valid).
-pub fn identity_headers(identity: &Identity) -> Vec<(&'static str, String)> {
-    let scopes: Vec<&str> = identity.scopes.iter().map(|s| &**s).collect();
-    let values = [
-        identity.key_id.to_string(),
-        identity.owner.to_string(),
-        identity.team.to_string(),
-        scopes.join(" "),
-        identity.namespace.to_string(),
-        identity.name.to_string(),
-        identity.cluster.to_string(),
-    ];
-    IDENTITY_HEADERS.into_iter().zip(values).collect()
+/// [`IDENTITY_HEADERS`] as header names, made at compile time: inserting them
+/// parses no name.
+pub const IDENTITY_HEADER_NAMES: [HeaderName; 7] = [
+    HeaderName::from_static(IDENTITY_HEADERS[0]),
+    HeaderName::from_static(IDENTITY_HEADERS[1]),
+    HeaderName::from_static(IDENTITY_HEADERS[2]),
+    HeaderName::from_static(IDENTITY_HEADERS[3]),
+    HeaderName::from_static(IDENTITY_HEADERS[4]),
+    HeaderName::from_static(IDENTITY_HEADERS[5]),
+    HeaderName::from_static(IDENTITY_HEADERS[6]),
+];
+
+/// The values of the identity headers, in the order of [`IDENTITY_HEADERS`],
+/// borrowed from the identity; only scopes, when there are several, are
+/// joined into a new string.
+pub fn identity_values(identity: &Identity) -> [Cow<'_, str>; 7] {
+    let scopes = match &*identity.scopes {
+        [] => Cow::Borrowed(""),
+        [one] => Cow::Borrowed(&**one),
+        many => Cow::Owned(many.join(" ")),
+    };
+    [
+        Cow::Borrowed(&*identity.key_id),
+        Cow::Borrowed(&*identity.owner),
+        Cow::Borrowed(&*identity.team),
+        scopes,
+        Cow::Borrowed(&*identity.namespace),
+        Cow::Borrowed(&*identity.name),
+        Cow::Borrowed(&*identity.cluster),
+    ]
+}
+
+/// Identity header values for an allowed HTTP request, each made straight
+/// from the identity's text (one copy, no intermediate `String`); values that
+/// are not valid header text are `None` and left out (keyward's own fields
+/// always are valid).
+pub fn identity_header_values(identity: &Identity) -> [Option<HeaderValue>; 7] {
+    identity_values(identity).map(|value| HeaderValue::from_str(&value).ok())
 }
 
 /// The metric label of an answer.
