@@ -900,16 +900,14 @@ fn install_baseline_crd(cluster: &Cluster) -> ApiResource {
     )
 }
 
-/// The same-work baseline: `connections` workers, each with a client of its
-/// own and one request at a time, make keyward's four writes for each of
-/// `count` copies. Returns the time it took.
-async fn baseline(
-    kubeconfig: &Path,
-    resource: &ApiResource,
-    connections: usize,
-    count: usize,
-    namespaces: usize,
-) -> Duration {
+/// Runs `work` for objects `0..count` on `connections` workers, each with a
+/// client (and so an HTTP/1.1 connection) of its own and one request at a
+/// time; returns the time it took, the clients' set-up left out.
+async fn spread<F, Fut>(kubeconfig: &Path, connections: usize, count: usize, work: F) -> Duration
+where
+    F: Fn(Client, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         clients.push(client(kubeconfig).await);
@@ -919,19 +917,35 @@ async fn baseline(
         .into_iter()
         .enumerate()
         .map(|(worker, client)| {
-            let objects = (worker..count).step_by(connections);
-            let resource = resource.clone();
+            let work = work.clone();
             tokio::spawn(async move {
-                for i in objects {
-                    baseline_key(&client, &resource, i, namespaces).await;
+                for i in (worker..count).step_by(connections) {
+                    work(client.clone(), i).await;
                 }
             })
         })
         .collect();
     for worker in workers {
-        worker.await.expect("a baseline worker");
+        worker.await.expect("a worker");
     }
     started.elapsed()
+}
+
+/// The same-work baseline: keyward's four writes for each of `count` copies,
+/// spread over `connections` workers.
+async fn baseline(
+    kubeconfig: &Path,
+    resource: &ApiResource,
+    connections: usize,
+    count: usize,
+    namespaces: usize,
+) -> Duration {
+    let resource = resource.clone();
+    spread(kubeconfig, connections, count, move |client, i| {
+        let resource = resource.clone();
+        async move { baseline_key(&client, &resource, i, namespaces).await }
+    })
+    .await
 }
 
 /// keyward's writes for one new key, in its order and shapes: the finalizer
@@ -1019,28 +1033,11 @@ async fn baseline_key(client: &Client, resource: &ApiResource, i: usize, namespa
         .expect("baseline Event create");
 }
 
-/// The bare-client floor: `connections` workers, each with a client (and so an
-/// HTTP/1.1 connection) of its own and one request at a time, make one create
-/// and two merge patches per ConfigMap, about what a key needs at least (the
-/// Secret, the status, the finalizer). Returns the time it took.
+/// The bare-client floor: one create and two merge patches per ConfigMap,
+/// about what a key needs at least (the Secret, the status, the finalizer),
+/// spread over `connections` workers.
 async fn floor(kubeconfig: &Path, connections: usize, count: usize) -> Duration {
-    let mut clients = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        clients.push(client(kubeconfig).await);
-    }
-    let started = Instant::now();
-    let workers: Vec<_> = clients
-        .into_iter()
-        .enumerate()
-        .map(|(worker, client)| {
-            let objects = (worker..count).step_by(connections);
-            tokio::spawn(floor_worker(client, objects))
-        })
-        .collect();
-    for worker in workers {
-        worker.await.expect("a floor worker");
-    }
-    started.elapsed()
+    spread(kubeconfig, connections, count, floor_object).await
 }
 
 /// The requests `shown` picks, by verb, with the API server's mean time for
@@ -1068,27 +1065,25 @@ fn server_time(scrape: &Scrape, shown: impl Fn(&RequestKey) -> bool) -> String {
         .join(", ")
 }
 
-/// One connection of the floor: create, patch, patch, one object at a time.
-async fn floor_worker(client: Client, objects: impl Iterator<Item = usize>) {
+/// The floor's three writes for ConfigMap `i`.
+async fn floor_object(client: Client, i: usize) {
     let api: Api<ConfigMap> = Api::namespaced(client, FLOOR_NAMESPACE);
     let params = PatchParams::default();
-    for i in objects {
-        let name = format!("floor-{i:05}");
-        let map: ConfigMap =
-            serde_json::from_value(json!({"metadata": {"name": name}})).expect("a ConfigMap");
-        api.create(&PostParams::default(), &map)
-            .await
-            .expect("floor create");
-        let data = json!({"data": {"api-key": "kw_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH"}});
-        api.patch(&name, &params, &Patch::Merge(data))
-            .await
-            .expect("floor patch");
-        let annotation =
-            json!({"metadata": {"annotations": {"keyward.dev/key-id": format!("{i:032x}")}}});
-        api.patch(&name, &params, &Patch::Merge(annotation))
-            .await
-            .expect("floor patch");
-    }
+    let name = format!("floor-{i:05}");
+    let map: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": name}})).expect("a ConfigMap");
+    api.create(&PostParams::default(), &map)
+        .await
+        .expect("floor create");
+    let data = json!({"data": {"api-key": "kw_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH"}});
+    api.patch(&name, &params, &Patch::Merge(data))
+        .await
+        .expect("floor patch");
+    let annotation =
+        json!({"metadata": {"annotations": {"keyward.dev/key-id": format!("{i:032x}")}}});
+    api.patch(&name, &params, &Patch::Merge(annotation))
+        .await
+        .expect("floor patch");
 }
 
 /// One row of a Table response: the printer columns of one ApiKey.
