@@ -885,7 +885,7 @@ async fn run_controller(config: &RunConfig, parts: Parts, health: Arc<Health>) -
         Api::<WireApiKey>::all(client.clone()),
         watcher::Config::default().page_size(LIST_PAGE_SIZE),
     )
-    .map_ok(WireApiKey::unwrap_event)
+    .map_ok(WireApiKey::guard_event)
     .default_backoff()
     .modify(slim_apikey)
     .inspect_ok(move |event| {

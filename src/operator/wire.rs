@@ -20,19 +20,15 @@ use serde_json::value::RawValue;
 
 use crate::crd::ApiKey;
 
-/// An ApiKey off the wire; [`into_guard`](Self::into_guard) gives what the
-/// rest of the operator holds.
+/// An ApiKey off the wire: the decoded ApiKey, or its metadata and why it
+/// could not be decoded, as [`guard_event`](Self::guard_event) hands it on.
 #[derive(Clone, Debug)]
 pub struct WireApiKey(DeserializeGuard<ApiKey>);
 
 impl WireApiKey {
-    /// The decoded ApiKey, or its metadata and why it could not be decoded.
-    pub fn into_guard(self) -> DeserializeGuard<ApiKey> {
-        self.0
-    }
-
-    /// The same watch event, holding the guard.
-    pub fn unwrap_event(event: watcher::Event<Self>) -> watcher::Event<DeserializeGuard<ApiKey>> {
+    /// The same watch event, holding the `DeserializeGuard` the rest of the
+    /// operator works with.
+    pub fn guard_event(event: watcher::Event<Self>) -> watcher::Event<DeserializeGuard<ApiKey>> {
         match event {
             watcher::Event::Apply(key) => watcher::Event::Apply(key.0),
             watcher::Event::Delete(key) => watcher::Event::Delete(key.0),
@@ -104,7 +100,7 @@ mod tests {
     fn wire(value: &serde_json::Value) -> DeserializeGuard<ApiKey> {
         serde_json::from_str::<WireApiKey>(&value.to_string())
             .unwrap()
-            .into_guard()
+            .0
     }
 
     #[test]
